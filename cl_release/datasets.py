@@ -1,0 +1,222 @@
+"""Training data: formats, validation, content hashing, snapshots, new-vs-replay mixing.
+
+Records are JSON objects, one per line. Two canonical shapes are trained on:
+``{"messages": [{"role": ..., "content": ...}, ...]}`` (Axolotl ``chat_template``) and
+``{"text": ...}`` (Axolotl ``completion``). Alpaca rows are converted to messages, ChatML
+text is kept as text. Every record is identified by the SHA-256 of its canonical JSON, so a
+release knows exactly which examples its ancestors already learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import DataError
+from .files import atomic_write_bytes, sha256_file
+
+FORMATS = ("messages", "alpaca", "completion", "chatml")
+ROLES = {"system", "user", "assistant", "tool"}
+SNAPSHOT_DIR = "datasets/snapshots"
+
+
+# ---------------------------------------------------------------- reading and validating
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalized_key(record: dict[str, Any]) -> str:
+    """Hash of the record's text with case and whitespace folded: near-identical rows collide."""
+    if "messages" in record:
+        parts = [f"{m['role']}\x1f{m['content']}" for m in record["messages"]]
+    else:
+        parts = [record.get("text", "")]
+    text = _WS.sub(" ", "\x1e".join(parts)).strip().casefold()
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _fail(path, line, message, field=None):
+    raise DataError(path, message, line=line, field=field)
+
+
+def to_canonical(obj: Any, fmt: str, *, path, line: int) -> dict[str, Any]:
+    """Check one parsed row of format ``fmt`` and return its canonical training record."""
+    if not isinstance(obj, dict):
+        _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    if fmt == "messages":
+        msgs = obj.get("messages")
+        if msgs is None:
+            _fail(path, line, "missing field", "messages")
+        if not isinstance(msgs, list) or not msgs:
+            _fail(path, line, "must be a non-empty list", "messages")
+        out = []
+        has_answer = False
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                _fail(path, line, "must be an object with role and content", f"messages[{i}]")
+            role, content = m.get("role"), m.get("content")
+            if role is None:
+                _fail(path, line, "missing field", f"messages[{i}].role")
+            if role not in ROLES:
+                _fail(path, line, f"unknown role {role!r} (use {', '.join(sorted(ROLES))})", f"messages[{i}].role")
+            if not isinstance(content, str):
+                _fail(path, line, "missing or not a string", f"messages[{i}].content")
+            if role == "assistant":
+                if not content.strip():
+                    _fail(path, line, "empty assistant turn", f"messages[{i}].content")
+                has_answer = True
+            out.append({"role": role, "content": content})
+        if not has_answer:
+            _fail(path, line, "no assistant turn to learn from", "messages")
+        return {"messages": out}
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(obj.get(key), str):
+                _fail(path, line, "missing or not a string", key)
+        if not obj["output"].strip():
+            _fail(path, line, "empty output", "output")
+        prompt = obj["instruction"]
+        if isinstance(obj.get("input"), str) and obj["input"].strip():
+            prompt = f"{prompt}\n\n{obj['input']}"
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]}
+    if fmt in ("completion", "chatml"):
+        text = obj.get("text")
+        if not isinstance(text, str):
+            _fail(path, line, "missing or not a string", "text")
+        if not text.strip():
+            _fail(path, line, "empty text", "text")
+        if fmt == "chatml" and "<|im_start|>" not in text:
+            _fail(path, line, "ChatML text needs <|im_start|> turns", "text")
+        return {"text": text}
+    raise DataError(path, f"unknown format {fmt!r} (use {', '.join(FORMATS)})")
+
+
+def iter_jsonl(path: Path, *, display: str | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON) for each non-blank line; strict about encoding."""
+    shown = display or str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(shown, "file not found") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        _fail(shown, 1, "starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM")
+    for lineno, bline in enumerate(raw.split(b"\n"), start=1):
+        if bline.endswith(b"\r"):
+            _fail(shown, lineno, "Windows line ending (CRLF); convert the file to LF line endings")
+        try:
+            text = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(shown, lineno, f"not UTF-8 (byte {e.start} of the line)")
+        if not text.strip():
+            continue
+        try:
+            yield lineno, json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(shown, lineno, f"invalid JSON: {e.msg} (column {e.colno})")
+
+
+def read_records(path: Path, fmt: str, *, display: str | None = None) -> list[dict[str, Any]]:
+    shown = display or str(path)
+    return [to_canonical(obj, fmt, path=shown, line=n) for n, obj in iter_jsonl(path, display=shown)]
+
+
+def validate_file(path: Path, fmt: str = "messages") -> int:
+    """Check every row; return the number of records. Raises DataError naming file and line."""
+    return len(read_records(Path(path), fmt))
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def dump_jsonl(records: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(canonical_json(r) + "\n" for r in records).encode("utf-8")
+
+
+def write_snapshot(root: Path, records: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write records to ``datasets/snapshots/<sha256>.jsonl``; returns (relative path, sha256).
+
+    Content-addressed: the name is the hash of the bytes, so Axolotl's prepared-data cache
+    (keyed on the config, which names this path) can never serve stale data. Idempotent.
+    """
+    data = dump_jsonl(records)
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{SNAPSHOT_DIR}/{digest}.jsonl"
+    target = root / rel
+    if not target.exists() or sha256_file(target) != digest:
+        atomic_write_bytes(target, data)
+    return rel, digest
+
+
+def snapshot_records(root: Path, rel: str) -> list[dict[str, Any]]:
+    return [obj for _, obj in iter_jsonl(root / rel, display=rel)]
+
+
+# ---------------------------------------------------------------- mixing
+
+
+@dataclass
+class Part:
+    """One component of a release's training mix (becomes one Axolotl dataset entry)."""
+
+    name: str
+    role: str  # new | replay | general | corrections | complete
+    records: list[dict[str, Any]]
+    sources: list[dict[str, str]] = field(default_factory=list)  # [{path, sha256}]
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.records and "text" in self.records[0] else "chat"
+
+
+def dedupe(records: Iterable[dict[str, Any]], exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """Drop exact duplicates (canonical hash), and any record whose hash is in ``exclude``."""
+    seen = set(exclude)
+    out = []
+    for r in records:
+        h = record_hash(r)
+        if h not in seen:
+            seen.add(h)
+            out.append(r)
+    return out
+
+
+def split_by_kind(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list] = {}
+    for r in records:
+        kinds.setdefault("text" if "text" in r else "chat", []).append(r)
+    return kinds
+
+
+def sample(records: list[dict[str, Any]], n: int, seed: str) -> list[dict[str, Any]]:
+    """A deterministic sample of ``n`` records (all of them if fewer), in a seeded order."""
+    if n <= 0 or not records:
+        return []
+    ordered = sorted(records, key=record_hash)
+    rng = random.Random(seed)
+    return rng.sample(ordered, min(n, len(ordered)))
+
+
+def ratio_count(n_new: int, ratio: float, other_ratio: float = 0.0) -> int:
+    """How many extra examples make ``ratio`` of the final mix (new + replay + general)."""
+    if ratio <= 0 or n_new <= 0:
+        return 0
+    new_share = 1.0 - ratio - other_ratio
+    if new_share <= 0:
+        raise ValueError("replay_ratio + general_ratio must be below 1")
+    return max(1, round(n_new * ratio / new_share))
