@@ -1,0 +1,97 @@
+"""Commits and tags in the release repository (GitPython)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from .errors import GitError
+
+IGNORED_PREFIXES = ("outputs/", ".cl-release/")
+
+
+def _git():
+    import git  # GitPython; imported lazily (it starts a git process on import paths)
+
+    return git
+
+
+class ReleaseRepo:
+    def __init__(self, root: Path):
+        git = _git()
+        self.root = Path(root)
+        try:
+            self.repo = git.Repo(self.root)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise GitError(f"{self.root} is not a git repository",
+                           hint="run 'cl-release init DIR' or 'git init' there") from None
+
+    @classmethod
+    def init(cls, root: Path) -> "ReleaseRepo":
+        git = _git()
+        git.Repo.init(root, initial_branch="main")
+        return cls(root)
+
+    def head(self) -> str | None:
+        try:
+            return self.repo.head.commit.hexsha
+        except ValueError:  # no commits yet
+            return None
+
+    def dirty_paths(self) -> list[str]:
+        """Modified, staged or untracked files (git-ignored ones excluded)."""
+        out = set(self.repo.untracked_files)
+        if self.head():
+            out |= {d.a_path for d in self.repo.index.diff(None)}
+            out |= {d.a_path for d in self.repo.index.diff("HEAD")}
+        return sorted(p for p in out if not p.startswith(IGNORED_PREFIXES))
+
+    def ensure_clean(self, allow_dirty: bool = False) -> list[str]:
+        dirty = self.dirty_paths()
+        if dirty and not allow_dirty:
+            shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+            raise GitError(f"the release repository has uncommitted changes: {shown}",
+                           hint="commit them first, or pass --allow-dirty")
+        return dirty
+
+    def commit(self, paths: Iterable[str], message: str) -> str:
+        paths = [p for p in dict.fromkeys(paths)]
+        if paths:
+            self.repo.git.add("--", *paths)
+        if self.head() and not self.repo.index.diff("HEAD"):
+            return self.head()  # nothing to commit
+        self.repo.git.commit("-m", message, "--no-verify", "--", *paths) if self.head() else \
+            self.repo.git.commit("-m", message, "--no-verify")
+        return self.head()
+
+    def commit_all(self, message: str) -> str:
+        self.repo.git.add("-A")
+        self.repo.git.commit("-m", message, "--no-verify")
+        return self.head()
+
+    def tag_commit(self, name: str) -> str | None:
+        try:
+            return self.repo.tags[name].commit.hexsha
+        except (IndexError, ValueError):
+            return None
+
+    def tag(self, name: str, message: str, commit: str | None = None) -> None:
+        if self.tag_commit(name) is not None:
+            raise GitError(f"tag {name} already exists", hint="tags are never moved; pick another version")
+        self.repo.create_tag(name, ref=commit or "HEAD", message=message)
+
+    def tags(self) -> set[str]:
+        return {t.name for t in self.repo.tags}
+
+    def file_at(self, commit: str, path: str) -> str | None:
+        try:
+            return self.repo.git.show(f"{commit}:{path}")
+        except _git().GitCommandError:
+            return None
+
+    def commits_touching(self, path: str) -> list[str]:
+        """Commits that changed ``path``, oldest first."""
+        if not self.head():
+            return []
+        out = self.repo.git.log("--format=%H", "--reverse", "--", path)
+        return [c for c in out.splitlines() if c]

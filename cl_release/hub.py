@@ -1,0 +1,765 @@
+"""Push a released version to the Hugging Face Hub, with a model card generated from the registry.
+
+Three steps, so the CLI stays thin and ``--dry-run`` is a real plan:
+
+1. ``plan_push`` (local only, no network): which folder, which files (name, size, SHA-256),
+   the generated README.md, the repository, branch and tag. The adapter's hash is checked
+   against the registry here.
+2. ``push``: create the repository if missing, refuse a tag that already exists (a published
+   tag is never moved), upload every planned file and the README in one commit, tag that
+   commit. Every Hub error becomes a ``HubError`` that says what to do next.
+3. ``PushResult.to_registry()``: what the caller records in the registry entry.
+
+Layout on the Hub: adapter pushes commit to ``main`` and tag ``vX.Y.Z``; merged weights commit to
+the ``merged`` branch and tag ``vX.Y.Z-merged``, so the two file sets never mix in one tree.
+Each commit also deletes model files of an earlier push that this version does not have (a
+merged model with fewer shards), so a tag holds exactly one version's files; files that
+cl-release would never upload (images, a user's own notes) are left alone.
+
+The token comes only from ``HF_TOKEN`` or the Hub login (``hf auth login``); it is never
+logged, printed or put into an error message (``_scrub``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import html
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import HubError, IntegrityError, UserError
+from .files import sha256_bytes, sha256_file
+from .project import safe_relpath
+from .registry import Registry
+
+ADAPTER_BRANCH = "main"
+MERGED_BRANCH = "merged"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# Model files only: no logs, checkpoints, optimizer states, training args or peft's README.
+MODEL_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*config.json",  # config.json, adapter_config.json, tokenizer_config.json, generation_config.json
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+# Kept on the Hub even when this push does not upload them.
+_NEVER_DELETE = {".gitattributes", "README.md"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TOKEN_LIKE = re.compile(r"(hf_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of the commit. ``local_path`` is None for the generated README.md."""
+
+    path_in_repo: str
+    size: int
+    sha256: str
+    local_path: Path | None = None
+
+
+@dataclass
+class PushPlan:
+    """Everything ``push`` will do, computed without touching the network."""
+
+    version: str
+    repo_id: str
+    private: bool
+    merged: bool
+    folder: Path
+    branch: str
+    tag: str
+    files: list[PlannedFile]
+    readme: bytes = field(repr=False)
+    commit_message: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for ``push --dry-run --json`` or logs)."""
+        return {
+            "version": self.version,
+            "repo_id": self.repo_id,
+            "private": self.private,
+            "merged": self.merged,
+            "folder": str(self.folder),
+            "branch": self.branch,
+            "tag": self.tag,
+            "total_bytes": self.total_bytes,
+            "files": [{"path": f.path_in_repo, "size": f.size, "sha256": f.sha256} for f in self.files],
+        }
+
+    def summary(self) -> str:
+        """Human-readable, several lines: what would be uploaded where."""
+        kind = "merged weights" if self.merged else "adapter"
+        lines = [
+            f"push {self.version} ({kind}) from {self.folder}",
+            f"  to {self.repo_id} ({'private' if self.private else 'public'}), "
+            f"branch {self.branch}, tag {self.tag}",
+            f"  {len(self.files)} files, {_human_size(self.total_bytes)}:",
+        ]
+        width = max(len(f.path_in_repo) for f in self.files)
+        for f in self.files:
+            lines.append(f"    {f.path_in_repo:<{width}}  {_human_size(f.size):>10}  {f.sha256[:12]}")
+        return "\n".join(lines)
+
+
+def revision_tag(version: str, *, merged: bool) -> str:
+    return f"v{version}-merged" if merged else f"v{version}"
+
+
+def _is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
+def _adapter_paths(root: Path, entry: dict[str, Any]) -> tuple[Path, Path]:
+    """(adapter folder, adapter weights file) from ``entry['adapter']['path']``.
+
+    The registry records the weights file (``outputs/vX.Y.Z/adapter/adapter_model.safetensors``);
+    a path naming the folder itself is accepted too.
+    """
+    rel = entry["adapter"]["path"]
+    p = safe_relpath(root, rel, what="adapter path")
+    if p.is_dir():
+        return p, p / ADAPTER_WEIGHTS
+    return p.parent, p
+
+
+def plan_push(
+    root: str | Path,
+    entry: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    project_hub: dict[str, Any] | None,
+    *,
+    merged: bool,
+    project_name: str | None = None,
+) -> PushPlan:
+    """Work out what ``push`` would upload; local checks only, no network.
+
+    Raises UserError (no ``hub:`` section, version not released, merged folder missing, no
+    model files) and IntegrityError (the adapter no longer matches the registry's hash).
+    """
+    root = Path(root)
+    version = entry["version"]
+    if not project_hub or not project_hub.get("repo_id"):
+        raise UserError(
+            "cl-release.yaml has no hub.repo_id",
+            hint="add 'hub: {repo_id: your-org/your-model}' to cl-release.yaml",
+        )
+    if entry.get("status") != "released":
+        raise UserError(
+            f"version {version} is {entry.get('status')}, not released",
+            hint="only released versions are pushed to the Hub",
+        )
+    repo_id = project_hub["repo_id"]
+
+    adapter_dir, adapter_file = _adapter_paths(root, entry)
+    if not adapter_file.is_file():
+        raise UserError(
+            f"{adapter_file.relative_to(root).as_posix()}: the adapter of {version} is not here",
+            hint="outputs/ is not in git: push from the machine that trained it, or restore outputs/",
+        )
+    actual = sha256_file(adapter_file)
+    if actual != entry["adapter"]["sha256"]:
+        raise IntegrityError(
+            f"{adapter_file.relative_to(root).as_posix()}: sha256 {actual[:12]}... does not match the "
+            f"registry's {entry['adapter']['sha256'][:12]}... for version {version}",
+            hint="the adapter changed after release; restore the released file, never push a different one",
+        )
+
+    if merged:
+        folder = root / "outputs" / f"v{version}" / "merged"
+        if not folder.is_dir():
+            raise UserError(
+                f"outputs/v{version}/merged does not exist",
+                hint=f"run 'cl-release merge {version}' first",
+            )
+    else:
+        folder = adapter_dir
+
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != "README.md" and _is_model_file(p.name):
+            files.append(PlannedFile(p.name, p.stat().st_size, sha256_file(p), p))
+    if merged:
+        _check_recorded_merge(entry, files)
+    if not any(f.path_in_repo.endswith(".safetensors") for f in files):
+        raise UserError(
+            f"{folder.relative_to(root).as_posix()}: no *.safetensors weights to push",
+            hint=f"run 'cl-release merge {version}' again" if merged else "the training output is incomplete",
+        )
+
+    card = model_card(
+        project_name or repo_id.split("/", 1)[1],
+        entry,
+        lineage,
+        hub=project_hub,
+        merged=merged,
+        files=[f.path_in_repo for f in files],
+    )
+    readme = card.encode("utf-8")
+    files.append(PlannedFile("README.md", len(readme), sha256_bytes(readme), None))
+    tag = revision_tag(version, merged=merged)
+    return PushPlan(
+        version=version,
+        repo_id=repo_id,
+        private=bool(project_hub.get("private", True)),
+        merged=merged,
+        folder=folder,
+        branch=MERGED_BRANCH if merged else ADAPTER_BRANCH,
+        tag=tag,
+        files=files,
+        readme=readme,
+        commit_message=f"cl-release {tag}: {'merged weights' if merged else 'adapter'} of {version}",
+    )
+
+
+def _check_recorded_merge(entry: dict[str, Any], files: list[PlannedFile]) -> None:
+    """The merged weights must match ``entry['merged']['sha256']`` when ``cl-release merge`` recorded it.
+
+    Same digest as ``weights.weights_sha256`` (one file: its hash; shards: the hash of the sorted
+    "name hash" lines), computed from the hashes just taken instead of reading the weights again.
+    """
+    recorded = (entry.get("merged") or {}).get("sha256")
+    if not recorded:
+        return
+    shards = sorted((f.path_in_repo, f.sha256) for f in files if f.path_in_repo.endswith(".safetensors"))
+    if len(shards) == 1:
+        digest = shards[0][1]
+    else:
+        digest = sha256_bytes("".join(f"{name} {sha}\n" for name, sha in shards).encode())
+    if digest != recorded:
+        version = entry["version"]
+        raise IntegrityError(
+            f"outputs/v{version}/merged does not match the sha256 recorded for version {version}",
+            hint="restore the merged weights or merge into a fresh folder; never push different weights",
+        )
+
+
+# ---------------------------------------------------------------- the model card
+
+
+def model_card(
+    project_name: str,
+    entry: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    *,
+    hub: dict[str, Any],
+    merged: bool,
+    files: list[str] | None = None,
+) -> str:
+    """README.md for the Hub: YAML front matter (via ``ModelCardData``) and a Markdown body.
+
+    Front matter values go through a YAML dumper, never string formatting; body values are
+    HTML-escaped and kept inside table cells, code spans or a blockquote, so a hostile note
+    (quotes, ``---``, newlines, ``{{ }}``, ``<script>``) cannot reach the metadata or markup.
+    ``files`` (what is uploaded) decides where the load snippet takes the tokenizer from.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    version = entry["version"]
+    repo_id = hub["repo_id"]
+    base = entry["base_model"]
+    base_name = base["name"]
+    tag = revision_tag(version, merged=merged)
+    datasets = [
+        ds.get("hub_id") or ds["name"]
+        for ds in entry.get("datasets", [])
+        if _HUB_ID.match(str(ds.get("hub_id") or ds["name"]))
+    ]
+    data = ModelCardData(
+        base_model=base_name if _HUB_ID.match(base_name) else None,
+        base_model_relation="finetune" if merged else "adapter",
+        library_name="transformers" if merged else "peft",
+        license=hub.get("license"),
+        language=list(hub["language"]) if hub.get("language") else None,
+        tags=["cl-release", "lora", entry["strategy"]] + (["merged"] if merged else []),
+        datasets=datasets or None,
+        pipeline_tag="text-generation",
+    )
+    if not _HUB_ID.match(base_name):
+        data.base_model_relation = None  # the Hub only links a relation to a Hub model
+    body = _card_body(project_name, entry, lineage, repo_id=repo_id, tag=tag, merged=merged, files=files)
+    content = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    ModelCard(content)  # parses the front matter back; raises if it does not round-trip
+    return content
+
+
+def _card_body(
+    project_name: str,
+    entry: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    *,
+    repo_id: str,
+    tag: str,
+    merged: bool,
+    files: list[str] | None,
+) -> str:
+    version = entry["version"]
+    base = entry["base_model"]
+    train_base = entry.get("train_base") or {}
+    out: list[str] = []
+    kind = "merged weights" if merged else "LoRA adapter"
+    out.append(f"# {_text(project_name)} {version}\n")
+    out.append(
+        f"The {kind} of version **{version}** of {_text(project_name)}, released with cl-release "
+        f"from a registry that records its whole lineage. Hub revision: {_code(tag)}.\n"
+    )
+    if not merged and train_base.get("merged_from"):
+        out.append(
+            f"> **Note:** this adapter was trained on the merged weights of version "
+            f"{_code(train_base['merged_from'])} (sha256 {_code(train_base.get('sha256') or 'unknown')}), "
+            f"not directly on {_code(base['name'])}: load it on top of revision "
+            f"{_code(revision_tag(train_base['merged_from'], merged=True))} of this repository.\n"
+        )
+
+    out.append("## Release\n")
+    rows = [
+        ("version", _code(version)),
+        ("parent", _code(entry.get("parent")) if entry.get("parent") else "none (first release)"),
+        ("strategy", _code(entry.get("strategy"))),
+        ("bump", _code(entry.get("bump"))),
+        ("status", _cell(entry.get("status"))),
+        ("created at", _cell(entry.get("created_at"))),
+        ("base model", _code(base["name"])),
+        ("base model revision", _code(base.get("revision")) if base.get("revision") else "not pinned"),
+    ]
+    if train_base:
+        rows.append(("trained on", f"{_code(train_base.get('path'))} (sha256 {_code(train_base.get('sha256'))})"))
+    rows += [
+        ("adapter sha256", _code(entry["adapter"]["sha256"])),
+        ("seed", _code(entry.get("seed"))),
+        ("config sha256", _code((entry.get("config") or {}).get("sha256"))),
+        ("source commit", _code(entry.get("source_commit"))),
+    ]
+    out.append(_table(("field", "value"), rows))
+
+    if entry.get("notes"):
+        out.append("### Notes\n")
+        out.append(_quote(str(entry["notes"])))
+
+    out.append("## Lineage\n")
+    out.append(
+        _table(
+            ("version", "parent", "strategy", "status", "date"),
+            [
+                (
+                    _code(m["version"]),
+                    _code(m["parent"]) if m.get("parent") else "-",
+                    _cell(m.get("strategy")),
+                    _cell(m.get("status")),
+                    _cell(str(m.get("created_at", ""))[:10]),
+                )
+                for m in lineage
+            ],
+        )
+    )
+
+    out.append("## Training data\n")
+    if entry.get("datasets"):
+        out.append(
+            _table(
+                ("name", "role", "examples", "sha256"),
+                [
+                    (_cell(d.get("name")), _cell(d.get("role")), _cell(d.get("examples")), _code(d.get("sha256")))
+                    for d in entry["datasets"]
+                ],
+            )
+        )
+    else:
+        out.append("No datasets recorded.\n")
+
+    out.append("## Training metrics\n")
+    out.append(_metrics(entry.get("training")))
+    out.append("## Evaluation\n")
+    out.append(_metrics(entry.get("evaluation")))
+
+    out.append("## Reproducibility\n")
+    toolchain = entry.get("toolchain") or {}
+    rows = [(_cell(k), _code(v) if v else "-") for k, v in sorted(toolchain.items())]
+    launch = entry.get("launch") or {}
+    if launch:
+        rows.append(("launch", _code(json.dumps(launch, sort_keys=True))))
+    out.append(_table(("tool", "version"), rows) if rows else "No toolchain recorded.\n")
+
+    out.append("## How to load\n")
+    out.append(_load_snippet(entry, repo_id=repo_id, tag=tag, merged=merged, files=files))
+    return "\n".join(out)
+
+
+def _load_snippet(
+    entry: dict[str, Any], *, repo_id: str, tag: str, merged: bool, files: list[str] | None
+) -> str:
+    q = json.dumps  # a valid Python string literal for any text
+    if merged:
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({q(repo_id)}, revision={q(tag)})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({q(repo_id)}, revision={q(tag)})\n"
+        )
+        return _fence(code, "python")
+    base = entry["base_model"]
+    train_base = entry.get("train_base") or {}
+    if train_base.get("merged_from"):
+        base_line = (
+            f"base = AutoModelForCausalLM.from_pretrained("
+            f"{q(repo_id)}, revision={q(revision_tag(train_base['merged_from'], merged=True))})\n"
+        )
+        tok_src = f"{q(repo_id)}, revision={q(tag)}"
+    else:
+        rev = f", revision={q(base['revision'])}" if base.get("revision") else ""
+        base_line = f"base = AutoModelForCausalLM.from_pretrained({q(base['name'])}{rev})\n"
+        tok_src = f"{q(base['name'])}{rev}"
+    if files is None or any(f in TOKENIZER_FILES for f in files):
+        tok_src = f"{q(repo_id)}, revision={q(tag)}"
+    code = (
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        + base_line
+        + f"model = PeftModel.from_pretrained(base, {q(repo_id)}, revision={q(tag)})\n"
+        + f"tokenizer = AutoTokenizer.from_pretrained({tok_src})\n"
+    )
+    return _fence(code, "python")
+
+
+# -- Markdown helpers: every registry value passes through one of these
+
+
+def _text(value: Any) -> str:
+    """Inline text: HTML-escaped, one line, Markdown punctuation that could start markup escaped."""
+    s = " ".join(str(value).split())
+    s = html.escape(s, quote=False)
+    return re.sub(r"([\\`*_{}\[\]#|!~])", r"\\\1", s)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else _text(value)
+
+
+def _code(value: Any) -> str:
+    """An inline code span that no backtick in the value can close."""
+    if value is None or value == "":
+        return "-"
+    s = " ".join(str(value).split()).replace("|", "\\|")
+    longest = max((len(r) for r in re.findall(r"`+", s)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{ticks}{pad}{s}{pad}{ticks}"
+
+
+def _fence(code: str, lang: str = "") -> str:
+    longest = max((len(r) for r in re.findall(r"`+", code)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{code}{ticks}\n"
+
+
+def _quote(text: str) -> str:
+    """A blockquote: every line prefixed, so ``---`` or ``# x`` in a note stays quoted text."""
+    lines = [html.escape(line, quote=False) for line in text.splitlines() or [""]]
+    return "\n".join(f"> {line}".rstrip() for line in lines) + "\n"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict):
+        out = []
+        for k in sorted(d, key=str):
+            out += _flatten(d[k], f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [(prefix, d)]
+
+
+def _metrics(d: Any) -> str:
+    if not d:
+        return "None recorded.\n"
+    rows = []
+    for k, v in _flatten(d):
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        elif isinstance(v, (list, tuple)):
+            v = json.dumps(v)
+        rows.append((_text(k), _cell(v)))
+    return _table(("metric", "value"), rows)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------- pushing
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str  # the tag
+    branch: str
+    commit: str
+    url: str  # the commit's URL
+    pushed_at: str
+    merged: bool
+    files: list[str]
+
+    def to_registry(self) -> dict[str, Any]:
+        """What to record in the registry entry (e.g. appended to ``entry['hub']``)."""
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "url": self.url,
+            "pushed_at": self.pushed_at,
+            "merged": self.merged,
+        }
+
+
+def record_push(registry: Registry, version: str, result: PushResult) -> dict[str, Any]:
+    """Append ``result.to_registry()`` to the entry's ``pushes`` list (under the registry lock)."""
+    with registry.transaction() as data:
+        entry = registry.find(data, version)
+        entry.setdefault("pushes", []).append(result.to_registry())
+    return entry
+
+
+def resolve_token() -> str | None:
+    """``HF_TOKEN``, else the token saved by ``hf auth login``; None when neither exists."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def push(
+    plan: PushPlan,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    progress: Progress | None = None,
+) -> PushResult:
+    """Upload ``plan`` in one commit on ``plan.branch`` and tag it ``plan.tag``.
+
+    ``token``: for library callers; the CLI leaves it None (``HF_TOKEN`` or the Hub login).
+    ``endpoint``: defaults to ``HF_ENDPOINT`` (read now, not at import) or https://huggingface.co.
+    The tag is checked before anything is uploaded: an existing tag is a HubError, never moved.
+    """
+    from huggingface_hub import constants
+
+    say = progress or (lambda _msg: None)
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    token = token or resolve_token()
+    if not token:
+        raise HubError(
+            "no Hugging Face token found",
+            hint="log in with `hf auth login` or set HF_TOKEN to a token with write access",
+        )
+    if constants.is_offline_mode():
+        raise HubError(
+            "offline mode is on (HF_HUB_OFFLINE), so nothing can be pushed",
+            hint="unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) for this command",
+        )
+    hub = _Hub(plan, token=token, endpoint=endpoint)
+
+    say(f"checking {plan.repo_id} on {endpoint}")
+    hub.call("create the repository", _create_repo, hub, plan)
+    refs = hub.call("read the repository's tags", hub.api.list_repo_refs, plan.repo_id)
+    existing = {t.name: t.target_commit for t in refs.tags}
+    if plan.tag in existing:
+        raise HubError(
+            f"tag {plan.tag} already exists on {plan.repo_id} (commit {existing[plan.tag][:12]}); "
+            "a published tag is never moved",
+            hint="release a new version and push that one",
+        )
+    branches = {b.name: b.target_commit for b in refs.branches}
+    if plan.branch not in branches:
+        say(f"creating branch {plan.branch}")
+        hub.call(f"create branch {plan.branch}", hub.api.create_branch, plan.repo_id, branch=plan.branch)
+        branches[plan.branch] = branches.get(ADAPTER_BRANCH)
+    operations = _operations(hub, plan)
+
+    say(f"uploading {len(plan.files)} files ({_human_size(plan.total_bytes)}) to {plan.repo_id}@{plan.branch}")
+    info = hub.call(
+        "upload the files",
+        hub.api.create_commit,
+        plan.repo_id,
+        operations=operations,
+        commit_message=plan.commit_message,
+        commit_description=f"Pushed by cl-release. Version {plan.version}, tag {plan.tag}.",
+        revision=plan.branch,
+        parent_commit=branches.get(plan.branch),
+    )
+    say(f"tagging commit {info.oid[:12]} as {plan.tag}")
+    try:
+        hub.call(
+            f"tag commit {info.oid[:12]} as {plan.tag}",
+            hub.api.create_tag,
+            plan.repo_id,
+            tag=plan.tag,
+            revision=info.oid,
+            tag_message=f"cl-release {plan.version}",
+            hint_extra=f"the files are committed as {info.oid} on {plan.branch}; run the push again to tag it",
+        )
+    except HubError as e:
+        if getattr(e, "status", None) != 409:
+            raise
+        raise HubError(
+            f"tag {plan.tag} appeared on {plan.repo_id} during this push (another push of {plan.version}?); "
+            f"the files are committed as {info.oid} on {plan.branch} but this commit is not tagged",
+            hint="check which commit the tag points to on the Hub; a published tag is never moved",
+        ) from None
+    return PushResult(
+        repo_id=plan.repo_id,
+        revision=plan.tag,
+        branch=plan.branch,
+        commit=info.oid,
+        url=info.commit_url,
+        pushed_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        merged=plan.merged,
+        files=[f.path_in_repo for f in plan.files],
+    )
+
+
+def _create_repo(hub: "_Hub", plan: PushPlan) -> None:
+    hub.api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
+
+
+def _operations(hub: "_Hub", plan: PushPlan) -> list:
+    """CommitOperationAdd for every planned file (hash re-checked), deletes for stale model files."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops: list = []
+    for f in plan.files:
+        if f.local_path is None:
+            op = CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=plan.readme)
+        else:
+            op = CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local_path))
+        if op.upload_info.sha256.hex() != f.sha256:  # hashed by huggingface_hub while reading
+            raise IntegrityError(
+                f"{f.local_path}: changed since the push was planned",
+                hint="nothing was uploaded; run the push again",
+            )
+        ops.append(op)
+    planned = {f.path_in_repo for f in plan.files}
+    remote = hub.call(
+        "list the files on the Hub",
+        lambda: list(hub.api.list_repo_tree(plan.repo_id, revision=plan.branch, recursive=True)),
+    )
+    for item in remote:
+        path = getattr(item, "path", "")
+        if (
+            hasattr(item, "size")  # a file, not a folder
+            and path not in planned
+            and path not in _NEVER_DELETE
+            and "/" not in path
+            and _is_model_file(path)
+        ):
+            ops.append(CommitOperationDelete(path_in_repo=path, is_folder=False))
+    return ops
+
+
+class _Hub:
+    """An HfApi bound to one token, and the translation of its errors into HubError."""
+
+    def __init__(self, plan: PushPlan, *, token: str, endpoint: str):
+        from huggingface_hub import HfApi
+
+        self.plan = plan
+        self.endpoint = endpoint
+        self._token = token
+        self.api = HfApi(endpoint=endpoint, token=token)
+
+    def call(self, action: str, fn: Callable, *args, hint_extra: str | None = None, **kwargs):
+        import httpx
+
+        try:
+            return fn(*args, **kwargs)
+        except (HubError, IntegrityError):
+            raise
+        # HTTP and network failures; ValueError is huggingface_hub's "invalid README metadata".
+        except (httpx.HTTPError, OSError, ValueError) as e:
+            error = self._translate(action, e, hint_extra)
+        # Raised outside the except block: no __context__ keeps the request (and its
+        # Authorization header) alive on the exception we hand to the caller.
+        raise error
+
+    def _translate(self, action: str, e: Exception, hint_extra: str | None) -> HubError:
+        import httpx
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        repo = self.plan.repo_id
+        status = None
+        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+            status = e.response.status_code
+        server = self._scrub(getattr(e, "server_message", None) or "")
+        detail = f": {server}" if server else ""
+        if status == 401:
+            message, hint = f"the Hub rejected the token (401) while trying to {action}", (
+                "log in with `hf auth login` or set HF_TOKEN to a valid token with write access"
+            )
+        elif status == 403:
+            message, hint = f"no permission to {action} on {repo} (403){detail}", (
+                f"check hub.repo_id in cl-release.yaml and that your token can write to {repo.split('/')[0]}"
+            )
+        elif status == 404:
+            message, hint = f"{repo} or its branch {self.plan.branch} was not found while trying to {action} (404)", (
+                "check hub.repo_id in cl-release.yaml and that your token can see the repository"
+            )
+        elif status == 409:
+            message, hint = f"conflict on {repo} while trying to {action} (409){detail}", (
+                "something with this name already exists on the Hub; published tags are never moved"
+            )
+        elif status == 412:
+            message, hint = f"{repo}@{self.plan.branch} changed while pushing (412)", "run the push again"
+        elif status is not None:
+            message, hint = f"the Hub answered {status} while trying to {action}{detail}", (
+                "try again later; if it persists, check https://status.huggingface.co"
+            )
+        elif isinstance(e, (httpx.TransportError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            message, hint = f"cannot reach the Hub at {self.endpoint} to {action} ({type(e).__name__})", (
+                "check the network, or HF_ENDPOINT if you use a mirror"
+            )
+        else:
+            message, hint = f"could not {action} on {repo}: {self._scrub(str(e))}", (
+                "run with --debug for details"
+            )
+        if hint_extra:
+            hint = f"{hint_extra}; {hint}"
+        error = HubError(self._scrub(message), hint=self._scrub(hint))
+        error.status = status  # the HTTP status, None for network errors
+        return error
+
+    def _scrub(self, text: str) -> str:
+        """Remove the token (and anything shaped like one) from text meant for people."""
+        if self._token:
+            text = text.replace(self._token, "***")
+        return _TOKEN_LIKE.sub("***", text)

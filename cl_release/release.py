@@ -1,0 +1,657 @@
+"""The release pipeline: plan a version, build its data, train, record, commit, tag.
+
+Order (each step leaves a valid registry; a crash anywhere can be re-run):
+
+1. take the release lock (a second release at the same time gets one clear error);
+2. finish any release an earlier crash left half-recorded (registry written, not committed
+   or not tagged);
+3. plan: version, parent, strategy, data parts (content-addressed), rendered config;
+4. write data snapshots (idempotent, content-addressed);
+5. train into ``outputs/vX.Y.Z/`` (created exclusively; an interrupted run's folder is moved
+   aside to ``outputs/.interrupted/``, never overwritten or deleted);
+6. re-hash every dataset: if one changed since the plan, refuse (nothing recorded);
+7. evaluate + gates (when configured), then append the registry entry atomically;
+8. commit registry + snapshots, tag ``vX.Y.Z``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import datasets as ds
+from .errors import ClReleaseError, GitError, IntegrityError, UserError, VersionError
+from .files import atomic_write_json, atomic_write_text, locked, sha256_bytes, sha256_file
+from .project import Project, is_local_model
+from .registry import Registry, bump_version, utcnow
+from .render import (
+    COMPLETE_DATA,
+    CONTINUES_ADAPTER,
+    DEFAULT_STRATEGY,
+    STRATEGY_BUMP,
+    check_strategy,
+    hardware,
+    render_config,
+    strategy_knobs,
+)
+from .weights import ADAPTER_FILE, adapter_sha256, weights_sha256
+
+OUTPUTS = "outputs"
+PREPARED = "outputs/.prepared"
+LEARNED_ROLES = {"new", "complete", "corrections"}
+
+Progress = Callable[[str], None]
+
+
+def _noop(_msg: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    version: str
+    parent: str | None
+    bump: str
+    strategy: str
+    base_model: dict[str, Any]
+    train_base: dict[str, Any]
+    lora_model_dir: str | None
+    parts: list[ds.Part]
+    sources: list[dict[str, str]]
+    knobs: dict[str, Any]
+    launch: dict[str, Any]
+    hw: dict[str, Any]
+    seed: int
+    notes: str
+    config_text: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    tokens: int | None = None
+    needs_parent_merge: bool = False
+
+    @property
+    def output_dir(self) -> str:
+        return f"{OUTPUTS}/v{self.version}"
+
+    @property
+    def adapter_dir(self) -> str:
+        return f"{self.output_dir}/adapter"
+
+    @property
+    def config_path(self) -> str:
+        return f"{self.output_dir}/axolotl.yml"
+
+    @property
+    def config_sha256(self) -> str:
+        return sha256_bytes(self.config_text.encode("utf-8"))
+
+    @property
+    def new_examples(self) -> int:
+        return sum(len(p.records) for p in self.parts if p.role in ("new", "corrections"))
+
+    def fingerprint(self) -> str:
+        """Identifies the exact training run: same fingerprint, same inputs."""
+        return sha256_bytes(json.dumps(
+            {"version": self.version, "parent": self.parent, "strategy": self.strategy,
+             "config": self.config_sha256}, sort_keys=True).encode())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "parent": self.parent,
+            "bump": self.bump,
+            "strategy": self.strategy,
+            "base_model": self.base_model,
+            "train_base": self.train_base,
+            "lora_model_dir": self.lora_model_dir,
+            "needs_parent_merge": self.needs_parent_merge,
+            "datasets": [
+                {"name": p.name, "role": p.role, "examples": len(p.records), "path": p.path, "sha256": p.sha256}
+                for p in self.parts
+            ],
+            "sources": self.sources,
+            "new_examples": self.new_examples,
+            "tokens": self.tokens,
+            "knobs": {k: v for k, v in self.knobs.items() if k != "extra"},
+            "launch": self.launch,
+            "output_dir": self.output_dir,
+            "config_sha256": self.config_sha256,
+            "config": self.config_text,
+        }
+
+
+def _source_records(project: Project, role: str) -> tuple[list[dict], list[dict[str, str]]]:
+    records: list[dict] = []
+    sources: list[dict[str, str]] = []
+    for entry in project.datasets:
+        if entry["role"] != role:
+            continue
+        files = project.dataset_files(entry)
+        for f in files:
+            rel = project.rel(f)
+            records.extend(ds.read_records(f, entry["format"], display=rel))
+            sources.append({"name": entry["name"], "path": rel, "sha256": sha256_file(f)})
+    return records, sources
+
+
+def _learned(root: Path, lineage: list[dict[str, Any]]) -> list[dict]:
+    """Every example the lineage trained on as new, complete or corrections data (deduped)."""
+    records: list[dict] = []
+    for entry in lineage:
+        for d in entry["datasets"]:
+            if d["role"] in LEARNED_ROLES:
+                path = root / d["path"]
+                if not path.is_file():
+                    raise IntegrityError(f"{d['path']}: data snapshot of {entry['version']} is missing",
+                                         hint="restore it from git ('git checkout -- datasets/snapshots')")
+                records.extend(ds.snapshot_records(root, d["path"]))
+    return ds.dedupe(records)
+
+
+def _adapter_rank(root: Path, adapter_dir: str) -> tuple[int | None, float | None]:
+    cfg = root / adapter_dir / "adapter_config.json"
+    try:
+        data = json.loads(cfg.read_text())
+        return data.get("r"), data.get("lora_alpha")
+    except (OSError, json.JSONDecodeError):
+        return None, None
+
+
+def _taken_versions(root: Path, data: dict[str, Any], tags: set[str]) -> set[str]:
+    taken = {m["version"] for m in data["models"]}
+    taken |= {t[1:] for t in tags if t.startswith("v")}
+    return taken
+
+
+def _choose_strategy(data, parent, bump: str, strategy: str | None, base_model: str | None) -> str:
+    if parent is None:
+        if strategy not in (None, "initial"):
+            raise UserError(f"the first release uses strategy initial, not {strategy}",
+                            hint="drop --strategy for the first release")
+        return "initial"
+    if strategy is None:
+        strategy = "annual_reset" if (bump == "major" and base_model) else DEFAULT_STRATEGY[bump]
+    check_strategy(strategy)
+    if strategy == "initial":
+        raise UserError("strategy initial is only for the first release",
+                        hint="use annual_reset (--base-model) or merge_and_retrain for a fresh start")
+    if STRATEGY_BUMP[strategy] != bump:
+        raise UserError(f"strategy {strategy} makes a {STRATEGY_BUMP[strategy]} release, not {bump}",
+                        hint=f"run 'cl-release release {STRATEGY_BUMP[strategy]} --strategy {strategy}'")
+    if strategy == "annual_reset" and not base_model:
+        raise UserError("annual_reset needs a new base model", hint="pass --base-model ID")
+    if base_model and strategy != "annual_reset":
+        raise UserError("--base-model is only for annual_reset (a major release)",
+                        hint="run 'cl-release release major --base-model ID'")
+    return strategy
+
+
+def _base_revision(project: Project, name: str, revision: str | None) -> str | None:
+    if revision:
+        return revision
+    if is_local_model(project.root, name):
+        return weights_sha256(project.root / name)
+    return None
+
+
+def plan_release(project: Project, *, bump: str, from_version: str | None = None, strategy: str | None = None,
+                 base_model: str | None = None, notes: str = "", tags: set[str] = frozenset(),
+                 extra_new: list[ds.Part] | None = None) -> Plan:
+    """Everything a release would do, computed without writing anything."""
+    root = project.root
+    registry = Registry(root)
+    data = registry.load()
+    parent = registry.resolve_parent(data, from_version)
+    strategy = _choose_strategy(data, parent, bump, strategy, base_model)
+    knobs = strategy_knobs(project.data, strategy)
+    lineage = registry.lineage(data, parent["version"]) if parent else []
+    taken = _taken_versions(root, data, set(tags))
+
+    # -- base model and adapter
+    lora_model_dir = None
+    needs_merge = False
+    if strategy == "initial":
+        bm = project.base_model
+        base = {"name": bm["name"], "revision": _base_revision(project, bm["name"], bm.get("revision"))}
+        train_base = {"path": bm["name"], "sha256": base["revision"] if is_local_model(root, bm["name"]) else None,
+                      "merged_from": None}
+    elif strategy in CONTINUES_ADAPTER:
+        base = dict(parent["base_model"])
+        train_base = dict(parent.get("train_base") or {"path": base["name"], "sha256": None, "merged_from": None})
+        lora_model_dir = parent["adapter"]["path"]
+        if not (root / lora_model_dir / ADAPTER_FILE).is_file():
+            raise IntegrityError(f"{lora_model_dir}: the adapter of {parent['version']} is missing",
+                                 hint="restore outputs/ from your artifact store, or build on another version with --from")
+        r, alpha = _adapter_rank(root, lora_model_dir)
+        if r:
+            knobs["lora_r"] = r
+        if alpha:
+            knobs["lora_alpha"] = alpha
+    elif strategy == "merge_and_retrain":
+        base = dict(parent["base_model"])
+        merged = f"{OUTPUTS}/v{parent['version']}/merged"
+        needs_merge = not (root / merged / "config.json").is_file()
+        train_base = {"path": merged, "sha256": None if needs_merge else weights_sha256(root / merged),
+                      "merged_from": parent["version"]}
+    else:  # annual_reset
+        base = {"name": base_model, "revision": _base_revision(project, base_model, None)}
+        train_base = {"path": base_model, "sha256": base["revision"] if is_local_model(root, base_model) else None,
+                      "merged_from": None}
+
+    # -- data
+    seed = project.seed
+    domain, sources = _source_records(project, "domain")
+    general, g_sources = _source_records(project, "general")
+    corrections, c_sources = _source_records(project, "corrections")
+    learned = _learned(root, lineage)
+    learned_hashes = {ds.record_hash(r) for r in learned}
+    parts: list[ds.Part] = []
+    if strategy == "initial":
+        new = ds.dedupe(domain)
+        if not new:
+            raise UserError("no domain data to train on", hint="add examples to the datasets listed in cl-release.yaml")
+        parts.append(ds.Part("new", "new", new))
+        all_sources = sources
+    elif strategy == "patch":
+        new = ds.dedupe(corrections, exclude=learned_hashes)
+        parts.append(ds.Part("corrections", "corrections", new))
+        all_sources = c_sources
+    elif strategy == "continued_lora":
+        new = ds.dedupe(domain, exclude=learned_hashes)
+        parts.append(ds.Part("new", "new", new))
+        all_sources = sources
+    else:
+        new = ds.dedupe(learned + domain + corrections)
+        parts.append(ds.Part("complete", "complete", new))
+        all_sources = sources + c_sources
+    for extra in extra_new or []:
+        parts.append(extra)
+        all_sources = all_sources + extra.sources
+    n_new = sum(len(p.records) for p in parts)
+    if n_new == 0:
+        what = "corrections" if strategy == "patch" else "new examples"
+        since = f" since {parent['version']}" if parent else ""
+        raise UserError(f"no {what}{since}: nothing to train on",
+                        hint="add data files (or log feedback) first; 'cl-release plan' shows the counts")
+    if strategy in CONTINUES_ADAPTER and knobs["replay_ratio"] > 0:
+        n = ds.ratio_count(n_new, knobs["replay_ratio"], knobs["general_ratio"])
+        replay = ds.sample([r for r in learned], n, f"{seed}:replay:{parent['version']}")
+        if replay:
+            parts.append(ds.Part("replay", "replay", replay))
+    if knobs["general_ratio"] > 0 and general:
+        n = ds.ratio_count(n_new, knobs["general_ratio"],
+                           knobs["replay_ratio"] if strategy in CONTINUES_ADAPTER else 0.0)
+        sample = ds.sample(general, n, f"{seed}:general:{parent['version'] if parent else 'root'}")
+        parts.append(ds.Part("general", "general", sample))
+        all_sources = all_sources + g_sources
+
+    # split parts by kind (chat vs text) so each Axolotl dataset entry has one type
+    final_parts: list[ds.Part] = []
+    for p in parts:
+        kinds = ds.split_by_kind(p.records)
+        for kind, records in sorted(kinds.items()):
+            name = p.name if len(kinds) == 1 else f"{p.name}-{kind}"
+            part = ds.Part(name, p.role, records, sources=p.sources)
+            blob = ds.dump_jsonl(records)
+            part.sha256 = sha256_bytes(blob)
+            part.path = f"{ds.SNAPSHOT_DIR}/{part.sha256}.jsonl"
+            final_parts.append(part)
+
+    plan = Plan(
+        version="", parent=parent["version"] if parent else None, bump=bump, strategy=strategy,
+        base_model=base, train_base=train_base, lora_model_dir=lora_model_dir, parts=final_parts,
+        sources=all_sources, knobs=knobs, launch=project.launch, hw=hardware(project.launch), seed=seed,
+        notes=notes, needs_parent_merge=needs_merge,
+    )
+    # -- version: next free number; an existing output folder of a different run is taken too
+    while True:
+        plan.version = bump_version(plan.parent, bump, taken)
+        _render(project, plan)
+        out = root / plan.output_dir
+        if not out.exists() or _run_state(out, plan) != "foreign":
+            break
+        taken.add(plan.version)
+    plan.tokens = count_tokens(root, plan)
+    return plan
+
+
+def _render(project: Project, plan: Plan) -> None:
+    context = {
+        "release": {"version": plan.version, "parent": plan.parent, "strategy": plan.strategy, "notes": plan.notes},
+        "base_model": {
+            "path": plan.train_base["path"],
+            "revision": plan.base_model.get("revision") if plan.strategy != "merge_and_retrain"
+            and not is_local_model(project.root, plan.train_base["path"]) else None,
+            "model_type": project.base_model.get("model_type"),
+            "tokenizer_type": project.base_model.get("tokenizer_type"),
+        },
+        "chat_template": project.chat_template,
+        "lora": {"target_linear": (project.data.get("lora") or {}).get("target_linear", True),
+                 "target_modules": (project.data.get("lora") or {}).get("target_modules")},
+        "lora_model_dir": plan.lora_model_dir,
+        "datasets": [{"path": p.path, "type": "completion" if p.kind == "text" else "chat_template"}
+                     for p in plan.parts],
+        "knobs": plan.knobs,
+        "seed": plan.seed,
+        "paths": {"output_dir": plan.adapter_dir, "prepared": PREPARED},
+        "hw": plan.hw,
+        "launch": plan.launch,
+        "extra": {**(project.data.get("axolotl") or {}), **plan.knobs.get("extra", {})},
+    }
+    rendered = render_config(project.root, plan.strategy, context)
+    plan.config_text, plan.config = rendered.text, rendered.config
+
+
+def count_tokens(root: Path, plan: Plan) -> int | None:
+    """Tokens in the training mix, with the base model's tokenizer when it is available offline."""
+    base = plan.train_base["path"]
+    tok_dir = root / base
+    if plan.needs_parent_merge:  # the merged folder copies the adapter's tokenizer
+        tok_dir = root / plan.lora_model_dir if plan.lora_model_dir else root / f"{OUTPUTS}/v{plan.parent}/adapter"
+    tok_file = tok_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    texts = []
+    for p in plan.parts:
+        for r in p.records:
+            if "messages" in r:
+                texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in r["messages"]))
+            else:
+                texts.append(r["text"])
+    return sum(len(e.ids) for e in tok.encode_batch(texts)) if texts else 0
+
+
+# ---------------------------------------------------------------- output folders
+
+RUN_FILE = "run.json"
+DONE_FILE = "training.json"
+
+
+def _run_state(out: Path, plan: Plan) -> str:
+    """'complete' (same run, finished), 'interrupted' (same run, unfinished) or 'foreign'."""
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "foreign"
+    if run.get("fingerprint") != plan.fingerprint():
+        return "foreign"
+    if (out / DONE_FILE).is_file() and (out / "adapter" / ADAPTER_FILE).is_file():
+        return "complete"
+    return "interrupted"
+
+
+def _move_aside(root: Path, out: Path, why: str) -> Path:
+    dest = root / OUTPUTS / f".{why}" / f"{out.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(out, dest)
+    return dest
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
+    """Finish releases an earlier crash left recorded but not committed or not tagged."""
+    registry = Registry(root)
+    data = registry.load()
+    done = []
+    rel = "registry/model_registry.json"
+    if rel in repo.dirty_paths():
+        head_text = repo.file_at("HEAD", rel) if repo.head() else None
+        head_versions = set()
+        if head_text:
+            try:
+                head_versions = {m["version"] for m in json.loads(head_text)["models"]}
+            except (ValueError, KeyError):
+                head_versions = set()
+        pending = [m for m in data["models"] if m["version"] not in head_versions]
+        paths = [rel] + [d["path"] for m in pending for d in m["datasets"] if (root / d["path"]).exists()]
+        versions = ", ".join(m["version"] for m in pending) or "registry updates"
+        progress(f"finishing an interrupted operation: committing {versions}")
+        repo.commit(paths, f"Record {versions} (finished after an interruption)")
+        done.append(f"committed {versions}")
+    tags = repo.tags()
+    for m in data["models"]:
+        tag = f"v{m['version']}"
+        if m["status"] == "released" and tag not in tags:
+            commit = _commit_introducing(repo, m["version"])
+            if commit:
+                progress(f"finishing interrupted release {m['version']}: tag {tag}")
+                repo.tag(tag, _tag_message(m), commit)
+                done.append(f"tagged {tag}")
+    return done
+
+
+def _commit_introducing(repo, version: str) -> str | None:
+    rel = "registry/model_registry.json"
+    for commit in repo.commits_touching(rel):
+        text = repo.file_at(commit, rel)
+        try:
+            if text and any(m["version"] == version for m in json.loads(text)["models"]):
+                return commit
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+def _tag_message(entry: dict[str, Any]) -> str:
+    msg = f"cl-release {entry['version']} ({entry['strategy']}, parent {entry['parent'] or '-'})"
+    if entry.get("notes"):
+        msg += f"\n\n{entry['notes']}"
+    return msg
+
+
+# ---------------------------------------------------------------- run
+
+# Test hook: called with a step name; tests make it raise to simulate a crash at that point.
+crash_point: Callable[[str], None] = lambda step: None
+
+
+@dataclass
+class ReleaseResult:
+    entry: dict[str, Any]
+    plan: Plan
+    adopted: bool = False
+    recovered: list[str] = field(default_factory=list)
+    commit: str | None = None
+
+
+def release_lock(root: Path):
+    return locked(root / ".cl-release" / "release.lock", timeout=0, what="this release repository (a release is running)")
+
+
+def run_release(project: Project, *, bump: str, from_version: str | None = None, strategy: str | None = None,
+                base_model: str | None = None, notes: str = "", allow_dirty: bool = False,
+                progress: Progress = _noop,
+                train_progress: Callable[[int, int, float | None], None] | None = None,
+                evaluator: Callable[[Project, Plan, dict[str, Any]], dict[str, Any]] | None = None) -> ReleaseResult:
+    """Plan, train, record, commit and tag one release. See the module docstring for the order."""
+    from .gitops import ReleaseRepo
+    from .merge import merge_version
+    from .train import run_training, toolchain_versions
+
+    root = project.root
+    with release_lock(root):
+        repo = ReleaseRepo(root)
+        recovered = reconcile(root, repo, progress)
+        repo.ensure_clean(allow_dirty)
+        source_commit = repo.head()
+
+        plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
+                            base_model=base_model, notes=notes, tags=repo.tags())
+        if plan.needs_parent_merge:
+            progress(f"merging {plan.parent} into its base (merge_and_retrain starts from the merged model)")
+            merge_version(project, plan.parent, progress=progress)
+            plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
+                                base_model=base_model, notes=notes, tags=repo.tags())
+        crash_point("planned")
+
+        for part in plan.parts:
+            rel, digest = ds.write_snapshot(root, part.records)
+            assert rel == part.path and digest == part.sha256
+        crash_point("snapshots")
+
+        out = root / plan.output_dir
+        adopted = False
+        state = _run_state(out, plan) if out.exists() else None
+        if state == "interrupted":
+            moved = _move_aside(root, out, "interrupted")
+            progress(f"moved the interrupted run of {plan.version} aside to {project.rel(moved)}")
+        if state == "complete":
+            adopted = True
+            progress(f"{plan.output_dir} already holds this exact run: recording it without retraining")
+            training = json.loads((out / DONE_FILE).read_text())
+        else:
+            out.mkdir(parents=True, exist_ok=False)
+            atomic_write_json(out / RUN_FILE, {"fingerprint": plan.fingerprint(), "version": plan.version,
+                                                "started_at": utcnow(), "pid": os.getpid()})
+            atomic_write_text(root / plan.config_path, plan.config_text)
+            atomic_write_json(out / "plan.json", plan.to_dict())
+            progress(f"training {plan.version} ({plan.strategy}, {plan.new_examples} new examples) ...")
+            result = run_training(root, plan.config_path, plan.launch, mixed_precision=plan.hw["mixed_precision"],
+                                  log_path=out / "train.log", progress=train_progress)
+            crash_point("trained")
+            if not (out / "adapter" / ADAPTER_FILE).is_file():
+                raise IntegrityError(f"{plan.adapter_dir}: training finished without {ADAPTER_FILE}",
+                                     hint=f"see {plan.output_dir}/train.log")
+            training = result.to_dict()
+            atomic_write_json(out / DONE_FILE, training)
+
+        # -- data must not have changed while training
+        try:
+            _verify_plan_inputs(root, plan)
+        except IntegrityError:
+            moved = _move_aside(root, out, "refused")
+            progress(f"moved the run aside to {project.rel(moved)}")
+            raise
+        crash_point("verified")
+
+        entry = _entry(project, plan, training, source_commit, toolchain_versions())
+        entry["status"] = "released"
+        if evaluator is not None:
+            entry = evaluator(project, plan, entry)
+        crash_point("before-registry")
+        Registry(root).append(entry, make_current=entry["status"] == "released")
+        crash_point("registry")
+
+        paths = ["registry/model_registry.json"] + [p.path for p in plan.parts]
+        title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
+            else f"Reject {plan.version} ({plan.strategy}): gates failed"
+        message = title + (f"\n\n{notes}" if notes else "")
+        commit = repo.commit(paths, message)
+        crash_point("committed")
+        if entry["status"] == "released":
+            repo.tag(f"v{plan.version}", _tag_message(entry), commit)
+        crash_point("tagged")
+        return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit)
+
+
+def _verify_plan_inputs(root: Path, plan: Plan) -> None:
+    for src in plan.sources:
+        path = root / src["path"]
+        now = sha256_file(path) if path.is_file() else None
+        if now != src["sha256"]:
+            raise IntegrityError(f"{src['path']} changed while {plan.version} was training",
+                                 hint="nothing was recorded; run the release again to train on the current data")
+    for part in plan.parts:
+        if sha256_file(root / part.path) != part.sha256:
+            raise IntegrityError(f"{part.path} no longer matches its hash", hint="nothing was recorded; run again")
+
+
+def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit: str | None,
+           toolchain: dict[str, Any]) -> dict[str, Any]:
+    root = project.root
+    train_base = dict(plan.train_base)
+    if train_base.get("sha256") is None and is_local_model(root, train_base["path"]):
+        train_base["sha256"] = weights_sha256(root / train_base["path"])
+    return {
+        "version": plan.version,
+        "parent": plan.parent,
+        "bump": plan.bump,
+        "strategy": plan.strategy,
+        "status": "candidate",
+        "created_at": utcnow(),
+        "base_model": plan.base_model,
+        "train_base": train_base,
+        "adapter": {"path": plan.adapter_dir, "sha256": adapter_sha256(root / plan.adapter_dir)},
+        "datasets": [
+            {"name": p.name, "role": p.role, "path": p.path, "sha256": p.sha256, "examples": len(p.records)}
+            for p in plan.parts
+        ],
+        "sources": plan.sources,
+        "config": {"path": plan.config_path, "sha256": sha256_file(root / plan.config_path)},
+        "seed": plan.seed,
+        "launch": {"num_processes": plan.launch["num_processes"], "num_machines": plan.launch["num_machines"],
+                   "deepspeed": plan.launch.get("deepspeed"), "mixed_precision": plan.hw["mixed_precision"]},
+        "training": {**training, "tokens_in_mix": plan.tokens,
+                     "knobs": {k: v for k, v in plan.knobs.items() if k != "extra"}},
+        "evaluation": {},
+        "toolchain": toolchain,
+        "source_commit": source_commit,
+        "notes": plan.notes,
+    }
+
+
+# ---------------------------------------------------------------- rollback and verify
+
+
+def rollback(project: Project, version: str) -> dict[str, Any]:
+    """Make ``version`` current (the next release builds on it) and commit the registry."""
+    from .gitops import ReleaseRepo
+
+    root = project.root
+    with release_lock(root):
+        repo = ReleaseRepo(root)
+        entry = Registry(root).rollback(version)
+        repo.commit(["registry/model_registry.json"], f"Roll back to {entry['version']}")
+        return entry
+
+
+@dataclass
+class Check:
+    version: str
+    what: str
+    path: str
+    expected: str | None
+    actual: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.actual
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "what": self.what, "path": self.path, "expected": self.expected,
+                "actual": self.actual, "ok": self.ok}
+
+
+def verify(root: Path) -> list[Check]:
+    """Re-hash every dataset, config, adapter (and merged weights) the registry names."""
+    data = Registry(root).load()
+    checks: list[Check] = []
+
+    def file_hash(rel: str) -> str | None:
+        p = root / rel
+        return sha256_file(p) if p.is_file() else None
+
+    for m in data["models"]:
+        v = m["version"]
+        for d in m["datasets"]:
+            checks.append(Check(v, f"dataset {d['name']}", d["path"], d["sha256"], file_hash(d["path"])))
+        checks.append(Check(v, "config", m["config"]["path"], m["config"]["sha256"], file_hash(m["config"]["path"])))
+        adapter = m["adapter"]["path"]
+        checks.append(Check(v, "adapter", adapter, m["adapter"]["sha256"], file_hash(f"{adapter}/{ADAPTER_FILE}")))
+        if m.get("merged"):
+            p = root / m["merged"]["path"]
+            checks.append(Check(v, "merged", m["merged"]["path"], m["merged"]["sha256"],
+                                weights_sha256(p) if p.is_dir() else None))
+    return checks

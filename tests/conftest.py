@@ -1,0 +1,51 @@
+"""Shared fixtures: offline environment for every test, one tiny model per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch, tmp_path_factory):
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("CL_RELEASE_DEBUG", raising=False)
+    # Never read or write the user's real Hugging Face login or caches.
+    hf_home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama model + tokenizer trained on the demo corpus (built once per session)."""
+    pytest.importorskip("torch")
+    from cl_release.tinymodel import build_tiny_model, corpus_from_jsonl
+
+    out = tmp_path_factory.mktemp("tiny-model") / "tiny-llama"
+    texts = corpus_from_jsonl(sorted((REPO / "datasets" / "demo").rglob("*.jsonl")))
+    build_tiny_model(out, texts, seed=0)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model inside this test's tmp_path."""
+    dst = tmp_path / "models" / "tiny-llama"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
