@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,19 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.secho("Interrupted.", fg="red", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except BrokenPipeError:  # output piped into head & co.: stop quietly
+            sys.stderr.close()
+            os._exit(0)
+        except Exception as e:  # a bug or an environment problem: one line unless --debug
+            ctx = click.get_current_context(silent=True)
+            debug = bool(ctx and ctx.find_object(Context) and ctx.find_object(Context).debug)
+            if debug or os.environ.get("CL_RELEASE_DEBUG"):
+                raise
+            click.secho(f"Error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+                        fg="red", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -85,3 +99,717 @@ def main(ctx: click.Context, directory: Path | None, debug: bool) -> None:
     Axolotl, gate, and release semantic versions with full lineage."""
     root = Path(directory) if directory is not None else Path.cwd()
     ctx.obj = Context(root=root, debug=debug)
+
+
+# ---- data commands (data build, data validate) ----
+
+
+def _in_root(ctx: Context, path: Path | None) -> Path | None:
+    """Relative paths are taken from the release repository (``-C DIR``), like git -C."""
+    return None if path is None else (path if path.is_absolute() else ctx.root / path)
+
+
+@main.group()
+def data() -> None:
+    """Build training sets from feedback; validate data files."""
+
+
+@data.command("build")
+@click.option("--since", help="Only feedback since DATE (YYYY-MM-DD, ISO time) or since release VERSION.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output JSONL (default: datasets/feedback/<sha256>.jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["messages", "chatml", "alpaca", "completion"]),
+              help="Output format (default: extraction.format, else messages).")
+@click.option("--redact/--no-redact", default=None,
+              help="Replace emails, phone numbers and extraction.redact_patterns (default: on).")
+@click.option("--from-jsonl", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read feedback rows from a JSONL file instead of the feedback store.")
+@json_option
+@pass_ctx
+@handle_errors
+def data_build(ctx: Context, since, out, fmt, redact, from_jsonl, as_json) -> None:
+    """Turn rated and corrected feedback into a deduplicated, hashed training set."""
+    from .extract import build_project
+
+    project = ctx.project()
+    result, paths = build_project(project, since=since, out=_in_root(ctx, out), fmt=fmt,
+                                  redact=redact, from_jsonl=_in_root(ctx, from_jsonl))
+    m = result.manifest
+    if as_json:
+        echo_json({**m, "files": {k: project.rel(p) for k, p in paths.items()}})
+        return
+    src = m["sources"]
+    click.echo(f"{project.rel(paths['data'])}: {m['examples']} examples ({src['kept']} kept, "
+               f"{src['corrected']} corrected), format {m['format']}, sha256 {m['sha256']}")
+    if "corrections" in paths:
+        click.echo(f"corrections: {project.rel(paths['corrections'])} ({src['corrected']} examples)")
+    skipped = m["skipped"]
+    if skipped:
+        detail = ", ".join(f"{k} {v}" for k, v in skipped.items())
+        click.echo(f"skipped {sum(skipped.values())} of {m['rows_read']} rows: {detail}")
+    click.echo(f"manifest: {project.rel(paths['manifest'])}")
+
+
+@data.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="messages", show_default=True,
+              type=click.Choice(["messages", "alpaca", "completion", "chatml", "suite"]),
+              help="Row format; 'suite' checks regression-suite rows.")
+@pass_ctx
+@handle_errors
+def data_validate(ctx: Context, files, fmt) -> None:
+    """Check every row of FILES; the first problem is reported with file, line and field."""
+    from .extract import validate_data_file
+
+    for f in files:
+        n = validate_data_file(_in_root(ctx, f), fmt, display=str(f))
+        click.echo(f"{f}: {n} records OK")
+
+
+def say(message: str) -> None:
+    """Progress messages go to stderr so stdout stays clean for --json and pipes."""
+    click.secho(message, err=True, fg="cyan")
+
+
+def release_options(fn: Callable) -> Callable:
+    fn = click.option("--base-model", default=None, metavar="ID", help="New base model (annual_reset, major only).")(fn)
+    fn = click.option("--strategy", default=None, metavar="S",
+                      help="initial, continued_lora, merge_and_retrain, annual_reset or patch "
+                           "(default: minor=continued_lora, patch=patch, major=merge_and_retrain).")(fn)
+    fn = click.option("--from", "from_version", default=None, metavar="VERSION",
+                      help="Build on this version instead of the current one.")(fn)
+    fn = click.argument("bump", type=click.Choice(["major", "minor", "patch"]))(fn)
+    return fn
+
+
+# ---- release core (init, render, plan, release, list, show, rollback, merge, push, verify) ----
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--demo", is_flag=True, help="Add the tiny local model and demo datasets (runs offline).")
+@click.option("--name", default=None, help="Project name (default: the folder name).")
+@click.option("--base-model", default="meta-llama/Llama-3.1-8B-Instruct", show_default=True, help="Base model id.")
+@handle_errors
+def init(directory: Path, demo: bool, name: str | None, base_model: str) -> None:
+    """Scaffold a release repository in DIRECTORY (git init + first commit)."""
+    from .scaffold import init_repository
+
+    path = init_repository(directory, demo=demo, name=name, base_model=base_model, progress=say)
+    click.echo(f"Created release repository {path}")
+    click.echo(f"Next: cd {path} && cl-release plan minor")
+
+
+@main.command()
+@click.argument("strategy")
+@click.option("--from", "from_version", default=None, metavar="VERSION", help="Parent version (default: current).")
+@click.option("--base-model", default=None, metavar="ID", help="New base model (annual_reset).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the config to FILE instead of printing it.")
+@pass_ctx
+@handle_errors
+def render(ctx: Context, strategy: str, from_version: str | None, base_model: str | None, output: Path | None) -> None:
+    """Render the Axolotl YAML a STRATEGY would train with."""
+    from .files import atomic_write_text
+    from .release import plan_release
+    from .render import STRATEGY_BUMP, check_strategy
+
+    check_strategy(strategy)
+    bump = STRATEGY_BUMP[strategy] or "minor"
+    plan = plan_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy, base_model=base_model)
+    if output:
+        atomic_write_text(output, plan.config_text)
+        say(f"wrote {output}")
+    else:
+        click.echo(plan.config_text, nl=False)
+
+
+@main.command()
+@release_options
+@json_option
+@pass_ctx
+@handle_errors
+def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: bool) -> None:
+    """Show what a release would do, without training or writing anything."""
+    from .release import plan_release
+
+    p = plan_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy, base_model=base_model)
+    if as_json:
+        echo_json(p.to_dict())
+        return
+    click.echo(f"version   {p.version}  ({p.bump}, strategy {p.strategy}, parent {p.parent or '-'})")
+    click.echo(f"base      {p.train_base['path']}" + (f"  (merged from {p.train_base['merged_from']})" if p.train_base.get("merged_from") else ""))
+    if p.lora_model_dir:
+        click.echo(f"adapter   continues {p.lora_model_dir}")
+    click.echo(f"tokens    {p.tokens if p.tokens is not None else 'unknown (tokenizer not available offline)'}")
+    for part in p.parts:
+        click.echo(f"data      {part.role:<11} {len(part.records):>6} examples  {part.sha256[:12]}  {part.path}")
+    click.echo("config:")
+    click.echo(p.config_text, nl=False)
+
+
+@main.command()
+@release_options
+@click.option("--notes", default="", help="What changed (goes into the registry, commit and tag).")
+@click.option("--allow-dirty", is_flag=True, help="Release even if the repository has uncommitted changes.")
+@pass_ctx
+@handle_errors
+def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, allow_dirty: bool) -> None:
+    """Build data, train, record and tag the next version (empty registry: 1.0.0)."""
+    from .release import run_release
+
+    with TrainingProgress() as bar:
+        result = run_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy,
+                             base_model=base_model, notes=notes, allow_dirty=allow_dirty, progress=bar.say,
+                             train_progress=bar.update)
+    e = result.entry
+    loss = e["training"].get("train_loss")
+    click.echo(f"{e['status'].capitalize()} {e['version']} ({e['strategy']}, parent {e['parent'] or '-'})"
+               f"  train_loss={loss}  adapter={e['adapter']['path']}")
+    if e["status"] != "released":
+        sys.exit(1)
+
+
+class TrainingProgress:
+    """A rich progress bar on stderr for training steps; plain lines when not a terminal."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True, disable=not self.console.is_terminal)
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def say(self, message: str) -> None:
+        self.console.print(f"[cyan]{message}[/cyan]")
+
+    def update(self, step: int, total: int, loss: float | None) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("training", total=total, loss="-")
+        self.progress.update(self.task, completed=step, total=total, loss=f"{loss:.4f}" if loss is not None else "-")
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+@main.command(name="list")
+@json_option
+@pass_ctx
+@handle_errors
+def list_(ctx: Context, as_json: bool) -> None:
+    """Show the lineage: every version, its parent, strategy and status."""
+    data = ctx.registry().load()
+    if as_json:
+        echo_json({"current": data["current"], "aliases": data.get("aliases", {}), "models": [
+            {k: m.get(k) for k in ("version", "parent", "bump", "strategy", "status", "created_at", "notes")}
+            for m in data["models"]]})
+        return
+    if not data["models"]:
+        click.echo("No releases yet. Run 'cl-release release minor' for 1.0.0.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    marks = {v: [] for v in (m["version"] for m in data["models"])}
+    if data["current"]:
+        marks[data["current"]].append("current")
+    for alias, v in (data.get("aliases") or {}).items():
+        marks.setdefault(v, []).append(alias)
+    table = Table("version", "parent", "bump", "strategy", "status", "created", "train loss", "", "notes",
+                  box=None, pad_edge=False)
+    for m in data["models"]:
+        depth = _depth(data, m)
+        table.add_row("  " * depth + ("└ " if depth else "") + m["version"], m["parent"] or "-", m["bump"],
+                      m["strategy"], m["status"], m["created_at"][:16].replace("T", " "),
+                      str(m["training"].get("train_loss", "")), ", ".join(marks.get(m["version"], [])),
+                      (m.get("notes") or "")[:40])
+    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+
+
+def _depth(data: dict, entry: dict) -> int:
+    by_version = {m["version"]: m for m in data["models"]}
+    depth, parent = 0, entry["parent"]
+    while parent:
+        depth += 1
+        parent = by_version[parent]["parent"]
+    return depth
+
+
+@main.command()
+@click.argument("version")
+@json_option
+@pass_ctx
+@handle_errors
+def show(ctx: Context, version: str, as_json: bool) -> None:
+    """Show one version's registry entry."""
+    entry = ctx.registry().get(version)
+    if as_json:
+        echo_json(entry)
+        return
+    for key in ("version", "parent", "bump", "strategy", "status", "created_at", "notes", "source_commit", "seed"):
+        click.echo(f"{key:<14}{entry.get(key)}")
+    click.echo(f"{'base_model':<14}{entry['base_model']['name']} (revision {entry['base_model'].get('revision')})")
+    click.echo(f"{'train_base':<14}{entry.get('train_base', {}).get('path')}")
+    click.echo(f"{'adapter':<14}{entry['adapter']['path']}  sha256 {entry['adapter']['sha256'][:16]}")
+    click.echo(f"{'config':<14}{entry['config']['path']}  sha256 {entry['config']['sha256'][:16]}")
+    for d in entry["datasets"]:
+        click.echo(f"{'dataset':<14}{d['role']:<12}{d['examples']:>6}  {d['sha256'][:16]}  {d['path']}")
+    click.echo(f"{'training':<14}{json.dumps(entry['training'], sort_keys=True)}")
+    if entry.get("evaluation"):
+        click.echo(f"{'evaluation':<14}{json.dumps(entry['evaluation'], sort_keys=True)}")
+
+
+@main.command()
+@click.argument("version")
+@pass_ctx
+@handle_errors
+def rollback(ctx: Context, version: str) -> None:
+    """Make an earlier VERSION current; the next release builds on it. Nothing is deleted."""
+    from .release import rollback as do_rollback
+
+    entry = do_rollback(ctx.project(), version)
+    click.echo(f"Current version is now {entry['version']}; the next release builds on it.")
+
+
+@main.command()
+@click.argument("version")
+@pass_ctx
+@handle_errors
+def merge(ctx: Context, version: str) -> None:
+    """Merge VERSION's adapter into its base (outputs/vX.Y.Z/merged)."""
+    from .gitops import ReleaseRepo
+    from .merge import merge_version
+
+    entry = merge_version(ctx.project(), version, progress=say)
+    ReleaseRepo(ctx.root).commit(["registry/model_registry.json"], f"Record merged weights of {entry['version']}")
+    click.echo(f"Merged {entry['version']}: {entry['merged']['path']} (sha256 {entry['merged']['sha256'][:16]})")
+
+
+@main.command()
+@json_option
+@pass_ctx
+@handle_errors
+def verify(ctx: Context, as_json: bool) -> None:
+    """Re-hash every dataset, config, adapter and merged model the registry names."""
+    from .release import verify as do_verify
+
+    checks = do_verify(ctx.root)
+    bad = [c for c in checks if not c.ok]
+    if as_json:
+        echo_json({"ok": not bad, "checked": len(checks), "mismatches": [c.to_dict() for c in bad]})
+    else:
+        for c in bad:
+            state = "missing" if c.actual is None else f"sha256 {c.actual[:16]} != recorded {c.expected[:16]}"
+            click.echo(f"MISMATCH {c.version} {c.what}: {c.path}: {state}")
+        click.echo(f"{len(checks) - len(bad)}/{len(checks)} files match the registry.")
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("version")
+@click.option("--merged", is_flag=True, help="Push the merged weights (run 'cl-release merge' first).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; send nothing.")
+@json_option
+@pass_ctx
+@handle_errors
+def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool) -> None:
+    """Upload VERSION to the Hub repo named in cl-release.yaml, with a model card and a tag.
+
+    The token comes from HF_TOKEN or 'hf auth login', never from the command line."""
+    from . import hub
+    from .gitops import ReleaseRepo
+
+    project, registry = ctx.project(), ctx.registry()
+    data = registry.load()
+    entry = registry.find(data, version)
+    plan = hub.plan_push(ctx.root, entry, registry.lineage(data, entry["version"]), project.hub,
+                         merged=merged, project_name=project.name)
+    if dry_run:
+        echo_json(plan.to_dict()) if as_json else click.echo(plan.summary())
+        return
+    result = hub.push(plan, progress=say)
+    hub.record_push(registry, entry["version"], result)
+    ReleaseRepo(ctx.root).commit(["registry/model_registry.json"], f"Record push of {plan.tag} to {plan.repo_id}")
+    echo_json(result.to_registry()) if as_json else click.echo(f"Pushed {plan.tag} to {result.url}")
+
+
+# ---- feedback commands (feedback store, annotate, review) ----
+
+
+def _store(ctx: Context):
+    from .feedback import FeedbackStore
+
+    return FeedbackStore(ctx.project().feedback_path)
+
+
+def _at_root(ctx: Context, path: Path | None) -> Path | None:
+    """Relative paths are taken from the release repository (``-C DIR``), like git -C."""
+    return path if path is None or path.is_absolute() else ctx.root / path
+
+
+@main.group()
+def feedback() -> None:
+    """Log answers and feedback in the project's feedback store; import, export, prune."""
+
+
+@feedback.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+@handle_errors
+def feedback_import(ctx: Context, file: Path) -> None:
+    """Import logged answers (and user feedback) from a JSONL file; all or nothing."""
+    store, path = _store(ctx), _at_root(ctx, file)
+    size = path.stat().st_size if path.is_file() else 0
+    with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+        result = store.import_jsonl(path, progress=bar.update)
+    click.echo(f"{file}: {result.lines} lines, {result.records} new records, "
+               f"{result.duplicates} already stored, {result.feedback} feedback rows "
+               f"({result.per_second:,.0f} lines/s)")
+
+
+@feedback.command("add")
+@click.argument("request_id")
+@click.option("--rating", type=click.IntRange(1, 5), help="Rating from 1 (bad) to 5 (good).")
+@click.option("--thumbs", type=click.Choice(["up", "down"]), help="Thumbs up or down.")
+@click.option("--correction", help="The answer the model should have given.")
+@click.option("--notes", help="Free-text notes.")
+@click.option("--hallucinated/--not-hallucinated", default=None, help="Whether the answer invented facts.")
+@click.option("--error-tag", help="A short label for the kind of error.")
+@click.option("--severity", type=click.Choice(["low", "high", "critical", "safety"]),
+              help="critical/safety corrections trigger an immediate PATCH release.")
+@click.option("--annotator", help="Who gave this feedback.")
+@pass_ctx
+@handle_errors
+def feedback_add(ctx: Context, request_id: str, thumbs: str | None, **fields) -> None:
+    """Record feedback on the logged answer REQUEST_ID (the latest feedback wins)."""
+    thumb = {"up": 1, "down": -1}.get(thumbs) if thumbs else None
+    row_id = _store(ctx).feedback(request_id, thumbs=thumb, **fields)
+    click.echo(f"feedback {row_id} recorded for {request_id}")
+
+
+@feedback.command("log")
+@click.option("--input", "input_", required=True, help="The prompt the model answered.")
+@click.option("--output", required=True, help="The model's answer.")
+@click.option("--model-version", help="The model version that answered.")
+@click.option("--request-id", help="The request id (default: a new one).")
+@pass_ctx
+@handle_errors
+def feedback_log(ctx: Context, input_: str, output: str, model_version: str | None, request_id: str | None) -> None:
+    """Log one answer and print its request id."""
+    click.echo(_store(ctx).log(input_, output, model_version=model_version, request_id=request_id))
+
+
+@feedback.command("stats")
+@click.option("--since", help="Only answers created, or given feedback, since DATE (ISO-8601).")
+@json_option
+@pass_ctx
+@handle_errors
+def feedback_stats(ctx: Context, since: str | None, as_json: bool) -> None:
+    """Totals and rates: feedback, average rating, negative, hallucinated, corrections."""
+    stats = _store(ctx).stats(since=since)
+    if as_json:
+        echo_json(stats)
+        return
+    click.echo(_format_stats("all", stats))
+    for version, block in stats["by_model_version"].items():
+        click.echo(_format_stats(version, block))
+
+
+def _format_stats(label: str, s: dict) -> str:
+    avg = "-" if s["average_rating"] is None else f"{s['average_rating']:.2f}"
+    return (f"{label}: {s['records']} answers, feedback {s['feedback']} ({s['feedback_rate']:.1%}), "
+            f"avg rating {avg}, negative {s['negative_rate']:.1%}, hallucinated "
+            f"{s['hallucination_rate']:.1%}, corrections {s['corrections']}, critical {s['critical']}")
+
+
+@feedback.command("export")
+@click.option("--since", help="Only answers created, or given feedback, since DATE (ISO-8601).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Output JSONL (default: stdout).")
+@pass_ctx
+@handle_errors
+def feedback_export(ctx: Context, since: str | None, out: Path | None) -> None:
+    """Write each answer with its latest feedback as JSON lines."""
+    store = _store(ctx)
+    if out is None:
+        store.export(sys.stdout, since=since)
+        return
+    n = store.export(_at_root(ctx, out), since=since)
+    click.echo(f"{out}: {n} rows", err=True)
+
+
+@feedback.command("prune")
+@click.option("--before", required=True, help="Delete answers created before DATE (ISO-8601).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+@handle_errors
+def feedback_prune(ctx: Context, before: str, yes: bool) -> None:
+    """Delete old answers and their feedback; answers a release trained on are kept."""
+    store = _store(ctx)
+    n = store.prune(before, dry_run=True)
+    if n and not yes:
+        click.confirm(f"Delete {n} answers created before {before} and their feedback?", abort=True)
+    click.echo(f"deleted {store.prune(before) if n else 0} answers")
+
+
+@main.group()
+def annotate() -> None:
+    """Expert review sessions: export a stratified CSV sample, import the experts' ratings."""
+
+
+@annotate.command("export")
+@click.option("--n", "n", default=50, show_default=True, type=click.IntRange(min=1), help="Sample size.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output CSV (default: stdout).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same sample).")
+@pass_ctx
+@handle_errors
+def annotate_export(ctx: Context, n: int, out: Path | None, seed: int) -> None:
+    """Sample ~30% errors, ~30% low-confidence and random answers into a CSV for experts."""
+    from .annotate import export_sample
+
+    counts = export_sample(_store(ctx), _at_root(ctx, out) or sys.stdout, n=n, seed=seed)
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items())
+    click.echo(f"{out or 'stdout'}: {sum(counts.values())} answers ({detail})", err=True)
+
+
+@annotate.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+@handle_errors
+def annotate_import(ctx: Context, file: Path) -> None:
+    """Store the experts' ratings and corrections from FILE; all rows or none."""
+    from .annotate import import_csv
+
+    click.echo(f"{file}: {import_csv(_store(ctx), _at_root(ctx, file))} feedback rows stored")
+
+
+@main.command()
+@click.option("--since", help="Only answers created since DATE (ISO-8601).")
+@click.option("--model", help="Only answers from this model version.")
+@pass_ctx
+@handle_errors
+def review(ctx: Context, since: str | None, model: str | None) -> None:
+    """Rate answers without feedback one by one (1-5, s=skip, q=quit); resumes where you stopped."""
+    from .annotate import review as run_review
+
+    def ask(text: str) -> str:
+        try:
+            return click.prompt(text, default="", show_default=False)
+        except click.Abort:
+            raise EOFError from None
+
+    s = run_review(_store(ctx), since=since, model=model, prompt=ask, echo=click.echo)
+    click.echo(f"\nreviewed {s.reviewed}, skipped {s.skipped}" + (" (stopped)" if s.quit else ""))
+
+
+# ---- evaluation commands (eval, diff, report) ----
+
+
+class _EvalGroup(click.Group):
+    """``cl-release eval VERSION`` runs the suite; ``eval add`` / ``eval import`` manage it."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _suite_option(fn: Callable) -> Callable:
+    return click.option("--suite", "suites", multiple=True,
+                        help="Suite file (repeatable; default: evaluation.suites, else registry/regression_tests.jsonl).")(fn)
+
+
+def _project_or_none(ctx: Context):
+    from .project import PROJECT_FILE
+
+    return ctx.project() if (ctx.root / PROJECT_FILE).is_file() else None
+
+
+def _eval_entry(ctx: Context, version: str, suites, cache: bool = True, **overrides):
+    from . import evaluate
+
+    project = _project_or_none(ctx)
+    suite = evaluate.load_project_suite(ctx.root, project, suites)
+    settings = evaluate.EvalSettings.from_project(project, **overrides)
+    entry = ctx.registry().get(version)
+    return evaluate.evaluate_entry(ctx.root, entry, suite, settings, cache=cache), suite, settings
+
+
+def _print_summary(s: dict) -> None:
+    click.echo(f"pass rate {s['pass_rate']:.1%} ({s['passed']}/{s['n_tests']})  hallucination rate "
+               + (f"{s['hallucination_rate']:.1%}" if s["hallucination_rate"] is not None else "-")
+               + (f"  pass@{s['pass_at_k']['k']} {s['pass_at_k']['rate']:.1%}" if s.get("pass_at_k") else ""))
+    click.echo("per criticality: " + ", ".join(f"{k} {v:.0%}" for k, v in s["per_criticality"].items()))
+    click.echo("per domain: " + ", ".join(f"{k} {v:.0%}" for k, v in s["per_domain"].items()))
+    click.echo(f"{s['tokens_per_second']} tokens/s, peak memory {s['peak_memory_mb']} MB ({s['peak_memory_kind']})")
+
+
+@main.group(name="eval", cls=_EvalGroup)
+def eval_() -> None:
+    """Run the regression suite on a version (eval VERSION), or add tests to it."""
+
+
+@eval_.command("run")
+@click.argument("version")
+@_suite_option
+@click.option("--against", help="Also evaluate this version and list regressions and improvements.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Prompts per generate call.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens generated per answer.")
+@click.option("--pass-k", type=click.IntRange(min=1), help="Also sample K answers per test for pass@K.")
+@click.option("--no-cache", is_flag=True, help="Recompute even if results for this suite are saved.")
+@json_option
+@pass_ctx
+@handle_errors
+def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens, pass_k, no_cache, as_json) -> None:
+    """Evaluate VERSION on the suite; save results and summarize them into the registry."""
+    from . import evaluate, gates
+
+    knobs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "pass_k": pass_k}
+    result, suite, settings = _eval_entry(ctx, version, suites, cache=not no_cache, **knobs)
+    evaluate.record_in_registry(ctx.root, result.version, result)
+    out = {"summary": result.summary()}
+    if against:
+        other, _, _ = _eval_entry(ctx, against, suites, cache=not no_cache, **knobs)
+        evaluate.record_in_registry(ctx.root, other.version, other)
+        out["comparison"] = gates.compare(other, result).to_dict()
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(f"{result.version} on {len(suite)} tests (suite {suite.sha256[:16]}), results {result.summary()['results']}")
+    _print_summary(out["summary"])
+    if against:
+        cmp = out["comparison"]
+        click.echo(f"vs {against}: {len(cmp['regressions'])} regressions, {len(cmp['improvements'])} improvements, "
+                   f"{cmp['unchanged']['passed'] + cmp['unchanged']['failed']} unchanged")
+        for r in cmp["regressions"]:
+            click.echo(f"  REGRESSION [{r['criticality']}] {r['id']}: {r['candidate_output'][:80]!r}")
+        for r in cmp["improvements"]:
+            click.echo(f"  improved   [{r['criticality']}] {r['id']}")
+
+
+def _case_defaults(match, criticality, domain, tags) -> dict:
+    d = {"tags": list(tags)}
+    for key, value in (("match", match), ("criticality", criticality), ("domain", domain)):
+        if value is not None:
+            d[key] = value
+    return d
+
+
+def _case_options(fn: Callable) -> Callable:
+    for opt in reversed([
+        click.option("--match", type=click.Choice(["contains", "exact", "regex", "not_contains", "json_equal"]),
+                     help="How the answer is checked (default: contains)."),
+        click.option("--criticality", type=click.Choice(["critical", "high", "medium", "low"]),
+                     help="How bad a regression is (default: medium; from feedback: its severity)."),
+        click.option("--domain", help="Domain for per-domain scores (default: general)."),
+        click.option("--tag", "tags", multiple=True, help="Tag (repeatable), e.g. hallucination."),
+        click.option("--suite", "suite", default="registry/regression_tests.jsonl", show_default=True,
+                     help="Suite file to add to."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@eval_.command("add")
+@click.option("--from-feedback", "feedback_id", help="Promote this logged answer (its correction, if any).")
+@click.option("--input", "prompt", help="The prompt.")
+@click.option("--expected", help="Expected answer or key fact (default with --from-feedback: the answer).")
+@click.option("--id", "test_id", help="Test id (default: derived from the content).")
+@_case_options
+@pass_ctx
+@handle_errors
+def eval_add(ctx: Context, feedback_id, prompt, expected, test_id, match, criticality, domain, tags, suite) -> None:
+    """Add one test to a suite, typed in or promoted from production feedback."""
+    from . import evaluate
+    from .errors import UserError
+
+    row = _case_defaults(match, criticality, domain, tags)
+    if test_id:
+        row["id"] = test_id
+    if feedback_id:
+        record = _store(ctx).get(feedback_id)
+        if record is None:
+            raise UserError(f"no logged answer with id {feedback_id}", hint="see 'cl-release feedback' for ids")
+        if criticality is None and record.get("severity") in ("critical", "safety", "high", "low"):
+            row["criticality"] = {"safety": "critical"}.get(record["severity"], record["severity"])
+        if record.get("hallucinated") and "hallucination" not in row["tags"]:
+            row["tags"].append("hallucination")
+        if expected:
+            row["expected"] = expected
+        row = evaluate.row_from_feedback(record, defaults=row)
+    else:
+        if not prompt or not expected:
+            raise UserError("give --input and --expected, or --from-feedback ID")
+        row.update({"input": prompt, "expected": expected})
+        row.setdefault("id", evaluate.case_id_for(prompt, expected))
+    added, skipped = evaluate.append_cases(ctx.root, suite, [row])
+    click.echo(f"{suite}: added {row['id']}" if added else f"{suite}: {row['id']} is already there")
+
+
+@eval_.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_case_options
+@pass_ctx
+@handle_errors
+def eval_import(ctx: Context, file, match, criticality, domain, tags, suite) -> None:
+    """Import tests from FILE: suite rows, or chat/alpaca rows (last answer = expected)."""
+    from . import evaluate
+
+    rows = evaluate.rows_from_file(_in_root(ctx, file), defaults=_case_defaults(match, criticality, domain, tags))
+    added, skipped = evaluate.append_cases(ctx.root, suite, rows)
+    click.echo(f"{suite}: added {len(added)} tests, {len(skipped)} already there")
+
+
+@main.command()
+@click.argument("version_a")
+@click.argument("version_b")
+@_suite_option
+@click.option("--no-eval", is_flag=True, help="Do not run the models; metrics from the registry only.")
+@click.option("--out", help="Where to save the JSON (default: outputs/vB/diff-A-B.json).")
+@json_option
+@pass_ctx
+@handle_errors
+def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> None:
+    """What changed from A to B: config, data, metrics, and every test whose result flipped."""
+    from . import evaluate
+    from .report import diff_versions, save_diff
+
+    project = _project_or_none(ctx)
+    suite = None if no_eval else evaluate.load_project_suite(ctx.root, project, suites)
+    d = diff_versions(ctx.root, version_a, version_b, suite=suite,
+                      settings=evaluate.EvalSettings.from_project(project), run_eval=not no_eval)
+    saved = save_diff(ctx.root, d, out)
+    if as_json:
+        echo_json(d)
+        return
+    click.echo(f"{d['a']} -> {d['b']}: {d['lineage']}  (saved {saved})")
+    for k, v in d["config"]["changed"].items():
+        click.echo(f"config  {k}: {v['a']!r} -> {v['b']!r}")
+    for k, v in d["data"]["by_role"].items():
+        click.echo(f"data    {k}: {v['a']} -> {v['b']} examples")
+    m = d["metrics"]
+    if "tests" in d:
+        click.echo(f"metrics pass rate {m['pass_rate']['parent']} -> {m['pass_rate']['candidate']}, hallucination rate "
+                   f"{m['hallucination_rate']['parent']} -> {m['hallucination_rate']['candidate']}")
+        for kind in ("regressions", "improvements"):
+            for t in d["tests"][kind]:
+                click.echo(f"{kind[:-1]:<11} [{t['criticality']}] {t['id']}\n  {d['a']}: {t['parent_output']!r}\n"
+                           f"  {d['b']}: {t['candidate_output']!r}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for index.html, report.md and the plots.")
+@pass_ctx
+@handle_errors
+def report(ctx: Context, out_dir: Path) -> None:
+    """Write an HTML + Markdown report: lineage, gate decisions, metrics across versions."""
+    from .report import build_report
+
+    paths = build_report(ctx.root, _in_root(ctx, out_dir))
+    click.echo(f"wrote {paths['html']} and {paths['markdown']} ({len(paths) - 2} images)")

@@ -54,19 +54,33 @@ class ReleaseRepo:
                            hint="commit them first, or pass --allow-dirty")
         return dirty
 
+    def _run(self, *args: str) -> str:
+        git = _git()
+        try:
+            return self.repo.git.execute(["git", *args])
+        except git.GitCommandError as e:
+            detail = " ".join(str(e.stderr or e).split())[:300]
+            hint = None
+            if "user.email" in detail or "identity" in detail:
+                hint = "set it with: git config --global user.email you@example.com"
+            raise GitError(f"git {args[0]} failed in {self.root}: {detail}", hint=hint) from None
+
     def commit(self, paths: Iterable[str], message: str) -> str:
-        paths = [p for p in dict.fromkeys(paths)]
+        """Commit exactly ``paths`` (other changes stay uncommitted); a no-op if nothing changed."""
+        paths = list(dict.fromkeys(paths))
         if paths:
-            self.repo.git.add("--", *paths)
+            self._run("add", "--", *paths)
         if self.head() and not self.repo.index.diff("HEAD"):
             return self.head()  # nothing to commit
-        self.repo.git.commit("-m", message, "--no-verify", "--", *paths) if self.head() else \
-            self.repo.git.commit("-m", message, "--no-verify")
+        if self.head():
+            self._run("commit", "-q", "--no-verify", "-m", message, "--", *paths)
+        else:
+            self._run("commit", "-q", "--no-verify", "-m", message)
         return self.head()
 
     def commit_all(self, message: str) -> str:
-        self.repo.git.add("-A")
-        self.repo.git.commit("-m", message, "--no-verify")
+        self._run("add", "-A")
+        self._run("commit", "-q", "--no-verify", "-m", message)
         return self.head()
 
     def tag_commit(self, name: str) -> str | None:

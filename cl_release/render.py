@@ -158,6 +158,8 @@ def _yaml_string(s: str) -> str:
 
 def to_yaml_scalar(value: Any) -> str:
     """A YAML 1.1 flow representation that ``yaml.safe_load`` reads back as exactly ``value``."""
+    if isinstance(value, jinja2.Undefined):  # `{{ x.missing | tojson }}`: name the variable
+        value._fail_with_undefined_error()
     if value is None:
         return "null"
     if value is True:
@@ -206,6 +208,8 @@ def make_environment(root: Path | None) -> SandboxedEnvironment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     env.filters["tojson"] = to_yaml_scalar
     return env
@@ -217,7 +221,8 @@ def render_text(root: Path | None, strategy: str, context: dict[str, Any]) -> st
     name = f"{strategy}.yml.j2"
     try:
         template = env.get_template(name)
-        return template.render(**context)
+        text = template.render(**context)
+        return text if text.endswith("\n") else text + "\n"
     except jinja2.TemplateNotFound as e:
         raise RenderError(f"template {e.name} not found in {', '.join(map(str, template_dirs(root)))}") from None
     except jinja2.TemplateSyntaxError as e:
@@ -332,8 +337,9 @@ def render_config(root: Path | None, strategy: str, context: dict[str, Any], *, 
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise RenderError(f"{where}{line} (rendered): invalid YAML: {getattr(e, 'problem', e)}") from None
+        line = f" line {mark.line + 1}" if mark else ""
+        raise RenderError(f"rendered config{line} (from {where}): invalid YAML: {getattr(e, 'problem', e)}",
+                          hint="check the template's YAML structure; values must go through | tojson") from None
     check_config(config, where=where)
     expected = [d["path"] for d in context["datasets"]]
     got = [d.get("path") for d in config.get("datasets") or []]

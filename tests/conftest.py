@@ -17,6 +17,11 @@ OFFLINE_ENV = {
     "AXOLOTL_DO_NOT_TRACK": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Commits in test repositories never depend on the machine's git identity.
+    "GIT_AUTHOR_NAME": "cl-release tests",
+    "GIT_AUTHOR_EMAIL": "tests@cl-release.invalid",
+    "GIT_COMMITTER_NAME": "cl-release tests",
+    "GIT_COMMITTER_EMAIL": "tests@cl-release.invalid",
 }
 
 

@@ -1,0 +1,138 @@
+"""End to end with real Axolotl on the tiny model: 1.0.0 -> 1.1.0 (continued LoRA), merge, verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cl_release.cli import main
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def lora_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory, tiny_model_dir) -> Path:
+    """A demo release repository released to 1.0.0 then 1.1.0 with real training."""
+    import os
+
+    for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1",
+                       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
+                       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}.items():
+        os.environ.setdefault(key, value)
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    cli("init", str(root), "--demo")
+    cli("-C", str(root), "release", "minor", "--notes", "initial: IDLH")
+    shutil.copy(root / "datasets/incoming/q2-storage.jsonl", root / "datasets/domain/")
+    subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(root), "commit", "-qm", "Q2 data"], check=True)
+    cli("-C", str(root), "release", "minor", "--notes", "Q2 storage")
+    return root
+
+
+def test_lineage_and_tags(demo_repo: Path):
+    reg = json.loads((demo_repo / "registry/model_registry.json").read_text())
+    assert [m["version"] for m in reg["models"]] == ["1.0.0", "1.1.0"]
+    first, second = reg["models"]
+    assert (first["strategy"], second["strategy"]) == ("initial", "continued_lora")
+    assert second["parent"] == "1.0.0" and reg["current"] == "1.1.0"
+    assert {d["role"] for d in second["datasets"]} >= {"new", "replay"}
+    assert second["toolchain"]["axolotl"] and second["training"]["train_loss"] is not None
+    tags = subprocess.run(["git", "-C", str(demo_repo), "tag"], capture_output=True, text=True).stdout.split()
+    assert tags == ["v1.0.0", "v1.1.0"]
+    config = (demo_repo / "outputs/v1.1.0/axolotl.yml").read_text()
+    assert 'lora_model_dir: "outputs/v1.0.0/adapter"' in config
+    assert "learning_rate: 1.0e-05" in config
+
+
+def test_continued_from_parent_weights(demo_repo: Path):
+    """1.1.0 started from 1.0.0's adapter (not a fresh LoRA) and changed it."""
+    import torch
+
+    parent = lora_tensors(demo_repo / "outputs/v1.0.0/adapter")
+    child = lora_tensors(demo_repo / "outputs/v1.1.0/adapter")
+    assert parent.keys() == child.keys()
+    changed = 0
+    for name, p in parent.items():
+        c = child[name]
+        if "lora_A" in name:
+            # A fresh LoRA re-draws A at random: cosine similarity near 0. Continued: near 1.
+            cos = torch.nn.functional.cosine_similarity(p.flatten(), c.flatten(), dim=0)
+            assert cos > 0.99, (name, float(cos))
+        if "lora_B" in name:
+            # A fresh LoRA starts B at zero; 1.0.0's trained B is kept and moved slightly.
+            assert p.abs().sum() > 0
+            assert (c - p).norm() < 0.5 * p.norm(), name
+        changed += int(not torch.equal(p, c))
+    assert changed > 0, "1.1.0 produced the same weights as 1.0.0"
+    assert json.loads((demo_repo / "outputs/v1.1.0/adapter/adapter_config.json").read_text())["r"] == 8
+
+
+def test_merge_matches_adapter(demo_repo: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cli("-C", str(demo_repo), "merge", "1.1.0")
+    merged = demo_repo / "outputs/v1.1.0/merged"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors"):
+        assert (merged / name).is_file(), name
+    entry = json.loads(cli("-C", str(demo_repo), "show", "1.1.0", "--json"))
+    assert entry["merged"]["path"] == "outputs/v1.1.0/merged"
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    ids = tok("What is the IDLH of ammonia?", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(demo_repo / "models/tiny-llama")
+    with_adapter = PeftModel.from_pretrained(base, demo_repo / "outputs/v1.1.0/adapter").eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        a = with_adapter(ids).logits
+        b = merged_model(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_merge_refuses_foreign_base(demo_repo: Path, tmp_path: Path):
+    cfg_path = demo_repo / "outputs/v1.0.0/adapter/adapter_config.json"
+    original = cfg_path.read_text()
+    cfg = json.loads(original)
+    cfg["base_model_name_or_path"] = "someone/else"
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        result = CliRunner().invoke(main, ["-C", str(demo_repo), "merge", "1.0.0"])
+        assert result.exit_code != 0
+        assert "refusing to merge" in result.output
+        assert not (demo_repo / "outputs/v1.0.0/merged").exists()
+    finally:
+        cfg_path.write_text(original)
+
+
+def test_verify_then_one_byte_changed(demo_repo: Path):
+    assert "files match the registry" in cli("-C", str(demo_repo), "verify")
+    entry = json.loads(cli("-C", str(demo_repo), "show", "1.1.0", "--json"))
+    snapshot = demo_repo / entry["datasets"][0]["path"]
+    original = snapshot.read_bytes()
+    snapshot.write_bytes(original[:-2] + bytes([original[-2] ^ 1]) + original[-1:])
+    try:
+        result = CliRunner().invoke(main, ["-C", str(demo_repo), "verify"])
+        assert result.exit_code == 1
+        assert "MISMATCH 1.1.0" in result.output and snapshot.name in result.output
+    finally:
+        snapshot.write_bytes(original)
