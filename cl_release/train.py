@@ -22,7 +22,7 @@ def launch_argv(config_path: str, launch: dict[str, Any], *, mixed_precision: st
     """``accelerate launch ... -m axolotl.cli.train CONFIG`` for one or many GPUs/machines.
 
     DeepSpeed and FSDP are configured through the Axolotl config (``deepspeed:``,
-    ``fsdp_config:``), which Axolotl hands to accelerate; the argv carries the process layout.
+    ``fsdp_config:``); the argv carries the process layout (processes, machines, rank).
     """
     argv = [python or sys.executable, "-m", "accelerate.commands.launch",
             "--num_processes", str(launch.get("num_processes", 1)),
@@ -35,12 +35,11 @@ def launch_argv(config_path: str, launch: dict[str, Any], *, mixed_precision: st
             argv += ["--main_process_ip", str(launch["main_process_ip"])]
         if launch.get("main_process_port"):
             argv += ["--main_process_port", str(launch["main_process_port"])]
-    if launch.get("num_processes", 1) > 1 or launch.get("num_machines", 1) > 1:
-        argv += ["--multi_gpu"] if not (launch.get("deepspeed") or launch.get("fsdp")) else []
-    if launch.get("deepspeed"):
-        argv += ["--use_deepspeed"]
-    if launch.get("fsdp"):
-        argv += ["--use_fsdp"]
+    distributed = launch.get("num_processes", 1) > 1 or launch.get("num_machines", 1) > 1
+    if distributed and not (launch.get("deepspeed") or launch.get("fsdp")):
+        argv += ["--multi_gpu"]
+    # DeepSpeed/FSDP: Axolotl reads `deepspeed:` / `fsdp_config:` from its config and sets
+    # ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP itself, as its own launcher does.
     argv += ["-m", "axolotl.cli.train", config_path]
     return argv
 
