@@ -1,0 +1,232 @@
+"""Benchmark the feedback store against the naive "rewrite the JSONL log" approach.
+
+    .venv/bin/python bench/bench_feedback.py            # full: 10k, 100k, 1M records (minutes)
+    .venv/bin/python bench/bench_feedback.py --quick    # small sizes, seconds
+
+Measures, for each size: importing N logged records from JSONL into a fresh store; then
+feedback updates on that store (one transaction per update, as a service records them, and
+the batched ``feedback_many`` path); and the naive approach that loads the whole JSONL log,
+changes one record and rewrites the file for every update (timed for a handful of updates
+at the two smaller sizes, then extrapolated per update, linearly in the file size). Writes a
+Markdown report (bench/RESULTS-feedback.md for the full run). Never run by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cl_release.feedback import FeedbackStore  # noqa: E402
+from cl_release.files import atomic_write_bytes  # noqa: E402
+
+WORK = ROOT / ".bench-out" / "feedback"
+
+
+def make_log(path: Path, n: int, seed: int = 0) -> None:
+    """N request-log lines (shape a), ~10% with user feedback, about 350 bytes each."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for i in range(n):
+            row = {
+                "request_id": f"{rng.getrandbits(128):032x}",
+                "input": [{"role": "user", "content": f"What is the IDLH for ammonia at site {i % 977}?"}],
+                "output": "The IDLH for ammonia is 300 ppm; evacuate and ventilate before re-entry.",
+                "metadata": {"site": f"plant-{i % 31}", "user": i % 5000},
+                "model_version": "1.2.0",
+                "latency_ms": round(rng.uniform(80, 900), 1),
+                "timestamp": f"2026-0{1 + i % 9}-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
+            }
+            if i % 10 == 0:
+                row["user_feedback"] = {"rating": 1 + i % 5, "correction": None, "notes": None}
+            f.write(orjson.dumps(row) + b"\n")
+
+
+def ids_of(path: Path, k: int, seed: int = 1) -> list[str]:
+    ids = [orjson.loads(line)["request_id"] for line in open(path, "rb")]
+    return random.Random(seed).choices(ids, k=k)
+
+
+def fresh_store(path: Path) -> FeedbackStore:
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return FeedbackStore(path)
+
+
+def bench_import(log: Path, db: Path) -> tuple[FeedbackStore, float]:
+    store = fresh_store(db)
+    store.count()  # schema creation is not part of the import
+    result = store.import_jsonl(log)
+    assert result.records == result.lines, result
+    return store, result.per_second
+
+
+def bench_feedback(store: FeedbackStore, ids: list[str]) -> tuple[float, float]:
+    """(updates/s one transaction each, updates/s via feedback_many in batches of 10k)."""
+    t = time.perf_counter()
+    for i, rid in enumerate(ids):
+        store.feedback(rid, rating=1 + i % 5, correction="corrected answer" if i % 3 == 0 else None)
+    single = len(ids) / (time.perf_counter() - t)
+    rows = [{"request_id": rid, "rating": 1 + i % 5, "annotator": "bench"} for i, rid in enumerate(ids)]
+    t = time.perf_counter()
+    for i in range(0, len(rows), 10_000):
+        store.feedback_many(rows[i : i + 10_000])
+    batched = len(ids) / (time.perf_counter() - t)
+    return single, batched
+
+
+def naive_update(log: Path, request_id: str, rating: int) -> None:
+    """What teams do today: load the whole log, change one record, rewrite the file."""
+    lines = open(log, "rb").read().splitlines()
+    out = []
+    for line in lines:
+        row = orjson.loads(line)
+        if row["request_id"] == request_id:
+            row["user_feedback"] = {"rating": rating, "correction": None, "notes": None}
+        out.append(orjson.dumps(row))
+    atomic_write_bytes(log, b"\n".join(out) + b"\n")
+
+
+def bench_naive(log: Path, ids: list[str]) -> float:
+    """Seconds per update (mean over ``ids``) on a copy of ``log``."""
+    copy = log.with_suffix(".naive.jsonl")
+    shutil.copyfile(log, copy)
+    t = time.perf_counter()
+    for i, rid in enumerate(ids):
+        naive_update(copy, rid, 1 + i % 5)
+    per = (time.perf_counter() - t) / len(ids)
+    copy.unlink()
+    return per
+
+
+def calibrate() -> dict[str, float]:
+    """Raw speed of this machine: bare SQLite inserts (in memory) and orjson parsing, per second."""
+    rows = [(f"{i:032x}", "2026-01-01T00:00:00.000000Z", "x" * 60, "y" * 80, "1.0", 1.0, None, None, "{}")
+            for i in range(100_000)]
+    c = sqlite3.connect(":memory:")
+    c.execute("CREATE TABLE r (id TEXT PRIMARY KEY, a, b, c, d, e, f, g, h)")
+    t = time.perf_counter()
+    c.executemany("INSERT INTO r VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    c.commit()
+    sqlite_rate = len(rows) / (time.perf_counter() - t)
+    line = orjson.dumps({"request_id": "a" * 32, "input": [{"role": "user", "content": "x" * 50}],
+                         "output": "y" * 80, "metadata": {"site": "p"}, "timestamp": "2026-01-01T00:00:00Z"})
+    t = time.perf_counter()
+    for _ in range(100_000):
+        orjson.loads(line)
+    return {"sqlite_bare_inserts_per_s": sqlite_rate, "orjson_loads_per_s": 100_000 / (time.perf_counter() - t)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Small sizes: runs in seconds.")
+    parser.add_argument("--out", type=Path, help="Report path (default: bench/RESULTS-feedback.md, or under "
+                        ".bench-out/ with --quick).")
+    args = parser.parse_args()
+    sizes = [1_000, 5_000, 20_000] if args.quick else [10_000, 100_000, 1_000_000]
+    updates = 2_000 if args.quick else 100_000
+    naive_updates = 3 if args.quick else 5
+    out = args.out or (WORK / "RESULTS-feedback-quick.md" if args.quick else ROOT / "bench" / "RESULTS-feedback.md")
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    cal = calibrate()
+    print(f"calibration: {cal}", flush=True)
+    results = []
+    for n in sizes:
+        log = WORK / f"log-{n}.jsonl"
+        make_log(log, n)
+        store, import_rate = bench_import(log, WORK / f"store-{n}.db")
+        size_mb = log.stat().st_size / 1e6
+        k = min(updates, n)
+        single, batched = bench_feedback(store, ids_of(log, k))
+        naive = bench_naive(log, ids_of(log, naive_updates, seed=2)) if n != sizes[-1] else None
+        db_mb = sum(os.path.getsize(p) for p in WORK.glob(f"store-{n}.db*")) / 1e6
+        store.close()
+        row = {"n": n, "log_mb": size_mb, "db_mb": db_mb, "import_per_s": import_rate, "updates": k,
+               "feedback_per_s": single, "feedback_many_per_s": batched, "naive_s_per_update": naive}
+        results.append(row)
+        print(row, flush=True)
+    # The naive cost grows with the file: extrapolate the largest size from the one below it.
+    measured = [r for r in results if r["naive_s_per_update"] is not None]
+    per_record = measured[-1]["naive_s_per_update"] / measured[-1]["n"]
+    results[-1]["naive_s_per_update"] = per_record * results[-1]["n"]
+    results[-1]["naive_extrapolated"] = True
+    write_report(out, results, cal, naive_updates, args.quick)
+    print(f"report: {out}")
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.0f} min"
+    return f"{seconds / 3600:,.1f} h"
+
+
+def write_report(out: Path, results: list[dict], cal: dict, naive_updates: int, quick: bool) -> None:
+    cpus = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        "# Feedback store benchmark" + (" (quick)" if quick else ""),
+        "",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {cpus} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}; load average at the end {load:.1f} (other jobs shared the cores)",
+        f"- Calibration on this machine: bare SQLite executemany into an in-memory table "
+        f"{cal['sqlite_bare_inserts_per_s']:,.0f} rows/s; orjson.loads of a 250-byte line "
+        f"{cal['orjson_loads_per_s']:,.0f}/s",
+        "- Command: `.venv/bin/python bench/bench_feedback.py" + (" --quick`" if quick else "`"),
+        "",
+        "| records | JSONL MB | DB MB | import records/s | feedback updates/s (1 tx each) "
+        "| feedback_many rows/s | naive rewrite s/update | store speedup per update |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        naive = r["naive_s_per_update"]
+        mark = " (extrapolated)" if r.get("naive_extrapolated") else ""
+        speedup = naive * r["feedback_per_s"]
+        lines.append(
+            f"| {r['n']:,} | {r['log_mb']:.0f} | {r['db_mb']:.0f} | {r['import_per_s']:,.0f} "
+            f"| {r['feedback_per_s']:,.0f} ({r['updates']:,} updates) | {r['feedback_many_per_s']:,.0f} "
+            f"| {naive:.3f}{mark} | {speedup:,.0f}x |"
+        )
+    big = results[-1]
+    lines += [
+        "",
+        "Notes:",
+        f"- Import: `FeedbackStore.import_jsonl` of shape-(a) lines (10% with user feedback), one "
+        "transaction for the whole file, into a fresh WAL database.",
+        f"- Feedback updates: `FeedbackStore.feedback()` on random logged ids, one `BEGIN IMMEDIATE` "
+        "transaction each (the serving path), then the same count again through `feedback_many` in "
+        "batches of 10,000.",
+        f"- Naive: load the JSONL log, set one record's `user_feedback`, rewrite the whole file atomically; "
+        f"timed over {naive_updates} updates at the smaller sizes, mean per update. The {big['n']:,}-record "
+        "figure is extrapolated linearly from the next size down (cost is proportional to the file), "
+        "not measured.",
+        f"- At {big['n']:,} records, {big['updates']:,} feedback updates take "
+        f"{_dur(big['updates'] / big['feedback_per_s'])} in the store; the naive approach would take "
+        f"about {_dur(big['updates'] * big['naive_s_per_update'])} (extrapolated).",
+        f"- Import target (>= 100,000 records/s): {'met' if big['import_per_s'] >= 100_000 else 'NOT met'} "
+        f"at {big['n']:,} records ({big['import_per_s']:,.0f}/s). For scale, bare SQLite inserts of "
+        "ready-made tuples into an in-memory table ran at the calibration rate above on the same cores, "
+        "so the import is CPU-bound: about half parsing and checking lines in Python, half SQLite inserts "
+        "(primary key and two indexes).",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

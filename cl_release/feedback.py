@@ -1,0 +1,928 @@
+"""The feedback store: every logged answer and the feedback on it, in one SQLite file.
+
+A serving process imports :class:`FeedbackStore` and calls :meth:`FeedbackStore.log` for each
+answer and :meth:`FeedbackStore.feedback` when a user rates or corrects one. Many processes
+may write at once: the database runs in WAL mode (readers never block writers), every write
+is a ``BEGIN IMMEDIATE`` transaction (a writer waits for the lock up to ``busy_timeout``
+instead of failing half-way), and logging is idempotent on the request id, so a retried
+request is stored once.
+
+Tables (the names are a contract; other modules read them):
+
+- ``records``: one row per answer, keyed by request id.
+- ``feedback``: any number of rows per answer; the latest (by ``created_at``, then row id)
+  is the one that counts.
+- ``release_usage``: which records each release trained on, and in which role. Pruning
+  never deletes those.
+
+Timestamps are ISO-8601 UTC strings ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, so string order is time
+order. The schema evolves through named migrations (sqlite-utils ``Migrations``), each applied
+in its own transaction together with its bookkeeping row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+
+import orjson
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from .errors import ClReleaseError, DataError, UserError
+from .files import locked
+
+BUSY_TIMEOUT_S = 30.0
+BATCH = 10_000
+SEVERITIES = ("low", "high", "critical", "safety")
+MIGRATION_SET = "cl_release.feedback"
+
+_FEEDBACK_FIELDS = (
+    "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag", "severity", "annotator",
+)
+ROW_KEYS = (
+    "id", "created_at", "input", "output", "model_version", "latency_ms", "tokens",
+    "quality_score", "metadata", *_FEEDBACK_FIELDS, "feedback_at",
+)
+
+
+# ---------------------------------------------------------------- schema migrations
+
+
+def _m001_records_and_feedback(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE records (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            input TEXT NOT NULL,
+            output TEXT,
+            model_version TEXT,
+            latency_ms REAL,
+            tokens INTEGER,
+            quality_score REAL,
+            metadata TEXT NOT NULL DEFAULT '{}'
+        )"""
+    )
+    db.execute("CREATE INDEX records_created_at ON records (created_at)")
+    db.execute("CREATE INDEX records_model_version ON records (model_version, created_at)")
+    db.execute(
+        """CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL REFERENCES records(id),
+            created_at TEXT NOT NULL,
+            rating INTEGER CHECK (rating BETWEEN 1 AND 5),
+            thumbs INTEGER CHECK (thumbs IN (-1, 0, 1)),
+            correction TEXT,
+            notes TEXT,
+            hallucinated INTEGER CHECK (hallucinated IN (0, 1)),
+            error_tag TEXT,
+            severity TEXT CHECK (severity IN ('low', 'high', 'critical', 'safety')),
+            annotator TEXT
+        )"""
+    )
+    db.execute("CREATE INDEX feedback_request_id ON feedback (request_id, created_at)")
+    db.execute("CREATE INDEX feedback_created_at ON feedback (created_at)")
+
+
+def _m002_release_usage(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE release_usage (
+            request_id TEXT NOT NULL,
+            version TEXT NOT NULL,
+            role TEXT NOT NULL,
+            PRIMARY KEY (request_id, version)
+        )"""
+    )
+    db.execute("CREATE INDEX release_usage_version ON release_usage (version)")
+
+
+# Ordered; append new steps, never rename or reorder applied ones.
+MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("m001_records_and_feedback", _m001_records_and_feedback),
+    ("m002_release_usage", _m002_release_usage),
+]
+
+
+def build_migrations(steps: Sequence[tuple[str, Callable]] | None = None) -> Migrations:
+    """The migration set for ``steps`` (default: :data:`MIGRATION_STEPS`)."""
+    migrations = Migrations(MIGRATION_SET)
+    for name, fn in MIGRATION_STEPS if steps is None else steps:
+        migrations(name=name)(fn)
+    return migrations
+
+
+# ---------------------------------------------------------------- value checks
+
+
+class Invalid(ValueError):
+    """One field of a record or feedback row is wrong (the caller adds file/line context)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def timestamp(value: Any, *, field: str = "created_at") -> str:
+    """Normalize a datetime, date, ISO-8601 string or epoch seconds to ``...ffffffZ`` UTC.
+
+    Naive datetimes and strings without an offset are taken as UTC. ``None`` means now.
+    """
+    if value is None:
+        return utc_now()
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise Invalid(f"epoch timestamp out of range: {value!r}", field) from None
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise Invalid(f"expected a timestamp, got {type(value).__name__}", field)
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
+def _check_input(value: Any) -> str:
+    """The model input as stored: JSON of a string or of a list of ``{role, content}``."""
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise Invalid(f"message {i} must be an object with string 'role' and 'content'", "input")
+        return orjson.dumps(value).decode()
+    raise Invalid("expected a string or a non-empty list of chat messages", "input")
+
+
+def _opt_num(value: Any, field: str, kind: type = float) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"expected a number, got {value!r}", field)
+    if kind is int:
+        if value != int(value):
+            raise Invalid(f"expected a whole number, got {value!r}", field)
+        return int(value)
+    return float(value)
+
+
+def _opt_str(value: Any, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise Invalid(f"expected a string, got {type(value).__name__}", field)
+
+
+def record_row(
+    input: Any,
+    output: Any,
+    *,
+    request_id: Any = None,
+    model_version: Any = None,
+    latency_ms: Any = None,
+    tokens: Any = None,
+    quality_score: Any = None,
+    metadata: Any = None,
+    created_at: Any = None,
+) -> tuple:
+    """Check one record and return its ``records`` row tuple (column order of the table)."""
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+    elif not isinstance(request_id, str) or not request_id:
+        raise Invalid("request id must be a non-empty string", "request_id")
+    if not isinstance(output, str):
+        raise Invalid("expected the model output as a string", "output")
+    if metadata is None:
+        meta = "{}"
+    elif isinstance(metadata, dict):
+        meta = orjson.dumps(metadata).decode()
+    else:
+        raise Invalid("expected a JSON object", "metadata")
+    return (
+        request_id,
+        timestamp(created_at),
+        _check_input(input),
+        output,
+        _opt_str(model_version, "model_version"),
+        _opt_num(latency_ms, "latency_ms"),
+        _opt_num(tokens, "tokens", int),
+        _opt_num(quality_score, "quality_score"),
+        meta,
+    )
+
+
+def feedback_values(
+    *,
+    rating: Any = None,
+    thumbs: Any = None,
+    correction: Any = None,
+    notes: Any = None,
+    hallucinated: Any = None,
+    error_tag: Any = None,
+    severity: Any = None,
+    annotator: Any = None,
+) -> dict[str, Any]:
+    """Check feedback fields; returns them as stored (``thumbs`` True/False → 1/-1, bools → 0/1).
+
+    Raises :class:`Invalid` naming the field. At least one field besides ``annotator`` must
+    be given.
+    """
+    if rating is not None:
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != int(rating) or not 1 <= rating <= 5:
+            raise Invalid(f"rating must be a whole number from 1 to 5, got {rating!r}", "rating")
+        rating = int(rating)
+    if isinstance(thumbs, bool):
+        thumbs = 1 if thumbs else -1
+    if thumbs is not None and (not isinstance(thumbs, int) or thumbs not in (-1, 0, 1)):
+        raise Invalid(f"thumbs must be -1, 0 or 1, got {thumbs!r}", "thumbs")
+    if hallucinated is not None:
+        if hallucinated not in (True, False, 0, 1) or isinstance(hallucinated, float):
+            raise Invalid(f"hallucinated must be true or false, got {hallucinated!r}", "hallucinated")
+        hallucinated = int(hallucinated)
+    if severity is not None and severity not in SEVERITIES:
+        raise Invalid(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}", "severity")
+    values = {
+        "rating": rating,
+        "thumbs": thumbs,
+        "correction": _opt_str(correction, "correction"),
+        "notes": _opt_str(notes, "notes"),
+        "hallucinated": hallucinated,
+        "error_tag": _opt_str(error_tag, "error_tag"),
+        "severity": severity,
+        "annotator": _opt_str(annotator, "annotator"),
+    }
+    if all(values[k] is None for k in _FEEDBACK_FIELDS if k != "annotator"):
+        raise Invalid("feedback needs at least one of rating, thumbs, correction, notes, hallucinated, error_tag, severity")
+    return values
+
+
+# ---------------------------------------------------------------- JSONL import shapes
+
+
+def _import_row(obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
+    """One parsed JSONL line → (records row, feedback row or None). See ``import_jsonl``."""
+    if not isinstance(obj, dict):
+        raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    if "output" in obj or "input" in obj:  # shape (a): structured request log
+        request_id = obj.get("request_id", obj.get("id"))
+        if request_id is None:
+            raise Invalid("missing 'request_id'", "request_id")
+        if "input" not in obj:
+            raise Invalid("missing 'input'", "input")
+        record = record_row(
+            obj["input"],
+            obj.get("output"),
+            request_id=request_id,
+            model_version=obj.get("model_version"),
+            latency_ms=obj.get("latency_ms"),
+            tokens=obj.get("tokens"),
+            quality_score=obj.get("quality_score"),
+            metadata=obj.get("metadata"),
+            created_at=obj.get("timestamp", obj.get("created_at")),
+        )
+    elif "query" in obj:  # shape (b): flat rows; the id is a hash of the line
+        record = record_row(
+            obj["query"],
+            obj.get("response"),
+            request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
+            model_version=obj.get("model", obj.get("model_version")),
+            quality_score=obj.get("quality_score"),
+            latency_ms=obj.get("latency_ms"),
+            metadata=obj.get("metadata"),
+            created_at=obj.get("timestamp"),
+        )
+    else:
+        raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
+    uf = obj.get("user_feedback")
+    if uf is None:
+        return record, None
+    if isinstance(uf, (int, float)) and not isinstance(uf, bool):
+        uf = {"rating": uf}
+    if not isinstance(uf, dict):
+        raise Invalid("expected a rating number or an object", "user_feedback")
+    fields = {k: uf.get(k) for k in _FEEDBACK_FIELDS}
+    if all(v is None for v in fields.values()):
+        return record, None
+    try:
+        fb = feedback_values(**fields)
+        fb_at = timestamp(uf.get("timestamp", uf.get("created_at")) or record[1], field="user_feedback.timestamp")
+    except Invalid as e:
+        raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
+    return record, (record[0], fb_at, *fb.values())
+
+
+@dataclass
+class ImportResult:
+    """What ``import_jsonl`` did: lines read, new records, records already present, feedback rows."""
+
+    lines: int = 0
+    records: int = 0
+    duplicates: int = 0
+    feedback: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.lines / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------- the store
+
+_INSERT_RECORD = (
+    "INSERT INTO records (id, created_at, input, output, model_version, latency_ms, tokens,"
+    " quality_score, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+)
+_INSERT_FEEDBACK = (
+    "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
+    " error_tag, severity, annotator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Import: identical feedback on one answer is stored once, so re-importing a file adds nothing.
+_INSERT_FEEDBACK_ONCE = (
+    "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
+    " error_tag, severity, annotator) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10"
+    " WHERE NOT EXISTS (SELECT 1 FROM feedback WHERE request_id = ?1 AND rating IS ?3"
+    " AND thumbs IS ?4 AND correction IS ?5 AND notes IS ?6 AND hallucinated IS ?7"
+    " AND error_tag IS ?8 AND severity IS ?9 AND annotator IS ?10)"
+)
+_LATEST = (
+    "feedback f ON f.id = (SELECT f2.id FROM feedback f2 WHERE f2.request_id = r.id"
+    " ORDER BY f2.created_at DESC, f2.id DESC LIMIT 1)"
+)
+_SELECT_ROWS = (
+    "SELECT r.id, r.created_at, r.input, r.output, r.model_version, r.latency_ms, r.tokens,"
+    " r.quality_score, r.metadata, f.rating, f.thumbs, f.correction, f.notes, f.hallucinated,"
+    " f.error_tag, f.severity, f.annotator, f.created_at FROM records r LEFT JOIN " + _LATEST
+)
+
+
+class FeedbackStore:
+    """The SQLite feedback store at ``path`` (created with its parent folders on first use).
+
+    One connection per thread (and per process: a forked child opens its own). Close with
+    :meth:`close` or use as a context manager.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._migrated = False
+        self._migrate_lock = threading.Lock()
+
+    # -- connections
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path.exists() and self.path.is_dir():
+            raise DataError(self.path, "is a folder, not a feedback database")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise self._corrupt(e) from e
+        return conn
+
+    def _corrupt(self, e: Exception) -> DataError:
+        return DataError(
+            self.path,
+            f"cannot read the feedback database ({e})",
+            hint="restore it from a backup or move it aside; cl-release never replaces it with an empty one",
+        )
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, migrated to the current schema."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn = None
+            local.pid = os.getpid()
+        if local.conn is None:
+            conn = self._open()
+            try:
+                self._ensure_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
+            local.conn = conn
+        return local.conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        with self._migrate_lock:
+            if self._migrated:
+                return
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            migrations = build_migrations()
+            known = {name for name, _ in MIGRATION_STEPS}
+            try:
+                if migrations.pending(db):
+                    # Serialize first-time setup across processes; migrations run one by one,
+                    # each in its own transaction with its bookkeeping row.
+                    with locked(f"{self.path}.lock", timeout=self.busy_timeout, what="the feedback store"):
+                        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                            conn.execute("PRAGMA journal_mode = WAL")
+                        migrations.apply(db)
+                applied = {m.name for m in migrations.applied(db)}
+            except sqlite3.DatabaseError as e:
+                raise self._corrupt(e) from e
+            except ClReleaseError:
+                raise
+            except Exception as e:
+                raise DataError(self.path, f"upgrading the feedback database schema failed: {e}") from e
+            unknown = sorted(applied - known)
+            if unknown:
+                raise DataError(
+                    self.path,
+                    f"written by a newer cl-release (unknown migrations: {', '.join(unknown)})",
+                    hint="upgrade cl-release",
+                )
+            self._migrated = True
+
+    def reader(self) -> sqlite3.Connection:
+        """A fresh connection for one long read (the caller closes it)."""
+        self.conn  # noqa: B018  (schema first)
+        return self._open()
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    def __enter__(self) -> "FeedbackStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (rolled back on error)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    # -- writing
+
+    def log(
+        self,
+        input: str | list[dict[str, str]],
+        output: str,
+        *,
+        request_id: str | None = None,
+        model_version: str | None = None,
+        latency_ms: float | None = None,
+        tokens: int | None = None,
+        quality_score: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        created_at: str | datetime | None = None,
+    ) -> str:
+        """Store one answer; returns its request id (a new uuid4 hex when not given).
+
+        Logging the same request id again changes nothing (the first one stays).
+        """
+        try:
+            row = record_row(
+                input, output, request_id=request_id, model_version=model_version,
+                latency_ms=latency_ms, tokens=tokens, quality_score=quality_score,
+                metadata=metadata, created_at=created_at,
+            )
+        except Invalid as e:
+            raise UserError(f"cannot log this answer: {e.field}: {e}" if e.field else str(e)) from None
+        self._write(lambda c: c.execute(_INSERT_RECORD, row))
+        return row[0]
+
+    def log_many(self, rows: Iterable[dict[str, Any]], *, batch: int = BATCH) -> int:
+        """Store many answers (dicts with ``log``'s arguments as keys); returns how many were new.
+
+        Each batch of ``batch`` rows is checked, then written in one transaction; a bad row
+        raises :class:`UserError` naming its position, and earlier batches stay written.
+        """
+        inserted = 0
+        chunk: list[tuple] = []
+
+        def flush() -> None:
+            nonlocal inserted
+            inserted += self._write(lambda c: _count_changes(c, _INSERT_RECORD, chunk))
+            chunk.clear()
+
+        for i, r in enumerate(rows):
+            try:
+                if not isinstance(r, dict):
+                    raise Invalid("expected a dict")
+                r = dict(r)
+                chunk.append(record_row(r.pop("input", None), r.pop("output", None), **r))
+            except (Invalid, TypeError) as e:
+                raise UserError(f"row {i}: {getattr(e, 'field', None) or ''} {e}".strip()) from None
+            if len(chunk) >= batch:
+                flush()
+        if chunk:
+            flush()
+        return inserted
+
+    def feedback(
+        self,
+        request_id: str,
+        *,
+        rating: int | None = None,
+        thumbs: int | None = None,
+        correction: str | None = None,
+        notes: str | None = None,
+        hallucinated: bool | None = None,
+        error_tag: str | None = None,
+        severity: str | None = None,
+        annotator: str | None = None,
+        created_at: str | datetime | None = None,
+    ) -> int:
+        """Record feedback on a logged answer; returns the new feedback row id.
+
+        ``rating`` 1-5, ``thumbs`` -1/0/1, ``severity`` one of low/high/critical/safety. An
+        unknown request id is a :class:`UserError` naming it.
+        """
+        row = self._feedback_row(
+            {"request_id": request_id, "rating": rating, "thumbs": thumbs, "correction": correction,
+             "notes": notes, "hallucinated": hallucinated, "error_tag": error_tag,
+             "severity": severity, "annotator": annotator, "created_at": created_at}
+        )
+
+        def insert(c: sqlite3.Connection) -> int:
+            self._require(c, [request_id])
+            return c.execute(_INSERT_FEEDBACK, row).lastrowid
+
+        return self._write(insert)
+
+    def feedback_many(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Record many feedback rows (dicts with ``request_id`` and ``feedback``'s keywords) in
+        one transaction: all are checked first, and nothing is written if one is wrong."""
+        values = [self._feedback_row(r, index=i) for i, r in enumerate(rows)]
+
+        def insert(c: sqlite3.Connection) -> int:
+            self._require(c, [v[0] for v in values])
+            c.executemany(_INSERT_FEEDBACK, values)
+            return len(values)
+
+        return self._write(insert) if values else 0
+
+    @staticmethod
+    def _feedback_row(r: dict[str, Any], index: int | None = None) -> tuple:
+        where = f"feedback row {index}: " if index is not None else "feedback: "
+        r = dict(r)
+        request_id = r.pop("request_id", None)
+        created_at = r.pop("created_at", None)
+        unknown = set(r) - set(_FEEDBACK_FIELDS)
+        if unknown:
+            raise UserError(f"{where}unknown field {sorted(unknown)[0]!r}")
+        if not isinstance(request_id, str) or not request_id:
+            raise UserError(f"{where}missing request id")
+        try:
+            fb = feedback_values(**r)
+            ts = timestamp(created_at)
+        except Invalid as e:
+            raise UserError(f"{where}{e}") from None
+        return (request_id, ts, *fb.values())
+
+    def _require(self, c: sqlite3.Connection, ids: Sequence[str]) -> None:
+        missing = _missing(c, ids)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(
+                f"no logged answer with request id {missing[0]!r}{more}",
+                hint="log the answer first, or check the id",
+            )
+
+    def missing(self, request_ids: Iterable[str]) -> list[str]:
+        """The ids among ``request_ids`` that have no logged answer, in the given order."""
+        return _missing(self.conn, list(request_ids))
+
+    def mark_used(self, request_ids: Iterable[str], version: str, role: str) -> int:
+        """Record that release ``version`` trained on these records in ``role``; returns rows added."""
+        rows = [(rid, version, role) for rid in request_ids]
+        sql = "INSERT INTO release_usage (request_id, version, role) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+        return self._write(lambda c: _count_changes(c, sql, rows))
+
+    def used_by(self, version: str) -> dict[str, str]:
+        """The records release ``version`` trained on: request id → role."""
+        cur = self.conn.execute(
+            "SELECT request_id, role FROM release_usage WHERE version = ? ORDER BY request_id", (version,)
+        )
+        return dict(cur.fetchall())
+
+    def prune(self, before: str | datetime | date, *, dry_run: bool = False) -> int:
+        """Delete records created before ``before`` and their feedback, except those any release
+        trained on. Returns the number of records deleted (or that would be, with ``dry_run``)."""
+        cutoff = _bound(before, "before")
+        where = (
+            "created_at < ? AND NOT EXISTS (SELECT 1 FROM release_usage u WHERE u.request_id = records.id)"
+        )
+        if dry_run:
+            return self.conn.execute(f"SELECT count(*) FROM records WHERE {where}", (cutoff,)).fetchone()[0]
+
+        def delete(c: sqlite3.Connection) -> int:
+            c.execute(f"DELETE FROM feedback WHERE request_id IN (SELECT id FROM records WHERE {where})", (cutoff,))
+            return c.execute(f"DELETE FROM records WHERE {where}", (cutoff,)).rowcount
+
+        return self._write(delete)
+
+    # -- reading
+
+    def rows(
+        self,
+        *,
+        since: str | datetime | date | None = None,
+        until: str | datetime | date | None = None,
+        model_version: str | None = None,
+        has_feedback: bool | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Each record joined with its latest feedback, oldest first, streamed.
+
+        ``since``: records created at or after it, *or* whose feedback arrived at or after it
+        (so new feedback on old answers is picked up). ``until``: records created before it.
+        ``has_feedback``: only records with (True) or without (False) feedback. ``after`` and
+        ``limit`` page through results: ``after`` is the (created_at, id) of the last row seen.
+        """
+        where, params = [], []
+        if since is not None:
+            s = _bound(since, "since")
+            where.append("(r.created_at >= ? OR r.id IN (SELECT request_id FROM feedback WHERE created_at >= ?))")
+            params += [s, s]
+        if until is not None:
+            where.append("r.created_at < ?")
+            params.append(_bound(until, "until"))
+        if model_version is not None:
+            where.append("r.model_version = ?")
+            params.append(model_version)
+        if has_feedback is not None:
+            where.append(("" if has_feedback else "NOT ") + "EXISTS (SELECT 1 FROM feedback f3 WHERE f3.request_id = r.id)")
+        if after is not None:
+            where.append("(r.created_at, r.id) > (?, ?)")
+            params += list(after)
+        sql = _SELECT_ROWS + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.created_at, r.id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        conn = self.reader()
+        try:
+            cur = conn.execute(sql, params)
+            while True:
+                chunk = cur.fetchmany(1000)
+                if not chunk:
+                    break
+                for t in chunk:
+                    yield _row_dict(t)
+        finally:
+            conn.close()
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """One record joined with its latest feedback (keys as in :meth:`rows`), or None."""
+        t = self.conn.execute(_SELECT_ROWS + " WHERE r.id = ?", (request_id,)).fetchone()
+        return _row_dict(t) if t else None
+
+    def count(self) -> int:
+        """Number of logged answers."""
+        return self.conn.execute("SELECT count(*) FROM records").fetchone()[0]
+
+    def stats(self, *, since: str | datetime | date | None = None) -> dict[str, Any]:
+        """Totals and rates over the records ``rows(since=...)`` would return.
+
+        Rates are over records that have feedback: ``negative_rate`` counts rating ≤ 2 or
+        thumbs down; ``hallucination_rate`` counts hallucinated answers. ``critical`` counts
+        latest feedback with severity critical or safety.
+        """
+        params: list[Any] = []
+        where = ""
+        if since is not None:
+            s = _bound(since, "since")
+            where = " WHERE (r.created_at >= ? OR r.id IN (SELECT request_id FROM feedback WHERE created_at >= ?))"
+            params = [s, s]
+        sql = (
+            "SELECT r.model_version, count(*), count(f.id), avg(f.rating), count(f.rating),"
+            " sum(f.rating <= 2 OR f.thumbs = -1), sum(f.hallucinated = 1),"
+            " sum(f.correction IS NOT NULL AND f.correction != ''),"
+            " sum(f.severity IN ('critical', 'safety'))"
+            f" FROM records r LEFT JOIN {_LATEST}{where} GROUP BY r.model_version ORDER BY r.model_version"
+        )
+        per = {}
+        for mv, *vals in self.conn.execute(sql, params):
+            per[mv if mv is not None else "unknown"] = _stats_block(*vals)
+        totals = [0, 0, 0.0, 0, 0, 0, 0, 0]
+        for b in per.values():
+            totals[0] += b["records"]
+            totals[1] += b["feedback"]
+            totals[2] += (b["average_rating"] or 0.0) * b["ratings"]
+            totals[3] += b["ratings"]
+            totals[4] += b["negative"]
+            totals[5] += b["hallucinated"]
+            totals[6] += b["corrections"]
+            totals[7] += b["critical"]
+        avg = totals[2] / totals[3] if totals[3] else None
+        out = _stats_block(totals[0], totals[1], avg, *totals[3:])
+        out["since"] = _bound(since, "since") if since is not None else None
+        out["by_model_version"] = per
+        return out
+
+    # -- import and export
+
+    def import_jsonl(
+        self, path: str | Path, *, progress: Callable[[int], None] | None = None, batch: int = BATCH
+    ) -> ImportResult:
+        """Import logged answers (and their user feedback) from a JSONL file, all or nothing.
+
+        Accepted line shapes:
+
+        (a) ``{request_id, input, output, metadata?, model_version?, latency_ms?, tokens?,
+        quality_score?, timestamp?, user_feedback?: {rating?, thumbs?, correction?, notes?,
+        hallucinated?, error_tag?, severity?}}``;
+        (b) ``{query, response, model?, quality_score?, timestamp?, user_feedback?}`` where
+        ``user_feedback`` is a rating number or an object as above; the request id is a hash
+        of the line. Importing the same file twice stores each answer once, and identical
+        feedback on one answer once.
+
+        A line without ``timestamp`` is stored at the import time. User feedback is stored at
+        its own ``timestamp`` or the answer's. The whole file is one transaction: a bad line
+        raises :class:`DataError` with its line number and nothing is written. ``progress``
+        is called with the number of bytes read since its previous call.
+        """
+        path = Path(path)
+        result = ImportResult()
+        started = time.perf_counter()
+        records: list[tuple] = []
+        feedback: list[tuple] = []
+        conn = self.conn
+        in_tx = False
+        conn.execute("PRAGMA cache_size = -131072")  # 128 MiB while importing: fewer page spills
+
+        def flush() -> None:
+            nonlocal in_tx
+            if not in_tx:
+                conn.execute("BEGIN IMMEDIATE")
+                in_tx = True
+            before = conn.total_changes
+            conn.executemany(_INSERT_RECORD, records)
+            result.records += conn.total_changes - before
+            before = conn.total_changes
+            conn.executemany(_INSERT_FEEDBACK_ONCE, feedback)
+            result.feedback += conn.total_changes - before
+            records.clear()
+            feedback.clear()
+
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(path, f"cannot read: {e.strerror}") from None
+        try:
+            with f:
+                pending_bytes = 0
+                loads, append_r, append_f = orjson.loads, records.append, feedback.append
+                for n, raw in enumerate(f, 1):
+                    pending_bytes += len(raw)
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec, fb = _import_row(loads(raw), raw)
+                    except orjson.JSONDecodeError as e:
+                        raise DataError(path, f"invalid JSON: {e}", line=n) from None
+                    except Invalid as e:
+                        raise DataError(path, str(e), line=n, field=e.field) from None
+                    append_r(rec)
+                    if fb is not None:
+                        append_f(fb)
+                    result.lines += 1
+                    if len(records) >= batch:
+                        flush()
+                        if progress:
+                            progress(pending_bytes)
+                            pending_bytes = 0
+                if records or feedback:
+                    flush()
+                if progress and pending_bytes:
+                    progress(pending_bytes)
+            if in_tx:
+                conn.execute("COMMIT")
+                in_tx = False
+        except BaseException:
+            if in_tx and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.execute("PRAGMA cache_size = -2000")
+        result.duplicates = result.lines - result.records
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def export(
+        self, out: str | Path | IO[str], *, since: str | datetime | date | None = None, fmt: str = "jsonl"
+    ) -> int:
+        """Write ``rows(since=...)`` as JSON lines to a path (replaced atomically) or a text stream.
+
+        Returns the number of rows written.
+        """
+        if fmt != "jsonl":
+            raise UserError(f"unknown export format {fmt!r}", hint="use jsonl")
+        if not isinstance(out, (str, Path)):
+            return _write_jsonl(self.rows(since=since), out)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                n = _write_jsonl(self.rows(since=since), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return n
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: ``'ok'`` or the problems SQLite found."""
+        return "\n".join(r[0] for r in self.conn.execute("PRAGMA integrity_check"))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _count_changes(c: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> int:
+    before = c.total_changes
+    c.executemany(sql, rows)
+    return c.total_changes - before
+
+
+def _missing(c: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
+    found: set[str] = set()
+    unique = list(dict.fromkeys(ids))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        q = f"SELECT id FROM records WHERE id IN ({', '.join('?' * len(part))})"
+        found.update(r[0] for r in c.execute(q, part))
+    return [i for i in unique if i not in found]
+
+
+def _bound(value: Any, name: str) -> str:
+    try:
+        return timestamp(value, field=name)
+    except Invalid as e:
+        raise UserError(f"--{name}: {e}", hint="use a date like 2026-01-31 or an ISO-8601 time") from None
+
+
+def _row_dict(t: tuple) -> dict[str, Any]:
+    d = dict(zip(ROW_KEYS, t))
+    d["input"] = orjson.loads(d["input"])
+    d["metadata"] = orjson.loads(d["metadata"]) if d["metadata"] else {}
+    if d["hallucinated"] is not None:
+        d["hallucinated"] = bool(d["hallucinated"])
+    return d
+
+
+def _stats_block(records, feedback, avg_rating, ratings, negative, hallucinated, corrections, critical) -> dict:
+    negative, hallucinated, corrections, critical = (int(x or 0) for x in (negative, hallucinated, corrections, critical))
+    return {
+        "records": records,
+        "feedback": feedback,
+        "feedback_rate": feedback / records if records else 0.0,
+        "average_rating": avg_rating,
+        "ratings": ratings,
+        "negative": negative,
+        "negative_rate": negative / feedback if feedback else 0.0,
+        "hallucinated": hallucinated,
+        "hallucination_rate": hallucinated / feedback if feedback else 0.0,
+        "corrections": corrections,
+        "critical": critical,
+    }
+
+
+def _write_jsonl(rows: Iterable[dict[str, Any]], f: IO[str]) -> int:
+    n = 0
+    for row in rows:
+        f.write(orjson.dumps(row).decode())
+        f.write("\n")
+        n += 1
+    return n

@@ -1,0 +1,527 @@
+"""The SQLite feedback store: schema migrations, concurrent writers, feedback, stats, import, CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+from click.testing import CliRunner
+
+from cl_release import feedback as fbmod
+from cl_release.cli import main
+from cl_release.errors import DataError, UserError
+from cl_release.feedback import FeedbackStore, build_migrations, timestamp
+
+PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
+
+
+@pytest.fixture
+def store(tmp_path) -> FeedbackStore:
+    s = FeedbackStore(tmp_path / "deep" / "dir" / "feedback.db")
+    yield s
+    s.close()
+
+
+def tables(path: Path) -> dict[str, list[str]]:
+    db = sqlite_utils.Database(path)
+    try:
+        return {t.name: [c.name for c in t.columns] for t in db.tables}
+    finally:
+        db.close()
+
+
+def applied(path: Path) -> list[str]:
+    with sqlite3.connect(path) as c:
+        return [r[0] for r in c.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
+
+
+# ---------------------------------------------------------------- schema and migrations
+
+
+def test_fresh_database_has_the_contract_schema(store):
+    store.count()  # first use creates it, parent folders too
+    assert store.path.is_file()
+    t = tables(store.path)
+    assert t["records"] == ["id", "created_at", "input", "output", "model_version", "latency_ms",
+                            "tokens", "quality_score", "metadata"]
+    assert t["feedback"] == ["id", "request_id", "created_at", "rating", "thumbs", "correction", "notes",
+                             "hallucinated", "error_tag", "severity", "annotator"]
+    assert t["release_usage"] == ["request_id", "version", "role"]
+    assert applied(store.path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    with sqlite3.connect(store.path) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"records_created_at", "records_model_version", "feedback_request_id", "feedback_created_at"} <= indexes
+
+
+def test_reopening_applies_each_migration_once(tmp_path):
+    path = tmp_path / "f.db"
+    for _ in range(3):
+        s = FeedbackStore(path)
+        s.log("q", "a", request_id="r1")
+        s.close()
+    assert applied(path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    assert FeedbackStore(path).count() == 1
+
+
+def test_upgrading_an_old_schema_keeps_the_data(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    build_migrations().apply(db, stop_before="m002_release_usage")  # a store from before releases
+    db.execute("INSERT INTO records (id, created_at, input, output) VALUES ('old', '2025-01-01T00:00:00.000000Z', '\"q\"', 'a')")
+    db.conn.commit()
+    db.close()
+    assert "release_usage" not in tables(path)
+    s = FeedbackStore(path)
+    assert [r["id"] for r in s.rows()] == ["old"]
+    s.mark_used(["old"], "1.0.0", "new")
+    assert s.used_by("1.0.0") == {"old": "new"}
+    assert applied(path) == ["m001_records_and_feedback", "m002_release_usage"]
+
+
+def test_failing_migration_rolls_back_and_reruns_once_fixed(tmp_path, monkeypatch):
+    path = tmp_path / "f.db"
+    FeedbackStore(path).log("q", "a", request_id="r1")
+    calls = []
+
+    def broken(db):
+        db.execute("CREATE TABLE half_done (x)")
+        db.execute("ALTER TABLE records ADD COLUMN half INTEGER")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS, ("m003_next", broken)])
+    with pytest.raises(DataError, match="upgrading the feedback database schema failed: boom"):
+        FeedbackStore(path).count()
+    t = tables(path)
+    assert "half_done" not in t and "half" not in t["records"]
+    assert "m003_next" not in applied(path)
+
+    def fixed(db):
+        calls.append(1)
+        db.execute("CREATE TABLE half_done (x)")
+
+    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS[:-1], ("m003_next", fixed)])
+    FeedbackStore(path).count()
+    FeedbackStore(path).count()
+    assert calls == [1]
+    assert applied(path)[-1] == "m003_next" and "half_done" in tables(path)
+    assert FeedbackStore(path).count() == 1
+
+
+def test_corrupt_database_is_an_error_not_an_empty_store(tmp_path):
+    path = tmp_path / "f.db"
+    junk = b"this is not sqlite" * 100
+    path.write_bytes(junk)
+    with pytest.raises(DataError, match="cannot read the feedback database") as e:
+        FeedbackStore(path).count()
+    assert str(path) in str(e.value)
+    assert path.read_bytes() == junk
+
+
+def test_database_from_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "f.db"
+    FeedbackStore(path).count()
+    with sqlite3.connect(path) as c:
+        c.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, 'm999_future', 'x')",
+                  (fbmod.MIGRATION_SET,))
+    with pytest.raises(DataError, match="newer cl-release.*m999_future"):
+        FeedbackStore(path).count()
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    store = FeedbackStore(path)
+    for i in range(n):
+        rid = f"w{worker}-{i}"
+        store.log([{"role": "user", "content": f"q {i}"}], f"a {i}", request_id=rid, model_version="1.0.0")
+        if i % 10 == 0:
+            store.feedback(rid, rating=1 + i % 5)
+    store.close()
+
+
+def test_many_writer_processes_and_a_reader_lose_nothing(tmp_path):
+    path = tmp_path / "f.db"
+    FeedbackStore(path).count()  # schema first, like a deployment would
+    workers, n = 8, 5000
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(path), w, n)) for w in range(workers)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    reader = FeedbackStore(path)
+    reads = 0
+    while any(p.is_alive() for p in procs):
+        seen = sum(1 for _ in reader.rows())
+        assert seen <= workers * n
+        reads += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0, "a writer failed (database is locked?)"
+    assert reads >= 1
+    assert reader.count() == workers * n
+    ids = {r["id"] for r in reader.rows()}
+    assert ids == {f"w{w}-{i}" for w in range(workers) for i in range(n)}
+    assert reader.stats()["feedback"] == workers * (n // 10)
+    assert reader.integrity_check() == "ok"
+    assert time.monotonic() - started < 60
+
+
+def test_one_store_many_threads(store):
+    import threading
+
+    def work(t):
+        for i in range(200):
+            store.log("q", "a", request_id=f"t{t}-{i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count() == 800
+
+
+# ---------------------------------------------------------------- logging and feedback
+
+
+def test_log_is_idempotent_on_request_id(store):
+    assert store.log("q", "first", request_id="r1") == "r1"
+    assert store.log("q", "second", request_id="r1") == "r1"
+    assert [r["output"] for r in store.rows()] == ["first"]
+    generated = store.log("q", "a")
+    assert len(generated) == 32 and store.count() == 2
+
+
+def test_log_stores_and_decodes_every_field(store):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "IDLH of NH3?"}]
+    store.log(msgs, "300 ppm", request_id="r1", model_version="1.1.0", latency_ms=12.5, tokens=7,
+              quality_score=0.25, metadata={"site": "a", "n": [1]}, created_at="2026-03-01T10:00:00+02:00")
+    (row,) = store.rows()
+    assert row == {
+        "id": "r1", "created_at": "2026-03-01T08:00:00.000000Z", "input": msgs, "output": "300 ppm",
+        "model_version": "1.1.0", "latency_ms": 12.5, "tokens": 7, "quality_score": 0.25,
+        "metadata": {"site": "a", "n": [1]}, "rating": None, "thumbs": None, "correction": None,
+        "notes": None, "hallucinated": None, "error_tag": None, "severity": None, "annotator": None,
+        "feedback_at": None,
+    }
+    assert store.get("r1") == row and store.get("nope") is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input": 3}, "input"),
+        ({"input": [{"role": "user"}]}, "message 0"),
+        ({"output": None}, "output"),
+        ({"metadata": [1]}, "metadata"),
+        ({"tokens": 1.5}, "tokens"),
+        ({"created_at": "yesterday"}, "ISO-8601"),
+    ],
+)
+def test_log_rejects_bad_values(store, kwargs, message):
+    args = {"input": "q", "output": "a", **kwargs}
+    with pytest.raises(UserError, match=message):
+        store.log(args.pop("input"), args.pop("output"), **args)
+    assert store.count() == 0
+
+
+def test_timestamps_are_normalized_to_utc():
+    assert timestamp("2026-01-02") == "2026-01-02T00:00:00.000000Z"
+    assert timestamp("2026-01-02T03:04:05Z") == "2026-01-02T03:04:05.000000Z"
+    assert timestamp("2026-01-02T03:04:05.5-01:00") == "2026-01-02T04:04:05.500000Z"
+    assert timestamp(0) == "1970-01-01T00:00:00.000000Z"
+    assert len(timestamp(None)) == 27
+
+
+def test_feedback_validation(store):
+    store.log("q", "a", request_id="r1")
+    for kwargs, message in [
+        ({"rating": 0}, "rating"),
+        ({"rating": 6}, "rating"),
+        ({"rating": 4.5}, "rating"),
+        ({"rating": True}, "rating"),
+        ({"thumbs": 2}, "thumbs"),
+        ({"severity": "urgent"}, "severity"),
+        ({"hallucinated": "maybe"}, "hallucinated"),
+        ({}, "at least one"),
+        ({"annotator": "ann"}, "at least one"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            store.feedback("r1", **kwargs)
+    with pytest.raises(UserError, match="'nope'"):
+        store.feedback("nope", rating=3)
+    assert store.stats()["feedback"] == 0
+
+
+def test_latest_feedback_wins(store):
+    store.log("q", "a", request_id="r1")
+    first = store.feedback("r1", rating=1, correction="fix", created_at="2026-01-02")
+    store.feedback("r1", rating=5, annotator="expert", created_at="2026-01-03")
+    store.feedback("r1", rating=2, created_at="2026-01-01")  # late-arriving but older
+    assert isinstance(first, int)
+    (row,) = store.rows()
+    assert (row["rating"], row["annotator"], row["correction"]) == (5, "expert", None)
+    assert row["feedback_at"] == "2026-01-03T00:00:00.000000Z"
+    store.feedback("r1", thumbs=True, hallucinated=True, severity="safety")
+    (row,) = store.rows()
+    assert (row["thumbs"], row["hallucinated"], row["severity"], row["rating"]) == (1, True, "safety", None)
+
+
+def test_feedback_many_is_all_or_nothing(store):
+    store.log("q", "a", request_id="r1")
+    with pytest.raises(UserError, match="'r2'"):
+        store.feedback_many([{"request_id": "r1", "rating": 4}, {"request_id": "r2", "rating": 4}])
+    with pytest.raises(UserError, match="feedback row 1: rating"):
+        store.feedback_many([{"request_id": "r1", "rating": 4}, {"request_id": "r1", "rating": 9}])
+    assert store.stats()["feedback"] == 0
+    assert store.feedback_many([{"request_id": "r1", "rating": 4}, {"request_id": "r1", "thumbs": -1}]) == 2
+
+
+def test_log_many_counts_new_rows_and_names_bad_ones(store):
+    rows = [{"input": "q", "output": f"a{i}", "request_id": f"r{i}"} for i in range(25)]
+    assert store.log_many(rows, batch=10) == 25
+    assert store.log_many(rows[:5] + [{"input": "q", "output": "x", "request_id": "new"}]) == 1
+    with pytest.raises(UserError, match="row 1"):
+        store.log_many([{"input": "q", "output": "a"}, {"input": "q", "output": 3}])
+
+
+def test_rows_filters(store):
+    store.log("q", "old", request_id="old", created_at="2026-01-01", model_version="1.0.0")
+    store.log("q", "old-rated-late", request_id="late", created_at="2026-01-02", model_version="1.0.0")
+    store.log("q", "new", request_id="new", created_at="2026-02-01", model_version="1.1.0")
+    store.feedback("late", rating=1, created_at="2026-02-05")
+    ids = lambda **kw: [r["id"] for r in store.rows(**kw)]  # noqa: E731
+    assert ids() == ["old", "late", "new"]
+    assert ids(since="2026-01-15") == ["late", "new"]  # new feedback on an old answer counts
+    assert ids(until="2026-01-15") == ["old", "late"]
+    assert ids(model_version="1.1.0") == ["new"]
+    assert ids(has_feedback=True) == ["late"]
+    assert ids(has_feedback=False) == ["old", "new"]
+    assert ids(after=("2026-01-01T00:00:00.000000Z", "old"), limit=1) == ["late"]
+    with pytest.raises(UserError, match="--since"):
+        list(store.rows(since="last tuesday"))
+
+
+# ---------------------------------------------------------------- stats, usage, prune
+
+
+def test_stats_on_a_crafted_set(store):
+    for i in range(10):
+        store.log("q", "a", request_id=f"a{i}", model_version="1.0.0")
+    for i in range(5):
+        store.log("q", "a", request_id=f"b{i}", model_version="1.1.0")
+    store.feedback("a0", rating=5)
+    store.feedback("a1", rating=1, correction="right answer")
+    store.feedback("a2", thumbs=-1, hallucinated=True, severity="critical")
+    store.feedback("a3", rating=2, created_at="2020-01-01")
+    store.feedback("a3", rating=4)  # latest wins: not negative
+    store.feedback("b0", rating=3, correction="")
+    s = store.stats()
+    assert (s["records"], s["feedback"], s["feedback_rate"]) == (15, 5, 5 / 15)
+    assert s["average_rating"] == pytest.approx((5 + 1 + 4 + 3) / 4)
+    assert (s["negative"], s["negative_rate"]) == (2, 2 / 5)
+    assert (s["hallucinated"], s["hallucination_rate"]) == (1, 1 / 5)
+    assert (s["corrections"], s["critical"]) == (1, 1)
+    a, b = s["by_model_version"]["1.0.0"], s["by_model_version"]["1.1.0"]
+    assert (a["records"], a["feedback"], a["negative"], a["average_rating"]) == (10, 4, 2, pytest.approx(10 / 3))
+    assert (b["records"], b["feedback"], b["negative_rate"], b["average_rating"]) == (5, 1, 0.0, 3.0)
+
+
+def test_stats_of_an_empty_store(store):
+    s = store.stats(since="2026-01-01")
+    assert s["records"] == 0 and s["average_rating"] is None and s["negative_rate"] == 0.0
+    assert s["since"] == "2026-01-01T00:00:00.000000Z" and s["by_model_version"] == {}
+
+
+def test_prune_keeps_rows_a_release_trained_on(store):
+    for i in range(4):
+        store.log("q", "a", request_id=f"old{i}", created_at="2025-06-01")
+        store.feedback(f"old{i}", rating=2)
+    store.log("q", "a", request_id="new", created_at="2026-06-01")
+    assert store.mark_used(["old0", "old1"], "1.0.0", "new") == 2
+    assert store.mark_used(["old0"], "1.0.0", "new") == 0
+    store.mark_used(["old1"], "1.1.0", "replay")
+    assert store.used_by("1.0.0") == {"old0": "new", "old1": "new"}
+    assert store.prune("2026-01-01", dry_run=True) == 2
+    assert store.prune("2026-01-01") == 2
+    assert sorted(r["id"] for r in store.rows()) == ["new", "old0", "old1"]
+    assert store.stats()["feedback"] == 2
+    assert store.integrity_check() == "ok"
+
+
+# ---------------------------------------------------------------- import and export
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_import_request_log_shape(store, tmp_path):
+    f = write_jsonl(tmp_path / "log.jsonl", [
+        {"request_id": "r1", "input": [{"role": "user", "content": "q1"}], "output": "a1",
+         "metadata": {"site": "x"}, "model_version": "1.0.0", "latency_ms": 80, "timestamp": "2026-01-05T10:00:00Z",
+         "user_feedback": {"rating": 2, "correction": "better", "notes": "n", "hallucinated": True}},
+        {"request_id": "r2", "input": "q2", "output": "a2", "metadata": {}, "timestamp": 1767600000,
+         "user_feedback": {"rating": None, "correction": None, "notes": None}},
+        "",
+    ])
+    seen = []
+    result = store.import_jsonl(f, progress=seen.append)
+    assert (result.lines, result.records, result.feedback, result.duplicates) == (2, 2, 1, 0)
+    assert sum(seen) == f.stat().st_size
+    r1 = store.get("r1")
+    assert (r1["rating"], r1["correction"], r1["hallucinated"], r1["latency_ms"]) == (2, "better", True, 80.0)
+    assert r1["feedback_at"] == r1["created_at"] == "2026-01-05T10:00:00.000000Z"
+    assert store.get("r2")["created_at"] == "2026-01-05T08:00:00.000000Z" and store.get("r2")["rating"] is None
+    again = store.import_jsonl(f)
+    assert (again.records, again.duplicates, again.feedback) == (0, 2, 0)
+    assert store.stats()["feedback"] == 1
+
+
+def test_import_flat_shape(store, tmp_path):
+    f = write_jsonl(tmp_path / "flat.jsonl", [
+        {"query": "q1", "response": "a1", "model": "0.9.0", "quality_score": 0.4, "user_feedback": 5,
+         "timestamp": "2026-01-01T00:00:00"},
+        {"query": "q2", "response": "a2", "model": "0.9.0", "quality_score": 0.9,
+         "user_feedback": {"rating": 1, "correction": "c", "thumbs": False}},
+        {"query": "q3", "response": "a3", "model": "0.9.0", "quality_score": 0.1},
+    ])
+    assert store.import_jsonl(f).records == 3
+    rows = {r["input"]: r for r in store.rows()}
+    assert (rows["q1"]["rating"], rows["q1"]["model_version"], rows["q1"]["quality_score"]) == (5, "0.9.0", 0.4)
+    assert (rows["q2"]["rating"], rows["q2"]["thumbs"], rows["q2"]["correction"]) == (1, -1, "c")
+    assert rows["q3"]["rating"] is None
+    again = store.import_jsonl(f)  # ids are hashes of the lines: nothing new
+    assert (again.records, again.feedback) == (0, 0) and store.count() == 3
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"request_id": "x", "input": "q", "output": "a", "user_feedback": {"rating": 7}}', "user_feedback.rating"),
+        ('{"request_id": "x", "input": "q", "output": "a", "timestamp": "soon"}', "ISO-8601"),
+        ('{"something": "else"}', "unknown row shape"),
+        ('{"input": "q", "output": "a"}', "request_id"),
+    ],
+)
+def test_malformed_import_line_names_it_and_writes_nothing(store, tmp_path, bad, message):
+    good = [{"request_id": f"g{i}", "input": "q", "output": "a", "user_feedback": {"rating": 4}} for i in range(30)]
+    f = write_jsonl(tmp_path / "log.jsonl", [*good, bad, *good[:1]])
+    with pytest.raises(DataError, match=message) as e:
+        store.import_jsonl(f, batch=10)  # several batches flushed before the bad line
+    assert "log.jsonl:31" in str(e.value)
+    assert store.count() == 0 and store.stats()["feedback"] == 0
+
+
+def test_import_missing_file(store, tmp_path):
+    with pytest.raises(DataError, match="cannot read"):
+        store.import_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_export_round_trips_rows(store, tmp_path):
+    store.log([{"role": "user", "content": "q"}], "a,\"b\"\nc", request_id="r1", created_at="2026-01-01")
+    store.feedback("r1", rating=2, correction="x", created_at="2026-01-02")
+    store.log("q2", "a2", request_id="r2", created_at="2026-03-01")
+    out = tmp_path / "sub" / "export.jsonl"
+    assert store.export(out) == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == list(store.rows())
+    assert store.export(out, since="2026-02-01") == 1
+    with pytest.raises(UserError, match="format"):
+        store.export(out, fmt="parquet")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    (tmp_path / "cl-release.yaml").write_text(PROJECT_YAML)
+    (tmp_path / "d.jsonl").write_text("")
+    return tmp_path
+
+
+def cli(repo: Path, *args: str, input: str | None = None):
+    return CliRunner().invoke(main, ["-C", str(repo), *args], input=input)
+
+
+def test_cli_log_add_stats(repo):
+    r = cli(repo, "feedback", "log", "--input", "what, \"why\"?", "--output", "because", "--model-version", "1.0.0")
+    assert r.exit_code == 0, r.output
+    rid = r.output.strip()
+    assert (repo / ".cl-release" / "feedback.db").is_file()
+    r = cli(repo, "feedback", "add", rid, "--rating", "2", "--thumbs", "down", "--correction", "fixed",
+            "--hallucinated", "--severity", "critical", "--annotator", "ops")
+    assert r.exit_code == 0 and f"recorded for {rid}" in r.output
+    r = cli(repo, "feedback", "stats", "--json")
+    s = json.loads(r.output)
+    assert (s["records"], s["feedback"], s["negative"], s["critical"], s["hallucinated"]) == (1, 1, 1, 1, 1)
+    r = cli(repo, "feedback", "stats")
+    assert "all: 1 answers, feedback 1 (100.0%), avg rating 2.00" in r.output
+    assert "1.0.0: 1 answers" in r.output
+
+
+def test_cli_errors_are_one_line(repo):
+    r = cli(repo, "feedback", "add", "missing-id", "--rating", "3")
+    assert r.exit_code == 2 and "no logged answer with request id 'missing-id'" in r.output
+    r = cli(repo, "feedback", "add", "x", "--rating", "9")
+    assert r.exit_code == 2
+    r = cli(repo, "feedback", "stats", "--since", "whenever")
+    assert r.exit_code == 2 and "--since" in r.output
+
+
+def test_cli_import_export_prune(repo):
+    f = write_jsonl(repo / "log.jsonl", [
+        {"request_id": f"r{i}", "input": "q", "output": "a", "timestamp": f"2026-01-{i + 1:02d}",
+         "user_feedback": {"rating": 1 + i % 5}} for i in range(10)
+    ])
+    r = cli(repo, "feedback", "import", str(f))
+    assert r.exit_code == 0, r.output
+    assert "10 lines, 10 new records, 0 already stored, 10 feedback rows" in r.output
+    r = cli(repo, "feedback", "export", "--since", "2026-01-06")
+    assert r.exit_code == 0 and [json.loads(x)["id"] for x in r.output.splitlines()] == [f"r{i}" for i in range(5, 10)]
+    r = cli(repo, "feedback", "export", "-o", "out/all.jsonl")
+    assert r.exit_code == 0 and len((repo / "out" / "all.jsonl").read_text().splitlines()) == 10
+    r = cli(repo, "feedback", "prune", "--before", "2026-01-04", input="n\n")
+    assert r.exit_code == 1 and "Delete 3 answers" in r.output
+    r = cli(repo, "feedback", "prune", "--before", "2026-01-04", "--yes")
+    assert r.exit_code == 0 and "deleted 3 answers" in r.output
+    bad = write_jsonl(repo / "bad.jsonl", ['{"request_id": "z", "input": "q", "output": "a"}', "{oops"])
+    r = cli(repo, "feedback", "import", str(bad))
+    assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON" in r.output
+    assert FeedbackStore(repo / ".cl-release" / "feedback.db").count() == 7
+
+
+def test_cli_uses_the_configured_store_path(repo):
+    (repo / "cl-release.yaml").write_text(PROJECT_YAML + "feedback: {path: data/fb.db}\n")
+    r = cli(repo, "feedback", "log", "--input", "q", "--output", "a")
+    if r.exit_code != 0 and "unknown key" in r.output:
+        pytest.skip("the project schema has no 'feedback' key yet")
+    assert r.exit_code == 0, r.output
+    assert (repo / "data" / "fb.db").is_file()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [["feedback"], ["feedback", "import"], ["feedback", "add"], ["feedback", "log"], ["feedback", "stats"],
+     ["feedback", "export"], ["feedback", "prune"], ["annotate"], ["annotate", "export"], ["annotate", "import"],
+     ["review"]],
+)
+def test_every_feedback_command_has_help(path):
+    cmd = main
+    for name in path:
+        cmd = cmd.commands[name]
+    assert cmd.help and len(cmd.help.strip()) > 20
+    for p in cmd.params:
+        if not getattr(p, "hidden", False) and p.param_type_name == "option":
+            assert p.help, f"{' '.join(path)} {p.name} has no help"
