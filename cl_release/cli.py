@@ -244,6 +244,11 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
     click.echo(f"tokens    {p.tokens if p.tokens is not None else 'unknown (tokenizer not available offline)'}")
     for part in p.parts:
         click.echo(f"data      {part.role:<11} {len(part.records):>6} examples  {part.sha256[:12]}  {part.path}")
+    for src in p.sources:
+        if src["name"] == "feedback":
+            skipped = ", ".join(f"{k} {v}" for k, v in src["skipped"].items()) or "none"
+            click.echo(f"feedback  {src['records']} usable rows since {src['since'] or 'the beginning'}"
+                       f" (skipped: {skipped})")
     click.echo("config:")
     click.echo(p.config_text, nl=False)
 

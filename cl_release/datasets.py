@@ -175,7 +175,8 @@ class Part:
     name: str
     role: str  # new | replay | general | corrections | complete
     records: list[dict[str, Any]]
-    sources: list[dict[str, str]] = field(default_factory=list)  # [{path, sha256}]
+    sources: list[dict[str, Any]] = field(default_factory=list)  # [{name, path, sha256}]
+    record_ids: list[Any] = field(default_factory=list)  # feedback-store rows behind the records
     path: str | None = None
     sha256: str | None = None
 

@@ -40,11 +40,21 @@ class ReleaseRepo:
 
     def dirty_paths(self) -> list[str]:
         """Modified, staged or untracked files (git-ignored ones excluded)."""
-        out = set(self.repo.untracked_files)
+        # An untracked content-addressed snapshot (left by an interrupted release) is
+        # harmless: its name is its hash, and a re-run rewrites or reuses it. Not "dirty".
+        out = {p for p in self.repo.untracked_files if not self._is_snapshot(p)}
         if self.head():
             out |= {d.a_path for d in self.repo.index.diff(None)}
             out |= {d.a_path for d in self.repo.index.diff("HEAD")}
         return sorted(p for p in out if not p.startswith(IGNORED_PREFIXES))
+
+    def _is_snapshot(self, rel: str) -> bool:
+        from .datasets import SNAPSHOT_DIR
+        from .files import sha256_file
+
+        p = self.root / rel
+        return (rel.startswith(SNAPSHOT_DIR + "/") and p.suffix == ".jsonl" and p.is_file()
+                and sha256_file(p) == p.stem)
 
     def ensure_clean(self, allow_dirty: bool = False) -> list[str]:
         dirty = self.dirty_paths()

@@ -155,6 +155,33 @@ def _learned(root: Path, lineage: list[dict[str, Any]]) -> list[dict]:
     return ds.dedupe(records)
 
 
+def _feedback_part(project: Project, strategy: str, parent: dict[str, Any] | None,
+                   exclude: set[str]) -> ds.Part | None:
+    """Examples from the feedback store since the parent release (PATCH: corrections only)."""
+    path = project.feedback_path
+    if not path.is_file():
+        return None
+    from .extract import extract_since, normalize_time, rules_from_project
+    from .feedback import FeedbackStore
+
+    since = parent["created_at"] if parent else None
+    until = normalize_time(utcnow())
+    store = FeedbackStore(path)
+    try:
+        result = extract_since(store, since, rules_from_project(project, format="messages"),
+                               bump="patch" if strategy == "patch" else "minor", until=until)
+    finally:
+        store.close()
+    records = ds.dedupe(result.examples, exclude=exclude)
+    if not records:
+        return None
+    role = "corrections" if strategy == "patch" else "new"
+    source = {"name": "feedback", "path": project.rel(path), "since": since, "until": until,
+              "records": len(result.manifest["record_ids"]), "extracted_sha256": result.sha256,
+              "skipped": result.manifest["skipped"]}
+    return ds.Part("feedback", role, records, sources=[source], record_ids=list(result.manifest["record_ids"]))
+
+
 def _adapter_rank(root: Path, adapter_dir: str) -> tuple[int | None, float | None]:
     cfg = root / adapter_dir / "adapter_config.json"
     try:
@@ -271,6 +298,10 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         new = ds.dedupe(learned + domain + corrections)
         parts.append(ds.Part("complete", "complete", new))
         all_sources = sources + c_sources
+    feedback = _feedback_part(project, strategy, parent, exclude={ds.record_hash(r) for r in new} | learned_hashes)
+    if feedback is not None:
+        parts.append(feedback)
+        all_sources = all_sources + feedback.sources
     for extra in extra_new or []:
         parts.append(extra)
         all_sources = all_sources + extra.sources
@@ -298,7 +329,7 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         kinds = ds.split_by_kind(p.records)
         for kind, records in sorted(kinds.items()):
             name = p.name if len(kinds) == 1 else f"{p.name}-{kind}"
-            part = ds.Part(name, p.role, records, sources=p.sources)
+            part = ds.Part(name, p.role, records, sources=p.sources, record_ids=p.record_ids)
             blob = ds.dump_jsonl(records)
             part.sha256 = sha256_bytes(blob)
             part.path = f"{ds.SNAPSHOT_DIR}/{part.sha256}.jsonl"
@@ -542,6 +573,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             entry = evaluator(project, plan, entry)
         crash_point("before-registry")
         Registry(root).append(entry, make_current=entry["status"] == "released")
+        _mark_feedback_used(project, plan)
         crash_point("registry")
 
         paths = ["registry/model_registry.json"] + [p.path for p in plan.parts]
@@ -556,8 +588,24 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit)
 
 
+def _mark_feedback_used(project: Project, plan: Plan) -> None:
+    """Rows a release trained on are kept by ``feedback prune``."""
+    ids = [i for p in plan.parts for i in p.record_ids]
+    if not ids:
+        return
+    from .feedback import FeedbackStore
+
+    store = FeedbackStore(project.feedback_path)
+    try:
+        store.mark_used(ids, plan.version, "corrections" if plan.strategy == "patch" else "new")
+    finally:
+        store.close()
+
+
 def _verify_plan_inputs(root: Path, plan: Plan) -> None:
     for src in plan.sources:
+        if "sha256" not in src:  # the live feedback store: its rows were read once, at plan time
+            continue
         path = root / src["path"]
         now = sha256_file(path) if path.is_file() else None
         if now != src["sha256"]:
