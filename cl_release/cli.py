@@ -268,6 +268,10 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
                              base_model=base_model, notes=notes, allow_dirty=allow_dirty, progress=bar.say,
                              train_progress=bar.update)
     e = result.entry
+    if result.plan is None:
+        click.echo(f"Finished the interrupted release {e['version']} (recorded, committed, tagged); "
+                   "nothing new to train on.")
+        return
     loss = e["training"].get("train_loss")
     click.echo(f"{e['status'].capitalize()} {e['version']} ({e['strategy']}, parent {e['parent'] or '-'})"
                f"  train_loss={loss}  adapter={e['adapter']['path']}")
@@ -818,3 +822,169 @@ def report(ctx: Context, out_dir: Path) -> None:
 
     paths = build_report(ctx.root, _in_root(ctx, out_dir))
     click.echo(f"wrote {paths['html']} and {paths['markdown']} ({len(paths) - 2} images)")
+
+
+# ---- decision commands (status, ab, watch, serve) ----
+
+
+def _now():
+    from .triggers import utc
+
+    return utc()
+
+
+@main.command()
+@json_option
+@pass_ctx
+@handle_errors
+def status(ctx: Context, as_json: bool) -> None:
+    """Is an update due, and why? Exits 10 when one is due, 0 when not (for cron and CI)."""
+    from .triggers import evaluate, format_decision
+
+    decision = evaluate(ctx.project(), now=_now())
+    echo_json(decision.to_dict()) if as_json else click.echo(format_decision(decision))
+    sys.exit(decision.exit_code)
+
+
+@main.group()
+def ab() -> None:
+    """Champion/challenger tests: start, status, compare, promote, stop, rollback."""
+
+
+@ab.command("start")
+@click.argument("version")
+@click.option("--traffic", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Challenger share of traffic (default: abtest.traffic, else 0.1).")
+@pass_ctx
+@handle_errors
+def ab_start(ctx: Context, version: str, traffic: float | None) -> None:
+    """Start VERSION as the challenger of the current champion."""
+    from . import abtest
+
+    traffic = traffic if traffic is not None else abtest.ab_config(ctx.project())["traffic"]
+    e = abtest.start(ctx.root, version, traffic=traffic, now=_now())
+    click.echo(f"A/B test started: {e['challenger']} on {e['traffic']:.0%} of traffic, champion {e['champion']}")
+
+
+@ab.command("champion")
+@click.argument("version")
+@click.option("--reason", default="", help="Why (recorded in the registry events).")
+@pass_ctx
+@handle_errors
+def ab_champion(ctx: Context, version: str, reason: str) -> None:
+    """Make VERSION the champion directly (first deployment; no test running)."""
+    from . import abtest
+
+    e = abtest.set_champion(ctx.root, version, now=_now(), reason=reason)
+    click.echo(f"champion: {e['to']} (was {e['from'] or '-'})")
+
+
+@ab.command("status")
+@json_option
+@pass_ctx
+@handle_errors
+def ab_status(ctx: Context, as_json: bool) -> None:
+    """Show the champion, the challenger and its traffic share."""
+    from . import abtest
+
+    data = ctx.registry().load()
+    out = {"aliases": data.get("aliases", {}), "abtest": abtest.state(data), "current": data["current"]}
+    if as_json:
+        echo_json(out)
+        return
+    ab_ = out["abtest"]
+    click.echo(f"champion   {out['aliases'].get('champion') or '-'}   (current {data['current'] or '-'})")
+    click.echo(f"challenger {ab_['challenger']} on {ab_['traffic']:.0%} since {ab_['started_at']}" if ab_
+               else "challenger -   (no A/B test running)")
+
+
+@ab.command("compare")
+@json_option
+@pass_ctx
+@handle_errors
+def ab_compare(ctx: Context, as_json: bool) -> None:
+    """Per-version metrics since the test started, significance, and the verdict."""
+    from . import abtest
+
+    c = abtest.compare(ctx.project(), now=_now())
+    echo_json(c.to_dict()) if as_json else click.echo(abtest.format_comparison(c))
+
+
+@ab.command("promote")
+@click.option("--auto", is_flag=True, help="Promote only if every check holds; otherwise do nothing, exit 0.")
+@click.option("--force", is_flag=True, help="Promote even though a check fails (needs --reason).")
+@click.option("--reason", default=None, help="Why the checks are overridden (recorded).")
+@pass_ctx
+@handle_errors
+def ab_promote(ctx: Context, auto: bool, force: bool, reason: str | None) -> None:
+    """Make the challenger champion when it is better by the threshold, with enough samples and time."""
+    from . import abtest
+
+    r = abtest.promote(ctx.project(), now=_now(), auto=auto, force=force, reason=reason)
+    if r.promoted:
+        click.echo(f"promoted {r.event['to']} to champion (was {r.event['from']})")
+    else:
+        click.echo(f"not promoted: {'; '.join(r.reasons)}")
+
+
+@ab.command("stop")
+@click.option("--reason", default="", help="Why (recorded in the registry events).")
+@pass_ctx
+@handle_errors
+def ab_stop(ctx: Context, reason: str) -> None:
+    """End the A/B test; the champion keeps serving (and becomes current again)."""
+    from . import abtest
+
+    e = abtest.stop(ctx.root, reason=reason, now=_now())
+    click.echo(f"A/B test stopped: {e['challenger']} no longer serves; champion {e['champion']}")
+
+
+@ab.command("rollback")
+@pass_ctx
+@handle_errors
+def ab_rollback(ctx: Context) -> None:
+    """Make the previous champion champion (and current) again."""
+    from . import abtest
+
+    e = abtest.rollback_champion(ctx.root, now=_now())
+    click.echo(f"champion rolled back: {e['from']} -> {e['to']}")
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one iteration and exit (for cron).")
+@click.option("--interval", default="1h", show_default=True, help="Time between iterations: 30m, 1h, 1d.")
+@click.option("--status", "show_status", is_flag=True, help="Show the last iteration and exit.")
+@json_option
+@pass_ctx
+@handle_errors
+def watch(ctx: Context, once: bool, interval: str, show_status: bool, as_json: bool) -> None:
+    """Check triggers, release, start the challenger, compare, promote or stop: on a loop."""
+    from . import watch as w
+
+    if show_status:
+        last = w.last_iteration(ctx.root)
+        echo_json(last) if as_json else click.echo(w.format_iteration(last) if last else "watch has not run yet")
+        return
+    if not once:
+        w.watch_forever(ctx.root, interval_s=w.parse_interval(interval), progress=say)
+        return
+    it = w.watch_once(ctx.root, progress=say)
+    echo_json(it.to_dict()) if as_json else click.echo(w.format_iteration(it.to_dict()))
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default: serve.host, else 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default: serve.port, else 8765; 0: any).")
+@click.option("--verbose", is_flag=True, help="Log every request to stderr.")
+@pass_ctx
+@handle_errors
+def serve(ctx: Context, host: str | None, port: int | None, verbose: bool) -> None:
+    """HTTP collector: POST /log, POST /feedback, GET /route, /stats, /health (bearer token)."""
+    from .serve import make_server
+
+    server = make_server(ctx.project(), host=host, port=port, verbose=verbose)
+    click.echo(f"cl-release collector listening on {server.url} (OpenAPI: {server.url}/openapi.json)", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

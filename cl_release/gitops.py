@@ -80,8 +80,8 @@ class ReleaseRepo:
         paths = list(dict.fromkeys(paths))
         if paths:
             self._run("add", "--", *paths)
-        if self.head() and not self.repo.index.diff("HEAD"):
-            return self.head()  # nothing to commit
+        if self.head() and not self.repo.index.diff("HEAD", paths=paths or None):
+            return self.head()  # nothing to commit (in ``paths``; other staged changes stay)
         if self.head():
             self._run("commit", "-q", "--no-verify", "-m", message, "--", *paths)
         else:

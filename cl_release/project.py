@@ -22,6 +22,33 @@ _SCHEMA_PATH = Path(__file__).with_name("schemas") / "project.schema.json"
 # ---------------------------------------------------------------- YAML with line numbers
 
 
+class StrictSafeLoader(yaml.SafeLoader):
+    """The safe loader, refusing duplicate keys (plain PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_strict(text: str):
+    """``yaml.safe_load`` semantics (no Python tags), plus duplicate keys are errors."""
+    loader = StrictSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: Path, *, error: type[InputFileError] = ProjectError, text: str | None = None):
     """``yaml.safe_load`` a file, returning (data, node) so errors can name lines.
 
@@ -39,7 +66,7 @@ def load_yaml(path: Path, *, error: type[InputFileError] = ProjectError, text: s
             raise error(path, f"not UTF-8 text (byte {e.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = safe_load_strict(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -91,9 +118,19 @@ def validate_against(schema: dict, data: Any, *, path: Path, node, error=Project
         return
     parts = list(err.absolute_path)
     message = err.message
+    hint = None
     if err.validator == "additionalProperties":
         message = message.replace("Additional properties are not allowed", "unknown key")
-    raise error(path, message, line=line_of(node, parts), field=field_path(parts) or None)
+        allowed = set(err.schema.get("properties") or {})
+        unknown = [k for k in err.instance if k not in allowed] if isinstance(err.instance, dict) else []
+        if unknown:  # point at the unknown key itself (its line), and suggest the closest known one
+            import difflib
+
+            parts.append(unknown[0])
+            message = f"unknown key {unknown[0]!r}"
+            close = difflib.get_close_matches(str(unknown[0]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(allowed))}"
+    raise error(path, message, line=line_of(node, parts), field=field_path(parts) or None, hint=hint)
 
 
 # ---------------------------------------------------------------- safe paths

@@ -432,7 +432,9 @@ def _move_aside(root: Path, out: Path, why: str) -> Path:
 
 
 def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
-    """Finish releases an earlier crash left recorded but not committed or not tagged."""
+    """Finish releases an earlier crash left recorded but not committed or not tagged.
+
+    Returns the versions it finished."""
     registry = Registry(root)
     data = registry.load()
     done = []
@@ -450,7 +452,7 @@ def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
         versions = ", ".join(m["version"] for m in pending) or "registry updates"
         progress(f"finishing an interrupted operation: committing {versions}")
         repo.commit(paths, f"Record {versions} (finished after an interruption)")
-        done.append(f"committed {versions}")
+        done.extend(m["version"] for m in pending)
     tags = repo.tags()
     for m in data["models"]:
         tag = f"v{m['version']}"
@@ -459,7 +461,8 @@ def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
             if commit:
                 progress(f"finishing interrupted release {m['version']}: tag {tag}")
                 repo.tag(tag, _tag_message(m), commit)
-                done.append(f"tagged {tag}")
+                if m["version"] not in done:
+                    done.append(m["version"])
     return done
 
 
@@ -491,7 +494,7 @@ crash_point: Callable[[str], None] = lambda step: None
 @dataclass
 class ReleaseResult:
     entry: dict[str, Any]
-    plan: Plan
+    plan: Plan | None  # None when the command only finished an interrupted release
     adopted: bool = False
     recovered: list[str] = field(default_factory=list)
     commit: str | None = None
@@ -518,8 +521,15 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         repo.ensure_clean(allow_dirty)
         source_commit = repo.head()
 
-        plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
-                            base_model=base_model, notes=notes, tags=repo.tags())
+        try:
+            plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
+                                base_model=base_model, notes=notes, tags=repo.tags())
+        except UserError as e:
+            if recovered and "nothing to train on" in e.message:
+                # The command already did its job: it finished the interrupted release.
+                entry = Registry(root).get(recovered[-1])
+                return ReleaseResult(entry=entry, plan=None, recovered=recovered, commit=repo.head())
+            raise
         if plan.needs_parent_merge:
             progress(f"merging {plan.parent} into its base (merge_and_retrain starts from the merged model)")
             merge_version(project, plan.parent, progress=progress)

@@ -334,12 +334,17 @@ def render_config(root: Path | None, strategy: str, context: dict[str, Any], *, 
     where = where or f"templates/{strategy}.yml.j2"
     text = render_text(root, strategy, context)
     try:
-        config = yaml.safe_load(text)
+        from .project import safe_load_strict
+
+        config = safe_load_strict(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise RenderError(f"rendered config{line} (from {where}): invalid YAML: {getattr(e, 'problem', e)}",
-                          hint="check the template's YAML structure; values must go through | tojson") from None
+        problem = str(getattr(e, "problem", e))
+        hint = ("a key under axolotl:/extra: repeats one the template sets; use the matching knob "
+                "(training:, strategies:) instead" if "duplicate key" in problem
+                else "check the template's YAML structure; values must go through | tojson")
+        raise RenderError(f"rendered config{line} (from {where}): invalid YAML: {problem}", hint=hint) from None
     check_config(config, where=where)
     expected = [d["path"] for d in context["datasets"]]
     got = [d.get("path") for d in config.get("datasets") or []]

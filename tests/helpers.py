@@ -1,0 +1,225 @@
+"""Shared helpers for the release-core tests: a fast release repository and a fake trainer.
+
+``make_release_repo(tmp_path)`` scaffolds a real git release repository (``cl-release init``)
+with a fake local base model (config.json, a small safetensors file and a real BPE tokenizer)
+and the demo domain data, committed. ``FakeTrainer.install(monkeypatch)`` replaces Axolotl
+training and merging with functions that write adapter/merged files whose bytes depend on
+the rendered config, so no torch or Axolotl runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "datasets" / "demo"
+
+PROJECT_YAML = """\
+name: test-model
+base_model:
+  name: models/base
+chat_template: tokenizer_default
+seed: 42
+datasets:
+  - name: domain
+    path: datasets/domain/*.jsonl
+    role: domain
+  - name: general
+    path: datasets/general/*.jsonl
+    role: general
+  - name: corrections
+    path: datasets/corrections/*.jsonl
+    role: corrections
+mix:
+  general_ratio: 0.1
+launch:
+  num_processes: 1
+  num_machines: 1
+  mixed_precision: auto
+  device: cpu
+hub:
+  repo_id: test-org/test-model
+  private: true
+"""
+
+_TOKENIZER_CACHE: dict[str, str] = {}
+
+
+def tokenizer_json() -> str:
+    """A real BPE tokenizer (tokenizers only, no torch), trained once per test session."""
+    if "json" not in _TOKENIZER_CACHE:
+        from cl_release.tinymodel import corpus_from_jsonl, train_tokenizer
+
+        texts = corpus_from_jsonl(sorted(DEMO.rglob("*.jsonl")))
+        _TOKENIZER_CACHE["json"] = train_tokenizer(texts, vocab_size=400).to_str()
+    return _TOKENIZER_CACHE["json"]
+
+
+def write_fake_model(folder: Path, *, seed: int = 0) -> Path:
+    """A folder that looks like a local Hugging Face model (config, weights, tokenizer)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    rng = np.random.default_rng(seed)
+    save_file({"w": rng.standard_normal((4, 4)).astype("float32")}, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text(tokenizer_json())
+    return folder
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def commit_all(root: Path, message: str = "test data") -> None:
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "--no-verify", "-m", message)
+
+
+def make_release_repo(tmp_path: Path, *, name: str = "repo", project_yaml: str = PROJECT_YAML,
+                      general: bool = True) -> Path:
+    """A committed release repository with a fake local base model and the demo q1 data."""
+    from cl_release.scaffold import init_repository
+
+    root = init_repository(tmp_path / name, base_model="models/base")
+    write_fake_model(root / "models" / "base")  # models/ is git-ignored, like the demo model
+    shutil.copy2(DEMO / "domain" / "q1.jsonl", root / "datasets" / "domain" / "q1.jsonl")
+    if general:
+        shutil.copy2(DEMO / "general.jsonl", root / "datasets" / "general" / "general.jsonl")
+    (root / "cl-release.yaml").write_text(project_yaml)
+    commit_all(root, "test repository")
+    return root
+
+
+def add_data(root: Path, demo_name: str, dest: str, *, commit: bool = True) -> Path:
+    """Copy a demo incoming file into the repository (e.g. ``datasets/domain/q2.jsonl``)."""
+    target = root / dest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(DEMO / "incoming" / demo_name, target)
+    if commit:
+        commit_all(root, f"add {dest}")
+    return target
+
+
+def load_project(root: Path):
+    from cl_release.project import Project
+
+    return Project.load(root)
+
+
+def registry_data(root: Path) -> dict[str, Any]:
+    from cl_release.registry import Registry
+
+    return Registry(root).load()
+
+
+def tags(root: Path) -> set[str]:
+    return set(git(root, "tag", "--list").split())
+
+
+def registry_at_head(root: Path) -> dict[str, Any]:
+    return json.loads(git(root, "show", "HEAD:registry/model_registry.json"))
+
+
+def tree_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to prove a folder was not touched)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class FakeTrainer:
+    """Stands in for ``cl_release.train.run_training`` and ``run_merge``.
+
+    Writes ``<output_dir>/adapter_model.safetensors`` (bytes seeded by the config's hash) and
+    ``adapter_config.json`` (base, r, alpha from the rendered config). ``before``: a callback
+    run at the start of training (e.g. to edit a dataset or wait on an event); ``sleep``:
+    seconds to sleep while "training".
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.merges: list[dict[str, Any]] = []
+        self.before: Callable[[Path, dict[str, Any]], None] | None = None
+        self.sleep = 0.0
+        self._lock = threading.Lock()
+
+    def install(self, monkeypatch) -> "FakeTrainer":
+        import cl_release.train as train
+
+        monkeypatch.setattr(train, "run_training", self.run_training)
+        monkeypatch.setattr(train, "run_merge", self.run_merge)
+        return self
+
+    def run_training(self, root: Path, config_rel: str, launch: dict[str, Any], *, mixed_precision: str,
+                     log_path: Path, progress=None):
+        from cl_release.train import TrainResult
+
+        root = Path(root)
+        text = (root / config_rel).read_text(encoding="utf-8")
+        config = yaml.safe_load(text)
+        with self._lock:
+            self.calls.append({"config_rel": config_rel, "config": config, "launch": dict(launch),
+                               "mixed_precision": mixed_precision})
+        if self.before is not None:
+            self.before(root, config)
+        if self.sleep:
+            time.sleep(self.sleep)
+        out = root / config["output_dir"]
+        out.mkdir(parents=True, exist_ok=True)
+        write_fake_adapter(out, config, seed=hashlib.sha256(text.encode()).hexdigest())
+        log_path.write_text("{'loss': 1.5}\n{'train_loss': 1.25, 'train_runtime': 0.1}\n")
+        if progress:
+            progress(1, 1, 1.5)
+        return TrainResult(duration_seconds=0.1, train_loss=1.25, final_loss=1.5, steps=1)
+
+    def run_merge(self, root: Path, config_rel: str, lora_model_dir: str, output_dir: str, *, log_path: Path) -> None:
+        root = Path(root)
+        self.merges.append({"config_rel": config_rel, "lora_model_dir": lora_model_dir, "output_dir": output_dir})
+        merged = root / output_dir / "merged"
+        merged.mkdir(parents=True)
+        (merged / "config.json").write_text(json.dumps({"model_type": "llama", "merged_from": lora_model_dir}))
+        digest = hashlib.sha256((root / lora_model_dir / "adapter_model.safetensors").read_bytes()).digest()
+        (merged / "model.safetensors").write_bytes(b"merged:" + digest)
+        log_path.write_text("merged\n")
+
+
+def write_fake_adapter(out: Path, config: dict[str, Any], *, seed: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(int(seed[:16], 16))
+    save_file({"lora_A": rng.standard_normal((2, 4)).astype("float32")}, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": config["base_model"],
+        "r": config["lora_r"],
+        "lora_alpha": config["lora_alpha"],
+        "peft_type": "LORA",
+    }))
+    (out / "tokenizer.json").write_text(tokenizer_json())
+
+
+def release(root: Path, bump: str = "minor", **kwargs):
+    """``run_release`` on a freshly loaded project."""
+    from cl_release.release import run_release
+
+    return run_release(load_project(root), bump=bump, **kwargs)
+
+
+def assert_registry_consistent_with_git(root: Path) -> None:
+    """The registry is valid; every released entry in the committed registry is tagged."""
+    data = registry_data(root)  # validates
+    head = registry_at_head(root)
+    assert data == {**head, "aliases": head.get("aliases", {})}, "registry has uncommitted changes"
+    the_tags = tags(root)
+    for m in head["models"]:
+        if m["status"] == "released":
+            assert f"v{m['version']}" in the_tags, f"{m['version']} is released but not tagged"

@@ -1,0 +1,317 @@
+"""The release-core commands through click's CliRunner (``-C DIR``), and help for every command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cl_release.cli import main
+
+from helpers import FakeTrainer, add_data, git, make_release_repo, registry_data, tags
+
+SECRET = "hf_SECRETxyz"
+
+
+def run(*args, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def assert_one_line_error(result, code: int | None = None, *, contains: str = ""):
+    assert result.exit_code != 0
+    if code is not None:
+        assert result.exit_code == code
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert contains in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def trainer(monkeypatch):
+    return FakeTrainer().install(monkeypatch)
+
+
+@pytest.fixture
+def root(tmp_path, trainer) -> Path:
+    return make_release_repo(tmp_path)
+
+
+@pytest.fixture
+def released(root) -> Path:
+    run("-C", root, "release", "minor", "--notes", "first")
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
+    run("-C", root, "release", "minor", "--notes", "Q2")
+    return root
+
+
+# ---------------------------------------------------------------- help for every command
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in sorted(group.commands.items()):
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+ALL_COMMANDS = list(_commands(main))
+
+
+def test_the_command_tree_is_complete():
+    names = {" ".join(p) for p, _ in ALL_COMMANDS}
+    assert {"init", "render", "plan", "release", "list", "show", "rollback", "merge", "push", "verify"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p, _ in ALL_COMMANDS], ids=[" ".join(p) for p, _ in ALL_COMMANDS])
+def test_every_command_has_help(path):
+    cmd = dict(ALL_COMMANDS)[path]
+    assert cmd.help and cmd.help.strip(), f"{' '.join(path)} has no docstring"
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout and cmd.help.split()[0] in result.stdout
+    for param in cmd.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            assert param.help, f"{' '.join(path)} {param.opts[0]} has no help text"
+
+
+def test_main_help_and_version():
+    result = run("--help")
+    assert result.stdout and "release" in result.stdout
+    assert main.help
+    assert "cl-release" in run("--version").stdout
+
+
+def test_help_does_not_import_heavy_modules():
+    code = (
+        "import sys\n"
+        "from cl_release.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "for cmd in ['release', 'plan', 'merge', 'push', 'verify']:\n"
+        "    try:\n        main([cmd, '--help'])\n    except SystemExit as e:\n        assert e.code == 0\n"
+        "heavy = [m for m in ('torch', 'axolotl', 'transformers', 'peft', 'accelerate', 'git', 'jsonschema')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "from cl_release.cli import main"],
+                             capture_output=True, text=True, timeout=60).stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in imports.splitlines() if "|" in line}
+    assert "click" in imported and not imported & {"torch", "axolotl", "transformers"}
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_user_error_is_one_line_without_traceback(released):
+    result = run("-C", released, "show", "9.9.9", ok=False)
+    line = assert_one_line_error(result, 2, contains="unknown version 9.9.9")
+    assert "1.0.0, 1.1.0" in line
+
+
+def test_invalid_registry_is_one_line(released):
+    (released / "registry/model_registry.json").write_text("{\n  \"models\": [\n")
+    result = run("-C", released, "list", ok=False)
+    assert_one_line_error(result, 1, contains="registry/model_registry.json:")
+
+
+def test_missing_project_is_one_line(tmp_path):
+    result = run("-C", tmp_path, "plan", "minor", ok=False)
+    assert_one_line_error(result, 2, contains="no project file here")
+
+
+def test_multiline_messages_stay_on_one_line(root):
+    (root / "datasets/domain/bad.jsonl").write_text('{"messages": [\n')
+    result = run("-C", root, "plan", "minor", ok=False)
+    assert_one_line_error(result, 2, contains="datasets/domain/bad.jsonl:1: invalid JSON")
+
+
+def test_debug_shows_the_traceback(released):
+    cmd = [sys.executable, "-c", "from cl_release.cli import main; main()"]
+    plain = subprocess.run([*cmd, "-C", str(released), "show", "9.9.9"], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 2 and plain.stderr.startswith("Error: ") and "Traceback" not in plain.stderr
+    debug = subprocess.run([*cmd, "--debug", "-C", str(released), "show", "9.9.9"], capture_output=True, text=True,
+                           timeout=60)
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "VersionError" in debug.stderr
+
+
+def test_unexpected_exceptions_are_one_line_too(released, monkeypatch):
+    import cl_release.registry
+
+    def boom(self):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cl_release.registry.Registry, "load", boom)
+    result = run("-C", released, "list", ok=False)
+    line = assert_one_line_error(result, 1, contains="unexpected KeyError")
+    assert "--debug" in line
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_plan_json(released):
+    add_data(released, "q3-protection.jsonl", "datasets/domain/q3.jsonl")
+    before = git(released, "status", "--porcelain")
+    plan = json.loads(run("-C", released, "plan", "minor", "--json").stdout)
+    assert plan["version"] == "1.2.0" and plan["parent"] == "1.1.0" and plan["strategy"] == "continued_lora"
+    assert isinstance(plan["tokens"], int) and plan["tokens"] > 0
+    assert {d["role"] for d in plan["datasets"]} == {"new", "replay", "general"}
+    for d in plan["datasets"]:
+        assert d["path"] == f"datasets/snapshots/{d['sha256']}.jsonl" and d["examples"] > 0
+    assert git(released, "status", "--porcelain") == before  # plan writes nothing
+    text = run("-C", released, "plan", "patch", ok=False)
+    assert_one_line_error(text, 2, contains="no corrections since 1.1.0")
+
+
+def test_plan_text_and_render(released):
+    out = run("-C", released, "plan", "major").stdout
+    assert "version   2.0.0" in out and "merge_and_retrain" in out and "learning_rate:" in out
+    cfg = run("-C", released, "render", "continued_lora", "--from", "1.0.0").stdout
+    assert 'lora_model_dir: "outputs/v1.0.0/adapter"' in cfg
+
+
+def test_release_list_show_json(released):
+    out = json.loads(run("-C", released, "list", "--json").stdout)
+    assert out["current"] == "1.1.0"
+    assert [(m["version"], m["parent"], m["strategy"]) for m in out["models"]] == [
+        ("1.0.0", None, "initial"), ("1.1.0", "1.0.0", "continued_lora")]
+    entry = json.loads(run("-C", released, "show", "v1.1.0", "--json").stdout)
+    assert entry == registry_data(released)["models"][1]
+    text = run("-C", released, "list").stdout
+    assert "1.0.0" in text and "1.1.0" in text and "current" in text
+    assert "continued_lora" in run("-C", released, "show", "1.1.0").stdout
+    assert tags(released) == {"v1.0.0", "v1.1.0"}
+
+
+def test_release_output(root):
+    result = run("-C", root, "release", "minor", "--notes", "first")
+    assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")
+    assert "Error" not in result.stderr
+
+
+def test_empty_list(root):
+    assert "No releases yet" in run("-C", root, "list").stdout
+    assert json.loads(run("-C", root, "list", "--json").stdout) == {"current": None, "aliases": {}, "models": []}
+
+
+def test_rollback_command(released):
+    result = run("-C", released, "rollback", "1.0.0")
+    assert "Current version is now 1.0.0" in result.stdout
+    assert json.loads(run("-C", released, "list", "--json").stdout)["current"] == "1.0.0"
+    assert git(released, "status", "--porcelain") == ""
+    assert_one_line_error(run("-C", released, "rollback", "5.0.0", ok=False), 2, contains="unknown version 5.0.0")
+
+
+def test_verify_command(released):
+    out = json.loads(run("-C", released, "verify", "--json").stdout)
+    assert out["ok"] is True and out["checked"] > 0 and out["mismatches"] == []
+    snap = released / registry_data(released)["models"][1]["datasets"][0]["path"]
+    data = bytearray(snap.read_bytes())
+    data[0] ^= 0x20
+    snap.write_bytes(bytes(data))
+    result = run("-C", released, "verify", ok=False)
+    assert result.exit_code == 1
+    rel = snap.relative_to(released).as_posix()
+    assert f"MISMATCH 1.1.0 dataset new: {rel}" in result.stdout
+    result = run("-C", released, "verify", "--json", ok=False)
+    assert result.exit_code == 1
+    (bad,) = json.loads(result.stdout)["mismatches"]
+    assert bad["path"] == rel and bad["ok"] is False
+
+
+def test_release_errors_through_the_cli(released):
+    (released / "scratch.txt").write_text("x")
+    assert_one_line_error(run("-C", released, "release", "minor", ok=False), 1, contains="uncommitted changes")
+    assert_one_line_error(run("-C", released, "release", "minor", "--allow-dirty", "--strategy", "nope", ok=False),
+                          2, contains="unknown strategy 'nope'")
+    result = run("-C", released, "release", "huge", ok=False)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # click's own usage error
+
+
+def test_init_creates_the_layout_and_a_first_commit(tmp_path):
+    target = tmp_path / "my model"
+    result = run("init", target)
+    assert "Created release repository" in result.stdout
+    for rel in ("cl-release.yaml", "Makefile", ".gitignore", "registry/schema.json", "registry/model_registry.json",
+                "templates/_base.yml.j2", "templates/continued_lora.yml.j2", "datasets/domain", "outputs"):
+        assert (target / rel).exists(), rel
+    assert git(target, "log", "--format=%s").strip() == "Scaffold release repository (cl-release init)"
+    assert git(target, "status", "--porcelain") == ""
+    assert json.loads(run("-C", target, "list", "--json").stdout)["models"] == []
+    from cl_release.project import Project
+
+    assert Project.load(target).name == "my-model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my model"]  # no temp folder left
+
+
+def test_init_into_a_non_empty_dir_fails_and_writes_nothing(tmp_path):
+    target = tmp_path / "existing"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    result = run("init", target, ok=False)
+    assert_one_line_error(result, 2, contains="already exists and is not empty")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_init_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    import cl_release.gitops as gitops
+
+    def fail(cls, root):
+        raise RuntimeError("git exploded")
+
+    monkeypatch.setattr(gitops.ReleaseRepo, "init", classmethod(fail))
+    result = run("init", tmp_path / "new", ok=False)
+    assert_one_line_error(result, 1, contains="git exploded")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def _all_text(root: Path) -> bytes:
+    blobs = [p.read_bytes() for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts]
+    blobs.append(git(root, "log", "--all", "-p", "--format=%H %an %ae %s%n%b").encode())
+    blobs.append(git(root, "tag", "-n99").encode())
+    blobs.append(git(root, "for-each-ref", "--format=%(contents)", "refs/tags").encode())
+    return b"\n".join(blobs)
+
+
+def test_hf_token_appears_nowhere(tmp_path, trainer, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    seen = []
+
+    def record(root_, config):
+        assert os.environ.get("HF_TOKEN") == SECRET  # the training process would see it...
+        seen.append(config)
+
+    trainer.before = record
+    root = make_release_repo(tmp_path)
+    outputs = []
+    for args in (["release", "minor", "--notes", "first"], ["plan", "minor", "--json"], ["show", "1.0.0", "--json"],
+                 ["push", "1.0.0", "--dry-run"], ["push", "1.0.0", "--dry-run", "--json"], ["list", "--json"],
+                 ["verify", "--json"], ["plan", "major", "--json"]):
+        result = run("-C", root, *args, ok=False)
+        outputs.append(result)
+    for result in outputs:
+        assert SECRET not in result.stdout and SECRET not in result.stderr
+    assert outputs[0].exit_code == 0 and outputs[3].exit_code == 0 and seen
+    assert "test-org/test-model" in outputs[3].stdout
+    everything = _all_text(root)
+    assert b'"version": "1.0.0"' in everything and b"Release 1.0.0" in everything  # it did scan them
+    assert SECRET.encode() not in everything  # registry, config, plan.json, logs, git history
+    assert (root / "outputs/v1.0.0/train.log").is_file()

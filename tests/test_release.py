@@ -1,0 +1,561 @@
+"""The release pipeline with a fake trainer: strategies, versions, records, crashes, locks."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+import cl_release.release as release_mod
+from cl_release import datasets as ds
+from cl_release.errors import DataError, GitError, IntegrityError, LockedError, UserError, VersionError
+from cl_release.files import sha256_file
+from cl_release.registry import Registry
+from cl_release.release import plan_release, verify
+
+from helpers import (
+    FakeTrainer,
+    add_data,
+    assert_registry_consistent_with_git,
+    commit_all,
+    git,
+    load_project,
+    make_release_repo,
+    registry_at_head,
+    registry_data,
+    release,
+    tags,
+    tree_snapshot,
+    write_fake_model,
+)
+
+
+@pytest.fixture
+def trainer(monkeypatch) -> FakeTrainer:
+    return FakeTrainer().install(monkeypatch)
+
+
+@pytest.fixture
+def root(tmp_path, trainer) -> Path:
+    return make_release_repo(tmp_path)
+
+
+@pytest.fixture
+def released(root) -> Path:
+    """1.0.0 released; new domain data (q2) committed."""
+    release(root, "minor")
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
+    return root
+
+
+def records_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def hashes(records) -> set[str]:
+    return {ds.record_hash(r) for r in records}
+
+
+def part(result, role):
+    (p,) = [p for p in result.plan.parts if p.role == role]
+    return p
+
+
+# ---------------------------------------------------------------- strategies
+
+
+@pytest.mark.parametrize("bump", ["major", "minor", "patch"])
+def test_first_release_is_1_0_0_initial_for_any_bump(root, trainer, bump):
+    r = release(root, bump, notes="first")
+    e = r.entry
+    assert (e["version"], e["parent"], e["strategy"], e["status"], e["bump"]) == ("1.0.0", None, "initial",
+                                                                                    "released", bump)
+    assert registry_data(root)["current"] == "1.0.0"
+    (call,) = trainer.calls
+    assert call["config"]["learning_rate"] == 2e-4 and "lora_model_dir" not in call["config"]
+    assert call["config"]["base_model"] == "models/base"
+    q1 = records_of(root / "datasets" / "domain" / "q1.jsonl")
+    assert hashes(part(r, "new").records) == hashes(q1)
+    assert {p.role for p in r.plan.parts} == {"new", "general"}
+
+
+def test_first_release_refuses_another_strategy(root):
+    with pytest.raises(UserError, match="first release uses strategy initial"):
+        release(root, "minor", strategy="continued_lora")
+
+
+def test_minor_is_continued_lora_on_new_data_with_replay(released, trainer):
+    root = released
+    r = release(root, "minor", notes="Q2 storage")
+    e = r.entry
+    assert (e["version"], e["parent"], e["strategy"], e["bump"]) == ("1.1.0", "1.0.0", "continued_lora", "minor")
+    cfg = trainer.calls[-1]["config"]
+    assert cfg["lora_model_dir"] == "outputs/v1.0.0/adapter"
+    assert cfg["learning_rate"] == 1e-5 and cfg["num_epochs"] == 1 and cfg["lora_dropout"] == 0.1
+    # the adapter's rank is continued, whatever the project says now
+    parent_cfg = json.loads((root / "outputs/v1.0.0/adapter/adapter_config.json").read_text())
+    assert cfg["lora_r"] == parent_cfg["r"] and cfg["lora_alpha"] == parent_cfg["lora_alpha"]
+    q1 = hashes(records_of(root / "datasets/domain/q1.jsonl"))
+    q2 = hashes(records_of(root / "datasets/domain/q2.jsonl"))
+    new, replay = part(r, "new"), part(r, "replay")
+    assert hashes(new.records) == q2  # only what 1.0.0 did not learn
+    assert hashes(replay.records) <= q1 and replay.records
+    total = sum(len(p.records) for p in r.plan.parts)
+    assert 0.15 <= len(replay.records) / total <= 0.25  # ~20% of the mix
+    roles = {d["role"]: d for d in e["datasets"]}
+    assert set(roles) == {"new", "replay", "general"}
+    assert [d["path"] for d in cfg["datasets"]] == [d["path"] for d in e["datasets"]]
+
+
+def test_patch_trains_on_corrections_and_replay_only(tmp_path, trainer):
+    root = make_release_repo(tmp_path, general=False)
+    release(root, "minor")
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl", commit=False)  # not for a patch
+    add_data(root, "corrections-001.jsonl", "datasets/corrections/c1.jsonl")
+    r = release(root, "patch", notes="fix")
+    e = r.entry
+    assert (e["version"], e["strategy"], e["parent"]) == ("1.0.1", "patch", "1.0.0")
+    assert sorted(p.role for p in r.plan.parts) == ["corrections", "replay"]
+    q1 = hashes(records_of(root / "datasets/domain/q1.jsonl"))
+    c1 = hashes(records_of(root / "datasets/corrections/c1.jsonl"))
+    assert c1 & q1  # one correction repeats a learned example: it is not trained again
+    assert hashes(part(r, "corrections").records) == c1 - q1
+    q2 = hashes(records_of(root / "datasets/domain/q2.jsonl"))
+    assert not any(hashes(p.records) & q2 for p in r.plan.parts)
+    cfg = trainer.calls[-1]["config"]
+    assert cfg["lora_model_dir"] == "outputs/v1.0.0/adapter" and cfg["learning_rate"] == 5e-5
+    assert [s["path"] for s in e["sources"]] == ["datasets/corrections/c1.jsonl"]
+
+
+def test_major_merges_the_parent_first_and_trains_on_the_complete_data(released, trainer):
+    root = released
+    release(root, "minor")  # 1.1.0
+    add_data(root, "corrections-001.jsonl", "datasets/corrections/c1.jsonl")
+    r = release(root, "major", notes="full retrain")
+    e = r.entry
+    assert (e["version"], e["strategy"], e["parent"], e["bump"]) == ("2.0.0", "merge_and_retrain", "1.1.0", "major")
+    (merge,) = trainer.merges
+    assert merge["lora_model_dir"] == "outputs/v1.1.0/adapter"
+    merged = root / "outputs/v1.1.0/merged"
+    assert (merged / "config.json").is_file()
+    assert registry_data(root)["models"][1]["merged"]["path"] == "outputs/v1.1.0/merged"
+    cfg = trainer.calls[-1]["config"]
+    assert cfg["base_model"] == "outputs/v1.1.0/merged" and "lora_model_dir" not in cfg
+    assert e["train_base"]["merged_from"] == "1.1.0" and e["train_base"]["path"] == "outputs/v1.1.0/merged"
+    assert e["train_base"]["sha256"] == sha256_file(merged / "model.safetensors")
+    everything = set()
+    for f in ("domain/q1.jsonl", "domain/q2.jsonl", "corrections/c1.jsonl"):
+        everything |= hashes(records_of(root / "datasets" / f))
+    assert hashes(part(r, "complete").records) == everything
+    assert e["base_model"]["name"] == "models/base"
+
+
+def test_annual_reset_needs_a_base_model(released, trainer):
+    root = released
+    with pytest.raises(UserError, match="annual_reset needs a new base model") as err:
+        release(root, "major", strategy="annual_reset")
+    assert "--base-model" in str(err.value)
+    with pytest.raises(UserError, match="only for annual_reset"):
+        release(root, "minor", base_model="models/base2")
+    write_fake_model(root / "models/base2", seed=7)
+    r = release(root, "major", base_model="models/base2")
+    e = r.entry
+    assert (e["version"], e["strategy"], e["parent"]) == ("2.0.0", "annual_reset", "1.0.0")
+    assert e["base_model"]["name"] == "models/base2"
+    assert e["base_model"]["revision"] == sha256_file(root / "models/base2/model.safetensors")
+    assert trainer.calls[-1]["config"]["base_model"] == "models/base2" and trainer.merges == []
+    assert [p.role for p in r.plan.parts if p.role != "general"] == ["complete"]
+
+
+def test_strategy_must_match_the_bump(released):
+    with pytest.raises(UserError, match="makes a patch release, not minor"):
+        release(released, "minor", strategy="patch")
+    with pytest.raises(UserError, match="initial is only for the first release"):
+        release(released, "major", strategy="initial")
+
+
+def test_unknown_strategy(released):
+    with pytest.raises(UserError, match="unknown strategy 'fancy'") as e:
+        release(released, "minor", strategy="fancy")
+    assert "continued_lora" in str(e.value)
+
+
+def test_from_builds_on_an_earlier_version(released, trainer):
+    root = released
+    release(root, "minor")  # 1.1.0 from 1.0.0
+    add_data(root, "q3-protection.jsonl", "datasets/domain/q3.jsonl")
+    r = release(root, "minor", from_version="1.0.0")
+    assert (r.entry["version"], r.entry["parent"]) == ("1.2.0", "1.0.0")
+    assert trainer.calls[-1]["config"]["lora_model_dir"] == "outputs/v1.0.0/adapter"
+    # new data is measured against 1.0.0's lineage: q2 and q3 are both new here
+    q23 = hashes(records_of(root / "datasets/domain/q2.jsonl")) | hashes(records_of(root / "datasets/domain/q3.jsonl"))
+    assert hashes(part(r, "new").records) == q23
+    assert registry_data(root)["current"] == "1.2.0"
+    with pytest.raises(VersionError, match="unknown version 9.0.0"):
+        release(root, "minor", from_version="9.0.0")
+
+
+def test_rollback_then_minor_takes_the_next_free_number(released):
+    root = released
+    release(root, "minor")  # 1.1.0
+    before = registry_data(root)["models"]
+    release_mod.rollback(load_project(root), "1.0.0")
+    data = registry_data(root)
+    assert data["current"] == "1.0.0" and data["models"] == before
+    assert git(root, "status", "--porcelain") == ""
+    assert "Roll back to 1.0.0" in git(root, "log", "-1", "--format=%s")
+    r = release(root, "minor")
+    assert (r.entry["version"], r.entry["parent"]) == ("1.2.0", "1.0.0")
+    assert registry_data(root)["current"] == "1.2.0"
+    assert {"v1.0.0", "v1.1.0", "v1.2.0"} <= tags(root)
+
+
+# ---------------------------------------------------------------- the record
+
+
+DESIGN_KEYS = {"version", "parent", "bump", "strategy", "status", "created_at", "base_model", "adapter", "datasets",
+               "config", "seed", "launch", "training", "evaluation", "toolchain", "source_commit", "notes"}
+
+
+def test_registry_entry_has_every_design_key_and_validates(released):
+    root = released
+    head_before = git(root, "rev-parse", "HEAD").strip()
+    r = release(root, "minor", notes="Added Q2 storage data")
+    data = registry_data(root)  # validates against registry/schema.json
+    e = data["models"][-1]
+    assert e == r.entry
+    assert DESIGN_KEYS <= set(e)
+    assert set(data) >= {"schema_version", "current", "aliases", "models"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e["created_at"])
+    assert set(e["base_model"]) >= {"name", "revision"}
+    assert e["base_model"]["revision"] == sha256_file(root / "models/base/model.safetensors")
+    assert e["adapter"] == {"path": "outputs/v1.1.0/adapter",
+                            "sha256": sha256_file(root / "outputs/v1.1.0/adapter/adapter_model.safetensors")}
+    assert e["config"] == {"path": "outputs/v1.1.0/axolotl.yml",
+                           "sha256": sha256_file(root / "outputs/v1.1.0/axolotl.yml")}
+    assert e["config"]["sha256"] == r.plan.config_sha256
+    assert e["seed"] == 42
+    assert e["launch"]["num_processes"] == 1 and e["launch"]["num_machines"] == 1 and e["launch"]["deepspeed"] is None
+    assert e["training"]["train_loss"] == 1.25 and "duration_seconds" in e["training"]
+    assert {"cl_release", "axolotl", "transformers", "peft", "torch"} <= set(e["toolchain"])
+    assert e["toolchain"]["axolotl"] and e["toolchain"]["cl_release"]
+    assert e["source_commit"] == head_before
+    assert e["notes"] == "Added Q2 storage data"
+    for d in e["datasets"]:
+        assert set(d) >= {"name", "role", "path", "sha256", "examples"}
+        blob = (root / d["path"]).read_bytes()
+        # content-addressed: the file name is the hash of its bytes
+        assert Path(d["path"]).name == f"{d['sha256']}.jsonl" and sha256_file(root / d["path"]) == d["sha256"]
+        assert d["examples"] == blob.count(b"\n")
+    for s in e["sources"]:
+        assert sha256_file(root / s["path"]) == s["sha256"]
+    # sorted, pretty JSON on disk
+    text = (root / "registry/model_registry.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_commit_and_tag(released):
+    root = released
+    r = release(root, "minor", notes="Q2")
+    assert git(root, "status", "--porcelain") == ""
+    assert "v1.1.0" in tags(root)
+    tagged = git(root, "rev-list", "-n", "1", "v1.1.0").strip()
+    assert tagged == r.commit == git(root, "rev-parse", "HEAD").strip()
+    assert git(root, "log", "-1", "--format=%B").startswith("Release 1.1.0 (continued_lora, parent 1.0.0)\n\nQ2")
+    assert "cl-release 1.1.0 (continued_lora, parent 1.0.0)" in git(root, "tag", "-n5", "-l", "v1.1.0")
+    committed = set(git(root, "show", "--name-only", "--format=", "HEAD").split())
+    assert committed == {"registry/model_registry.json"} | {p.path for p in r.plan.parts}
+    assert any(m["version"] == "1.1.0" for m in registry_at_head(root)["models"])
+    assert_registry_consistent_with_git(root)
+
+
+def test_rerelease_of_identical_data_reuses_snapshots(released):
+    root = released
+    r = release(root, "minor")
+    replay = part(r, "replay")
+    # the 1.0.0 "new" snapshot is the file the replay was sampled from, and is still committed
+    first = registry_data(root)["models"][0]["datasets"][0]
+    assert (root / first["path"]).is_file()
+    assert hashes(replay.records) <= hashes(ds.snapshot_records(root, first["path"]))
+
+
+# ---------------------------------------------------------------- never overwrite
+
+
+def test_foreign_output_folder_is_never_overwritten(released):
+    root = released
+    foreign = root / "outputs" / "v1.1.0"
+    (foreign / "adapter").mkdir(parents=True)
+    (foreign / "adapter" / "adapter_model.safetensors").write_bytes(b"someone else's weights")
+    (foreign / "notes.txt").write_text("do not touch")
+    before = tree_snapshot(foreign)
+    plan = plan_release(load_project(root), bump="minor")
+    assert plan.version == "1.2.0"
+    r = release(root, "minor")
+    assert r.entry["version"] == "1.2.0" and r.entry["parent"] == "1.0.0"
+    assert tree_snapshot(foreign) == before
+
+
+def test_existing_tag_is_never_moved(released):
+    root = released
+    git(root, "tag", "-a", "v1.1.0", "-m", "made by hand")
+    tagged = git(root, "rev-list", "-n", "1", "v1.1.0").strip()
+    r = release(root, "minor")
+    assert r.entry["version"] == "1.2.0"
+    assert git(root, "rev-list", "-n", "1", "v1.1.0").strip() == tagged
+
+
+def test_dataset_edited_during_training_records_nothing(released, trainer):
+    root = released
+    reg_before = (root / "registry/model_registry.json").read_bytes()
+    head_before = git(root, "rev-parse", "HEAD").strip()
+    tags_before = tags(root)
+
+    def edit(root_, config):
+        with open(root_ / "datasets/domain/q2.jsonl", "a") as f:
+            f.write(json.dumps({"messages": [{"role": "user", "content": "late"},
+                                             {"role": "assistant", "content": "edit"}]}) + "\n")
+
+    trainer.before = edit
+    with pytest.raises(IntegrityError) as e:
+        release(root, "minor")
+    assert "datasets/domain/q2.jsonl changed while 1.1.0 was training" in str(e.value)
+    assert "nothing was recorded" in str(e.value)
+    assert (root / "registry/model_registry.json").read_bytes() == reg_before
+    assert git(root, "rev-parse", "HEAD").strip() == head_before and tags(root) == tags_before
+    assert not (root / "outputs/v1.1.0").exists()
+    (refused,) = (root / "outputs/.refused").iterdir()
+    assert (refused / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_snapshot_tampered_during_training_is_refused(released, trainer):
+    root = released
+
+    def tamper(root_, config):
+        p = root_ / config["datasets"][0]["path"]
+        p.write_bytes(p.read_bytes() + b"\n")
+
+    trainer.before = tamper
+    with pytest.raises(IntegrityError, match="no longer matches its hash"):
+        release(root, "minor")
+    assert len(registry_data(root)["models"]) == 1
+
+
+# ---------------------------------------------------------------- crashes
+
+
+class Crash(Exception):
+    pass
+
+
+STEPS = ["planned", "snapshots", "trained", "verified", "before-registry", "registry", "committed", "tagged"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_crash_at_every_step_then_rerun(released, trainer, monkeypatch, step):
+    root = released
+    fired = []
+
+    def crash_point(name):
+        if name == step and not fired:
+            fired.append(name)
+            raise Crash(name)
+
+    monkeypatch.setattr(release_mod, "crash_point", crash_point)
+    with pytest.raises(Crash):
+        release(root, "minor", notes="Q2")
+    assert fired == [step]
+
+    # right after the crash: the registry is valid, and what git holds is consistent
+    data = registry_data(root)
+    head = registry_at_head(root)
+    in_registry = [m["version"] for m in data["models"]]
+    assert in_registry in (["1.0.0"], ["1.0.0", "1.1.0"])
+    for m in head["models"]:
+        assert m["status"] == "released"
+        if m["version"] != "1.1.0":
+            assert f"v{m['version']}" in tags(root)
+    out = root / "outputs/v1.1.0"
+    out_before = tree_snapshot(out) if out.exists() else None
+    calls_before = len(trainer.calls)
+
+    # re-run the same command
+    if step in ("registry", "committed"):
+        # 1.1.0 is already recorded: the re-run finishes it (commit, tag) and reports it
+        result = release(root, "minor", notes="Q2")
+        assert result.plan is None and result.recovered == ["1.1.0"] and result.entry["version"] == "1.1.0"
+    elif step == "tagged":
+        # everything was done: nothing to finish, nothing new to train on
+        with pytest.raises(UserError, match="no new examples since 1.1.0"):
+            release(root, "minor", notes="Q2")
+    else:
+        assert release(root, "minor", notes="Q2").entry["version"] == "1.1.0"
+
+    data = registry_data(root)
+    assert [m["version"] for m in data["models"]] == ["1.0.0", "1.1.0"]
+    assert data["current"] == "1.1.0"
+    assert tags(root) == {"v1.0.0", "v1.1.0"}
+    assert_registry_consistent_with_git(root)
+    assert git(root, "status", "--porcelain") == ""
+    checks = verify(root)
+    assert checks and all(c.ok for c in checks)
+    log = git(root, "log", "--format=%s")
+    assert log.count("1.1.0") == 1, log
+
+    # no output folder was overwritten: kept and adopted as is, or moved aside whole
+    interrupted = root / "outputs/.interrupted"
+    if step == "trained":  # unfinished run: moved aside, trained again
+        assert [tree_snapshot(m) for m in interrupted.iterdir()] == [out_before]
+        assert len(trainer.calls) == calls_before + 1
+    elif out_before is not None:  # finished run: adopted without retraining
+        assert tree_snapshot(out) == out_before
+        assert len(trainer.calls) == calls_before
+        assert not interrupted.exists()
+    else:
+        assert len(trainer.calls) == calls_before + 1
+
+
+# ---------------------------------------------------------------- locks and git state
+
+
+def test_concurrent_releases_one_fails_with_a_clear_locked_error(released, trainer):
+    root = released
+    started, go = threading.Event(), threading.Event()
+
+    def hold(root_, config):
+        started.set()
+        assert go.wait(10)
+
+    trainer.before = hold
+    results = {}
+
+    def first():
+        try:
+            results["first"] = release(root, "minor")
+        except Exception as e:  # pragma: no cover - reported below
+            results["first"] = e
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert started.wait(10)
+        trainer.before = None
+        with pytest.raises(LockedError) as e:
+            release(root, "minor")
+        assert "a release is running" in str(e.value) and "release.lock" in str(e.value)
+    finally:
+        go.set()
+        t.join(20)
+    assert not isinstance(results["first"], Exception), results["first"]
+    assert results["first"].entry["version"] == "1.1.0"
+    assert [m["version"] for m in registry_data(root)["models"]] == ["1.0.0", "1.1.0"]
+    assert_registry_consistent_with_git(root)
+
+
+def test_rollback_waits_for_no_release(released, trainer):
+    root = released
+    with release_mod.release_lock(root):
+        with pytest.raises(LockedError):
+            release_mod.rollback(load_project(root), "1.0.0")
+
+
+def test_dirty_work_tree_is_refused_unless_allowed(released):
+    root = released
+    (root / "datasets/domain/q2.jsonl").write_text((root / "datasets/domain/q2.jsonl").read_text() + "\n")
+    (root / "scratch.txt").write_text("x")
+    with pytest.raises(GitError) as e:
+        release(root, "minor")
+    assert "uncommitted changes" in str(e.value) and "--allow-dirty" in str(e.value)
+    assert "datasets/domain/q2.jsonl" in str(e.value) and "scratch.txt" in str(e.value)
+    assert len(registry_data(root)["models"]) == 1
+    r = release(root, "minor", allow_dirty=True)
+    assert r.entry["version"] == "1.1.0"
+
+
+def test_not_a_git_repository(released):
+    import shutil
+
+    shutil.rmtree(released / ".git")
+    with pytest.raises(GitError, match="not a git repository"):
+        release(released, "minor")
+
+
+def test_malformed_jsonl_names_file_and_line(released):
+    root = released
+    p = root / "datasets/domain/q2.jsonl"
+    lines = p.read_text().splitlines()
+    lines[4] = lines[4][:-1]  # break line 5
+    p.write_text("\n".join(lines) + "\n")
+    commit_all(root)
+    with pytest.raises(DataError) as e:
+        release(root, "minor")
+    assert str(e.value).startswith("datasets/domain/q2.jsonl:5: invalid JSON")
+    assert e.value.line == 5
+
+
+def test_invalid_record_names_file_line_and_field(released):
+    root = released
+    with open(root / "datasets/domain/q2.jsonl", "a") as f:
+        f.write('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    commit_all(root)
+    with pytest.raises(DataError) as e:
+        plan_release(load_project(root), bump="minor")
+    assert str(e.value).startswith("datasets/domain/q2.jsonl:25: messages[0].role: unknown role 'robot'")
+
+
+def test_no_new_data_is_a_user_error_with_a_hint(root):
+    release(root, "minor")
+    with pytest.raises(UserError) as e:
+        release(root, "minor")
+    assert "no new examples since 1.0.0" in str(e.value) and "add data files" in str(e.value)
+    with pytest.raises(UserError, match="no corrections since 1.0.0"):
+        release(root, "patch")
+    assert len(registry_data(root)["models"]) == 1
+
+
+def test_empty_domain_data_for_the_first_release(tmp_path, trainer):
+    root = make_release_repo(tmp_path)
+    (root / "datasets/domain/q1.jsonl").unlink()
+    commit_all(root)
+    with pytest.raises(UserError, match="no domain data to train on"):
+        release(root, "minor")
+
+
+def test_missing_parent_adapter_is_an_integrity_error(released):
+    import shutil
+
+    shutil.rmtree(released / "outputs/v1.0.0/adapter")
+    with pytest.raises(IntegrityError, match="the adapter of 1.0.0 is missing"):
+        plan_release(load_project(released), bump="minor")
+
+
+def test_plan_writes_nothing(released):
+    root = released
+    before = tree_snapshot(root)
+    plan = plan_release(load_project(root), bump="minor")
+    assert plan.version == "1.1.0" and plan.tokens and plan.tokens > 0
+    assert tree_snapshot(root) == before
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_passes_then_names_a_changed_snapshot(released):
+    root = released
+    release(root, "minor")
+    checks = verify(root)
+    assert checks and all(c.ok for c in checks)
+    assert {c.what for c in checks} >= {"config", "adapter", "dataset new", "dataset replay"}
+    snap = root / registry_data(root)["models"][1]["datasets"][0]["path"]
+    data = bytearray(snap.read_bytes())
+    data[10] ^= 1
+    snap.write_bytes(bytes(data))
+    bad = [c for c in verify(root) if not c.ok]
+    assert len(bad) == 1 and bad[0].path == snap.relative_to(root).as_posix() and bad[0].version == "1.1.0"
+    (root / "outputs/v1.0.0/adapter/adapter_model.safetensors").unlink()
+    bad = [c for c in verify(root) if not c.ok]
+    assert {(c.version, c.what) for c in bad} == {("1.1.0", "dataset new"), ("1.0.0", "adapter")}
+    assert [c.actual for c in bad if c.what == "adapter"] == [None]
