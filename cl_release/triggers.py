@@ -1,0 +1,440 @@
+"""Is an update due, and why: the team's triggers, each with its current value and threshold.
+
+Defaults come from the team's practice (shared/PRACTICE.md); ``triggers:`` in
+cl-release.yaml overrides any of them::
+
+    triggers:
+      min_new_examples: 200        # high-quality examples since the current release -> MINOR
+      planned_corrections: 500     # corrections since the current release -> planned MINOR
+      quality_window_hours: 24     # window for the quality drop and the error rate
+      quality_drop_planned: 0.05   # relative drop vs the release's baseline -> planned
+      quality_drop_immediate: 0.10 # ... -> immediate
+      min_window_samples: 30       # fewer rated answers in the window (or baseline): no verdict
+      negative_rate: 0.20          # negative feedback / feedback in the window -> immediate
+      schedule_days: 90            # days since the last release -> planned
+      cooldown_hours: 24           # after a release, only critical triggers count
+      merge_after: 4               # continued-LoRA releases in a row before a MAJOR (merge_and_retrain)
+
+Every function takes ``now`` (a datetime; the CLI passes the real clock), so tests drive
+the clock. Feedback after ``now`` is ignored.
+
+Quality of one answer: its latest rating mapped to 0..1 ((rating - 1) / 4); else the
+record's ``quality_score`` (taken as 0..1); else thumbs (up 1, down 0). Positive: rating >= 4
+or thumbs up. Negative: rating <= 2, thumbs down or hallucinated. The quality and error
+windows count answers served by the serving version (``champion`` alias, else ``current``)
+and answers logged without a version.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "min_new_examples": 200,
+    "planned_corrections": 500,
+    "quality_window_hours": 24.0,
+    "quality_drop_planned": 0.05,
+    "quality_drop_immediate": 0.10,
+    "min_window_samples": 30,
+    "negative_rate": 0.20,
+    "schedule_days": 90.0,
+    "cooldown_hours": 24.0,
+    "merge_after": 4,
+}
+CRITICAL_SEVERITIES = ("critical", "safety")
+EXIT_DUE = 10
+
+
+def trigger_config(project) -> dict[str, Any]:
+    """Defaults overlaid with the project's ``triggers:`` section (checked by the project schema)."""
+    conf = dict(DEFAULTS)
+    for key, value in ((project.data.get("triggers") if project is not None else None) or {}).items():
+        if key not in DEFAULTS:
+            raise UserError(f"unknown trigger setting {key!r}", hint=f"known: {', '.join(DEFAULTS)}")
+        conf[key] = value
+    if conf["quality_drop_immediate"] < conf["quality_drop_planned"]:
+        raise project.error("quality_drop_immediate must be >= quality_drop_planned", "triggers",
+                            "quality_drop_immediate")
+    return conf
+
+
+# ---------------------------------------------------------------- time
+
+
+def utc(now: _dt.datetime | None = None) -> _dt.datetime:
+    """``now`` as an aware UTC datetime (naive is taken as UTC); None: the real clock."""
+    if now is None:
+        return _dt.datetime.now(_dt.timezone.utc)
+    if now.tzinfo is None:
+        return now.replace(tzinfo=_dt.timezone.utc)
+    return now.astimezone(_dt.timezone.utc)
+
+
+def parse_time(text: str) -> _dt.datetime:
+    """A registry or store timestamp ('...Z') as an aware UTC datetime."""
+    return utc(_dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
+
+
+def iso(t: _dt.datetime) -> str:
+    """The store's timestamp form (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, sorts as time)."""
+    return utc(t).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def registry_time(t: _dt.datetime) -> str:
+    """The registry's timestamp form (``YYYY-MM-DDTHH:MM:SSZ``)."""
+    return utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- metrics from the store
+
+_QUALITY = (
+    "CASE WHEN f.rating IS NOT NULL THEN (f.rating - 1) / 4.0"
+    " WHEN r.quality_score IS NOT NULL THEN r.quality_score"
+    " WHEN f.thumbs IN (-1, 1) THEN (f.thumbs + 1) / 2.0 END"
+)
+
+
+@dataclass
+class Metrics:
+    """Aggregates over the answers of one version (or all) in a time window."""
+
+    records: int = 0
+    feedback: int = 0
+    quality_n: int = 0
+    quality_sum: float = 0.0
+    quality_sq: float = 0.0
+    opinions: int = 0  # answers with a rating or thumbs
+    positive: int = 0
+    negative: int = 0
+    latency_n: int = 0
+    latency_sum: float = 0.0
+
+    def add(self, other: "Metrics") -> "Metrics":
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    @property
+    def avg_quality(self) -> float | None:
+        return self.quality_sum / self.quality_n if self.quality_n else None
+
+    @property
+    def quality_var(self) -> float | None:
+        if self.quality_n < 2:
+            return None
+        mean = self.quality_sum / self.quality_n
+        return max(0.0, (self.quality_sq - self.quality_n * mean * mean) / (self.quality_n - 1))
+
+    @property
+    def positive_rate(self) -> float | None:
+        return self.positive / self.opinions if self.opinions else None
+
+    @property
+    def negative_rate(self) -> float | None:
+        return self.negative / self.feedback if self.feedback else None
+
+    @property
+    def avg_latency_ms(self) -> float | None:
+        return self.latency_sum / self.latency_n if self.latency_n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        r = lambda x: None if x is None else round(x, 6)  # noqa: E731
+        return {"records": self.records, "feedback": self.feedback, "quality_samples": self.quality_n,
+                "avg_quality": r(self.avg_quality), "opinions": self.opinions, "positive": self.positive,
+                "positive_rate": r(self.positive_rate), "negative": self.negative,
+                "negative_rate": r(self.negative_rate), "latency_samples": self.latency_n,
+                "avg_latency_ms": r(self.avg_latency_ms)}
+
+
+def _connect(store_path: Path) -> sqlite3.Connection | None:
+    """A connection to an existing store (schema migrated), or None when there is no store yet."""
+    if not Path(store_path).is_file():
+        return None
+    from .feedback import FeedbackStore
+
+    return FeedbackStore(store_path).reader()
+
+
+def version_metrics(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime,
+                    versions: Iterable[str] | None = None, include_unversioned: bool = False) -> dict[str | None, Metrics]:
+    """Per ``model_version``: metrics over answers created in [since, until), with the latest
+    feedback given before ``until``. ``versions``: only these (plus unversioned answers when
+    ``include_unversioned``). The key ``None`` holds unversioned answers."""
+    conn = _connect(store_path)
+    if conn is None:
+        return {}
+    where, params = ["r.created_at < ?"], [iso(until)]
+    if since is not None:
+        where.append("r.created_at >= ?")
+        params.append(iso(since))
+    if versions is not None:
+        vs = list(versions)
+        cond = f"r.model_version IN ({', '.join('?' * len(vs))})" if vs else "0"
+        if include_unversioned:
+            cond = f"({cond} OR r.model_version IS NULL)"
+        where.append(cond)
+        params += vs
+    sql = (
+        f"SELECT r.model_version, count(*), count(f.id), count(q), total(q), total(q * q),"
+        " total(f.rating IS NOT NULL OR f.thumbs IN (-1, 1)), total(f.rating >= 4 OR f.thumbs = 1),"
+        " total(f.rating <= 2 OR f.thumbs = -1 OR f.hallucinated = 1), count(r.latency_ms), total(r.latency_ms)"
+        f" FROM (SELECT r.*, f.id AS fid, {_QUALITY} AS q FROM records r LEFT JOIN feedback f ON f.id ="
+        " (SELECT f2.id FROM feedback f2 WHERE f2.request_id = r.id AND f2.created_at < ?"
+        "  ORDER BY f2.created_at DESC, f2.id DESC LIMIT 1)) r"
+        " LEFT JOIN feedback f ON f.id = r.fid"
+        f" WHERE {' AND '.join(where)} GROUP BY r.model_version"
+    )
+    try:
+        rows = conn.execute(sql, [iso(until), *params]).fetchall()
+    finally:
+        conn.close()
+    out: dict[str | None, Metrics] = {}
+    for mv, records, fb, qn, qs, qq, op, pos, neg, ln, ls in rows:
+        out[mv] = Metrics(records, fb, qn, qs, qq, int(op), int(pos), int(neg), ln, ls)
+    return out
+
+
+def total(metrics: dict[Any, Metrics]) -> Metrics:
+    out = Metrics()
+    for m in metrics.values():
+        out.add(m)
+    return out
+
+
+def critical_feedback(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime) -> dict[str, int]:
+    """Feedback rows flagged critical/safety in [since, until): with and without a correction."""
+    conn = _connect(store_path)
+    if conn is None:
+        return {"with_correction": 0, "without_correction": 0}
+    sql = ("SELECT total(correction IS NOT NULL AND trim(correction) != ''), count(*) FROM feedback"
+           " WHERE severity IN ('critical', 'safety') AND created_at < ?" + (" AND created_at >= ?" if since else ""))
+    params = [iso(until)] + ([iso(since)] if since else [])
+    try:
+        with_c, n = conn.execute(sql, params).fetchone()
+    finally:
+        conn.close()
+    return {"with_correction": int(with_c), "without_correction": int(n - with_c)}
+
+
+def new_examples(project, *, since: _dt.datetime | None, until: _dt.datetime) -> dict[str, int]:
+    """Usable training examples (deduplicated, by the project's extraction rules) since ``since``."""
+    path = project.feedback_path
+    if not path.is_file():
+        return {"examples": 0, "corrections": 0}
+    from .extract import CORRECTED, extract_since, rules_from_project
+    from .feedback import FeedbackStore
+
+    store = FeedbackStore(path)
+    try:
+        result = extract_since(store, iso(since) if since else None, rules_from_project(project), until=iso(until))
+    finally:
+        store.close()
+    return {"examples": result.manifest["examples"], "corrections": result.manifest["sources"][CORRECTED]}
+
+
+# ---------------------------------------------------------------- the decision
+
+
+@dataclass
+class Trigger:
+    name: str
+    due: bool
+    value: Any
+    threshold: Any
+    detail: str
+    urgency: str | None = None  # "immediate" or "planned" when due
+    bump: str | None = None
+    critical: bool = False
+    suppressed: bool = False  # due, but inside the cooldown
+
+    @property
+    def fires(self) -> bool:
+        return self.due and not self.suppressed
+
+
+@dataclass
+class Decision:
+    now: str
+    due: bool
+    bump: str | None
+    urgency: str | None
+    reasons: list[str]
+    triggers: list[Trigger]
+    current: str | None
+    serving: str | None
+    last_release: dict[str, Any] | None
+    cooldown_until: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DUE if self.due else 0
+
+    @property
+    def critical(self) -> bool:
+        return any(t.fires and t.critical for t in self.triggers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        return d
+
+
+def _rel_drop(baseline: float | None, value: float | None) -> float | None:
+    if baseline is None or value is None or baseline <= 0:
+        return None
+    return (baseline - value) / baseline
+
+
+def _latest(models: list[dict[str, Any]], statuses: tuple[str, ...]) -> dict[str, Any] | None:
+    chosen = [m for m in models if m["status"] in statuses]
+    return max(chosen, key=lambda m: m["created_at"]) if chosen else None
+
+
+def recommend_bump(data: dict[str, Any], conf: dict[str, Any]) -> tuple[str, str]:
+    """MINOR normally; MAJOR (merge_and_retrain) after ``merge_after`` continued-LoRA releases
+    in a row on the current lineage, following the team's practice ('after 3-4 incremental
+    updates'). Returns (bump, why)."""
+    from .registry import Registry
+
+    if data["current"] is None:
+        return "major", "first release (1.0.0)"
+    streak = 0
+    for entry in reversed(Registry.lineage(data, data["current"])):
+        if entry["strategy"] != "continued_lora":
+            break
+        streak += 1
+    if conf["merge_after"] and streak >= conf["merge_after"]:
+        return "major", f"{streak} continued-LoRA releases in a row (merge_after {conf['merge_after']}): merge and retrain"
+    return "minor", "new data: continued LoRA"
+
+
+def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | None = None) -> Decision:
+    """Every trigger against the registry and the feedback store at ``now``."""
+    from .registry import Registry
+
+    now = utc(now)
+    conf = trigger_config(project)
+    data = data if data is not None else Registry(project.root).load()
+    models = data["models"]
+    current = Registry.find(data, data["current"]) if data["current"] else None
+    serving = (data.get("aliases") or {}).get("champion") or data["current"]
+    last_released = _latest(models, ("released",))
+    last_attempt = _latest(models, ("released", "rejected"))
+    store = project.feedback_path
+    triggers: list[Trigger] = []
+
+    if current is None:
+        triggers.append(Trigger("first_release", True, "no release yet", "-", "no released version: make 1.0.0",
+                                "planned", "major"))
+    since = parse_time(current["created_at"]) if current else None
+    since_txt = f"since {current['version']}" if current else "so far"
+
+    # 1. enough new high-quality examples; many corrections
+    counts = new_examples(project, since=since, until=now)
+    n, need = counts["examples"], conf["min_new_examples"]
+    triggers.append(Trigger("new_examples", n >= need, n, need,
+                            f"{n} usable examples {since_txt} (need {need})", "planned" if n >= need else None,
+                            "minor" if n >= need else None))
+    c, need_c = counts["corrections"], conf["planned_corrections"]
+    triggers.append(Trigger("corrections", c >= need_c, c, need_c, f"{c} corrections {since_txt} (planned update at {need_c})",
+                            "planned" if c >= need_c else None, "minor" if c >= need_c else None))
+
+    # 2. quality drop vs the serving version's baseline; 3. negative-feedback rate
+    window = _dt.timedelta(hours=float(conf["quality_window_hours"]))
+    start = now - window
+    min_n = conf["min_window_samples"]
+    serving_versions = [serving] if serving else []
+    win = total(version_metrics(store, since=start, until=now, versions=serving_versions, include_unversioned=True))
+    serving_entry = Registry.find(data, serving) if serving else None
+    base = Metrics()
+    if serving_entry is not None:
+        base_since = parse_time(serving_entry["created_at"])
+        if base_since < start:
+            base = total(version_metrics(store, since=base_since, until=start, versions=serving_versions))
+    drop = _rel_drop(base.avg_quality, win.avg_quality)
+    hours = f"{conf['quality_window_hours']:g} h"
+    if base.quality_n < min_n or win.quality_n < min_n:
+        triggers.append(Trigger("quality_drop", False, None, conf["quality_drop_planned"],
+                                f"not enough rated answers (baseline {base.quality_n}, last {hours} {win.quality_n}; "
+                                f"need {min_n} each)"))
+    else:
+        urgency = ("immediate" if drop > conf["quality_drop_immediate"] else
+                   "planned" if drop >= conf["quality_drop_planned"] else None)
+        triggers.append(Trigger(
+            "quality_drop", urgency is not None, round(drop, 4),
+            {"planned": conf["quality_drop_planned"], "immediate": conf["quality_drop_immediate"]},
+            f"quality {win.avg_quality:.3f} over the last {hours} vs baseline {base.avg_quality:.3f} of {serving} "
+            f"({drop:+.1%} drop)", urgency, "minor" if urgency else None))
+    rate, limit = win.negative_rate, conf["negative_rate"]
+    if win.feedback < min_n:
+        triggers.append(Trigger("negative_rate", False, rate, limit,
+                                f"{win.feedback} answers with feedback in the last {hours} (need {min_n})"))
+    else:
+        triggers.append(Trigger("negative_rate", rate > limit, round(rate, 4), limit,
+                                f"{win.negative}/{win.feedback} negative in the last {hours} ({rate:.1%}, limit {limit:.0%})",
+                                "immediate" if rate > limit else None, "minor" if rate > limit else None))
+
+    # 4. schedule
+    if last_released is not None:
+        age_days = (now - parse_time(last_released["created_at"])).total_seconds() / 86400
+        every = float(conf["schedule_days"])
+        triggers.append(Trigger("schedule", age_days >= every, round(age_days, 2), every,
+                                f"{age_days:.1f} days since {last_released['version']} (every {every:g} days)",
+                                "planned" if age_days >= every else None, "minor" if age_days >= every else None))
+
+    # 5. critical / safety corrections -> PATCH now (never suppressed)
+    crit = critical_feedback(store, since=since, until=now)
+    k = crit["with_correction"]
+    detail = f"{k} critical/safety corrections {since_txt}"
+    if crit["without_correction"]:
+        detail += f"; {crit['without_correction']} flagged without a correction (add one to make a patch)"
+    triggers.append(Trigger("critical", k > 0 and current is not None, k, 1, detail,
+                            "immediate" if k and current else None, "patch" if k and current else None, critical=True))
+
+    # 6. cooldown after the last release attempt (released or rejected: no retraining loop)
+    cooldown_until = None
+    if last_attempt is not None:
+        until = parse_time(last_attempt["created_at"]) + _dt.timedelta(hours=float(conf["cooldown_hours"]))
+        if now < until:
+            cooldown_until = registry_time(until)
+            for t in triggers:
+                if t.due and not t.critical:
+                    t.suppressed = True
+
+    firing = [t for t in triggers if t.fires]
+    reasons = [f"{t.name}: {t.detail}" for t in firing]
+    if any(t.critical for t in firing):
+        bump, urgency = "patch", "immediate"
+    elif firing:
+        bump, why = recommend_bump(data, conf)
+        if current is not None:
+            reasons.append(f"bump {bump}: {why}")
+        urgency = "immediate" if any(t.urgency == "immediate" for t in firing) else "planned"
+    else:
+        bump = urgency = None
+    return Decision(now=registry_time(now), due=bool(firing), bump=bump, urgency=urgency, reasons=reasons,
+                    triggers=triggers, current=data["current"], serving=serving,
+                    last_release=({"version": last_attempt["version"], "status": last_attempt["status"],
+                                   "created_at": last_attempt["created_at"]} if last_attempt else None),
+                    cooldown_until=cooldown_until, config=conf)
+
+
+def format_decision(d: Decision) -> str:
+    """Human-readable lines for ``cl-release status``."""
+    head = (f"update due: {d.bump.upper()} ({d.urgency})" if d.due else "no update due")
+    lines = [f"{head}   serving {d.serving or '-'}, current {d.current or '-'}"
+             + (f", cooldown until {d.cooldown_until}" if d.cooldown_until else "")]
+    for t in d.triggers:
+        mark = "DUE " if t.fires else ("held" if t.suppressed else "  - ")
+        thr = t.threshold if not isinstance(t.threshold, dict) else "/".join(f"{v:g}" for v in t.threshold.values())
+        lines.append(f"  [{mark}] {t.name:<14} value {t.value if t.value is not None else '-'!s:<10} "
+                     f"threshold {thr!s:<10} {t.detail}")
+    return "\n".join(lines)
+

@@ -1,0 +1,309 @@
+"""Champion/challenger: router stickiness and share, significance, promotion and rollback in the registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cl_release import abtest
+from cl_release.cli import main
+from cl_release.errors import LockedError, UserError, VersionError
+from cl_release.feedback import FeedbackStore
+from cl_release.project import Project
+from cl_release.registry import Registry
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+REG = "registry/model_registry.json"
+
+
+# ---------------------------------------------------------------- helpers (also used by test_watch)
+
+
+def stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fake_entry(version: str, parent: str | None, created_at: dt.datetime, *, status: str = "released",
+               strategy: str | None = None, bump: str | None = None) -> dict:
+    strategy = strategy or ("initial" if parent is None else "continued_lora")
+    bump = bump or {"initial": "major", "continued_lora": "minor", "patch": "patch",
+                    "merge_and_retrain": "major", "annual_reset": "major"}[strategy]
+    return {
+        "version": version, "parent": parent, "bump": bump, "strategy": strategy, "status": status,
+        "created_at": stamp(created_at), "base_model": {"name": "org/base", "revision": None},
+        "adapter": {"path": f"outputs/v{version}/adapter", "sha256": "0" * 64}, "datasets": [],
+        "config": {"path": f"outputs/v{version}/axolotl.yml", "sha256": "1" * 64}, "seed": 42,
+        "launch": {"num_processes": 1, "num_machines": 1}, "training": {}, "evaluation": {},
+        "toolchain": {}, "source_commit": None, "notes": "",
+    }
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
+
+
+def fake_repo(tmp_path: Path, entries: list[dict], *, yaml_extra: str = "", champion: str | None = None) -> Path:
+    """A scaffolded (git) release repository whose registry holds ``entries``, committed."""
+    from cl_release.scaffold import init_repository
+
+    root = init_repository(tmp_path / "repo")
+    data = json.loads((root / REG).read_text())
+    data["models"] = entries
+    data["current"] = next((e["version"] for e in reversed(entries) if e["status"] == "released"), None)
+    if champion:
+        data["aliases"] = {"champion": champion}
+        data["events"] = [{"at": entries[0]["created_at"], "action": "set_champion", "from": None, "to": champion}]
+    (root / REG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if yaml_extra:
+        with open(root / "cl-release.yaml", "a") as f:
+            f.write(yaml_extra)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "--allow-empty", "-m", "fake registry")
+    return root
+
+
+def registry_at_head(root: Path) -> dict:
+    return json.loads(git(root, "show", f"HEAD:{REG}"))
+
+
+def simulate(root: Path, *, start: dt.datetime, keys: int, positive: dict[str, float], seed: int = 0,
+             latency: dict[str, float] | None = None, prefix: str = "u") -> dict[str, int]:
+    """Route ``keys`` users, log one answer each (spread over an hour from ``start``) and rate it:
+    5 with probability ``positive[version]``, else 2. Returns answers per version."""
+    rng = random.Random(seed)
+    router = abtest.Router(root)
+    store = FeedbackStore(Project.load(root).feedback_path)
+    rows, fbs, served = [], [], {}
+    for i in range(keys):
+        key = f"{prefix}{i}"
+        v = router.choose(key)
+        served[v] = served.get(v, 0) + 1
+        at = start + dt.timedelta(seconds=3600 * i / keys)
+        rid = f"{prefix}-{seed}-{i}"
+        rows.append({"input": f"question {prefix} {seed} {i}", "output": f"answer {i}", "request_id": rid,
+                     "model_version": v, "created_at": at,
+                     "latency_ms": (latency or {}).get(v)})
+        fbs.append({"request_id": rid, "rating": 5 if rng.random() < positive[v] else 2,
+                    "created_at": at + dt.timedelta(seconds=1)})
+    store.log_many(rows)
+    store.feedback_many(fbs)
+    store.close()
+    return served
+
+
+AB_YAML = """\
+abtest:
+  min_samples: 100
+  min_duration_hours: 48
+"""
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0 + dt.timedelta(days=30))]
+    return fake_repo(tmp_path, entries, yaml_extra=AB_YAML, champion="1.0.0")
+
+
+# ---------------------------------------------------------------- router
+
+
+def test_router_sticky_and_share_over_100k_keys(repo):
+    abtest.start(repo, "1.1.0", traffic=0.1, now=T0 + dt.timedelta(days=31))
+    router = abtest.Router(repo)
+    keys = [f"user-{i}" for i in range(100_000)]
+    first = [router.choose(k) for k in keys]
+    share = first.count("1.1.0") / len(keys)
+    assert abs(share - 0.1) < 0.005  # 5 standard deviations at n = 100k
+    assert set(first) == {"1.0.0", "1.1.0"}
+    again = abtest.Router(Project.load(repo))  # a fresh router (another process) agrees, key by key
+    assert [again.choose(k) for k in keys[:20_000]] == first[:20_000]
+
+
+def test_router_ramp_keeps_challenger_keys_and_follows_promotion(repo):
+    now = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.1, now=now)
+    router = abtest.Router(repo)
+    keys = [f"s{i}" for i in range(5000)]
+    on_challenger = {k for k in keys if router.choose(k) == "1.1.0"}
+    # Raise the share by editing the running test (same salt): nobody leaves the challenger.
+    with Registry(repo).transaction() as data:
+        data["abtest"]["traffic"] = 0.5
+    ramped = {k for k in keys if router.choose(k) == "1.1.0"}
+    assert on_challenger <= ramped and 0.45 < len(ramped) / len(keys) < 0.55
+    abtest.promote(Project.load(repo), now=now, force=True, reason="test")
+    assert {router.choose(k) for k in keys} == {"1.1.0"}  # the registry change is picked up
+
+
+def test_router_without_test_serves_champion_and_rejects_empty_key(repo):
+    router = abtest.Router(repo)
+    assert {router.choose(f"k{i}") for i in range(100)} == {"1.0.0"}
+    assert router.assign("k") == {"version": "1.0.0", "arm": "champion"}
+    with pytest.raises(UserError):
+        router.choose("")
+
+
+# ---------------------------------------------------------------- significance
+
+
+@pytest.mark.parametrize("n, significant", [(40, False), (200, False), (5000, True)])
+def test_two_proportion_test_small_vs_large_samples(n, significant):
+    # 80% vs 85% positive: a 5-point difference.
+    t = abtest.two_proportion_test(int(0.80 * n), n, int(0.85 * n), n)
+    assert (t["p_value"] < 0.05) is significant
+    lo, hi = t["ci95"]
+    assert lo < t["diff"] < hi and (lo > 0) is significant
+
+
+def test_mean_test_and_weighted_improvement():
+    from cl_release.triggers import Metrics
+
+    a = Metrics(quality_n=100, quality_sum=70.0, quality_sq=100 * (0.7**2 + 0.04), positive=60, opinions=100,
+                latency_n=100, latency_sum=100 * 200.0)
+    b = Metrics(quality_n=100, quality_sum=77.0, quality_sq=100 * (0.77**2 + 0.04), positive=66, opinions=100,
+                latency_n=100, latency_sum=100 * 180.0)
+    imp, parts = abtest.weighted_improvement(a, b, {"quality": 0.5, "positive_rate": 0.3, "latency": 0.2})
+    assert parts["latency"]["change"] == pytest.approx(0.1)  # 10% faster is +10%
+    assert imp == pytest.approx(0.5 * 0.1 + 0.3 * 0.1 + 0.2 * 0.1)
+    t = abtest.mean_test(a, b)
+    assert t["diff"] == pytest.approx(0.07) and 0.01 < t["p_value"] < 0.05  # se = sqrt(2 * 0.04 / 100)
+    # latency missing on one side: its weight drops out
+    b.latency_n = 0
+    imp2, _ = abtest.weighted_improvement(a, b, {"quality": 0.5, "positive_rate": 0.3, "latency": 0.2})
+    assert imp2 == pytest.approx(0.1)
+
+
+def test_compare_small_sample_is_not_a_win(repo):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    simulate(repo, start=start, keys=80, positive={"1.0.0": 0.80, "1.1.0": 0.85})
+    c = abtest.compare(Project.load(repo), now=start + dt.timedelta(hours=72))
+    assert c.decision == "wait"
+    failed = {x["name"] for x in c.checks if not x["ok"]}
+    assert {"samples", "significant"} <= failed
+    assert c.metrics["1.0.0"]["records"] + c.metrics["1.1.0"]["records"] == 80
+
+
+# ---------------------------------------------------------------- promotion and rollback
+
+
+def test_promote_when_better_and_recorded_in_registry_and_git(repo):
+    start = T0 + dt.timedelta(days=31)
+    project = Project.load(repo)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    served = simulate(repo, start=start, keys=1200, positive={"1.0.0": 0.70, "1.1.0": 0.85},
+                      latency={"1.0.0": 200.0, "1.1.0": 190.0})
+    assert min(served.values()) > 500
+    early = abtest.compare(project, now=start + dt.timedelta(hours=24))
+    assert early.decision == "wait" and [x["name"] for x in early.checks if not x["ok"]] == ["duration"]
+    with pytest.raises(UserError, match="not ready"):
+        abtest.promote(project, now=start + dt.timedelta(hours=24))
+    assert abtest.promote(project, now=start + dt.timedelta(hours=24), auto=True).promoted is False
+
+    before = Registry(repo).load()["events"]
+    result = abtest.promote(project, now=start + dt.timedelta(hours=49), auto=True)
+    assert result.promoted and result.comparison.improvement > 0.05
+    data = Registry(repo).load()
+    assert data["aliases"] == {"champion": "1.1.0"} and "abtest" not in data and data["current"] == "1.1.0"
+    assert data["events"][: len(before)] == before  # history only grows
+    assert [e["action"] for e in data["events"][len(before):]] == ["promote"]
+    assert data["events"][-1]["from"] == "1.0.0" and data["events"][-1]["p_value"] < 0.05
+    assert registry_at_head(repo) == data  # committed
+    assert "Promote 1.1.0" in git(repo, "log", "-1", "--format=%s")
+
+
+def test_worse_challenger_is_stopped_and_champion_becomes_current(repo):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    simulate(repo, start=start, keys=1200, positive={"1.0.0": 0.85, "1.1.0": 0.65})
+    c = abtest.compare(Project.load(repo), now=start + dt.timedelta(hours=49))
+    assert c.decision == "stop" and "significantly worse" in c.reasons[0]
+    e = abtest.stop(repo, reason="worse", now=start + dt.timedelta(hours=49))
+    data = Registry(repo).load()
+    assert e["current"] == {"from": "1.1.0", "to": "1.0.0"} and data["current"] == "1.0.0"
+    assert data["aliases"] == {"champion": "1.0.0"} and registry_at_head(repo) == data
+
+
+def test_force_promote_needs_reason_then_rollback_restores_previous(repo):
+    project = Project.load(repo)
+    now = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.1, now=now)
+    with pytest.raises(UserError, match="--reason"):
+        abtest.promote(project, now=now, force=True)
+    r = abtest.promote(project, now=now, force=True, reason="hotfix verified by hand")
+    assert r.event["forced"] and r.event["reason"] == "hotfix verified by hand"
+    e = abtest.rollback_champion(repo, now=now + dt.timedelta(hours=1))
+    assert (e["from"], e["to"]) == ("1.1.0", "1.0.0")
+    data = Registry(repo).load()
+    assert data["aliases"]["champion"] == "1.0.0" and data["current"] == "1.0.0"
+    assert [x["action"] for x in data["events"]] == ["set_champion", "ab_start", "promote", "champion_rollback"]
+    assert registry_at_head(repo) == data
+    with pytest.raises(UserError, match="no previous champion"):
+        abtest.rollback_champion(repo, now=now)
+
+
+def test_start_refuses_bad_requests(tmp_path):
+    entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0, status="rejected"),
+               fake_entry("1.2.0", "1.0.0", T0)]
+    root = fake_repo(tmp_path, entries)
+    with pytest.raises(UserError, match="no champion"):
+        abtest.start(root, "1.2.0", traffic=0.1)
+    abtest.set_champion(root, "1.0.0")
+    with pytest.raises(VersionError, match="rejected"):
+        abtest.start(root, "1.1.0", traffic=0.1)
+    with pytest.raises(VersionError, match="unknown version"):
+        abtest.start(root, "9.9.9", traffic=0.1)
+    with pytest.raises(UserError, match="already the champion"):
+        abtest.start(root, "1.0.0", traffic=0.1)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        abtest.start(root, "1.2.0", traffic=1.5)
+    abtest.start(root, "1.2.0", traffic=0.2)
+    with pytest.raises(UserError, match="running"):
+        abtest.start(root, "1.2.0", traffic=0.2)
+    with pytest.raises(UserError, match="running"):
+        abtest.set_champion(root, "1.2.0")
+    assert registry_at_head(root) == Registry(root).load()
+
+
+def test_alias_moves_wait_for_a_running_release(repo):
+    from cl_release.release import release_lock
+
+    with release_lock(repo):
+        with pytest.raises(LockedError):
+            abtest.start(repo, "1.1.0", traffic=0.1)
+    assert "abtest" not in Registry(repo).load()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run(root: Path, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(main, ["-C", str(root), *args])
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def test_cli_ab_cycle(repo):
+    assert "challenger -" in run(repo, "ab", "status")
+    assert "1.1.0 on 10%" in run(repo, "ab", "start", "1.1.0", "--traffic", "0.1")
+    status = json.loads(run(repo, "ab", "status", "--json"))
+    assert status["aliases"] == {"champion": "1.0.0", "challenger": "1.1.0"} and status["abtest"]["traffic"] == 0.1
+    comparison = json.loads(run(repo, "ab", "compare", "--json"))
+    assert comparison["decision"] == "wait" and set(comparison["metrics"]) == {"1.0.0", "1.1.0"}
+    assert "not promoted" in run(repo, "ab", "promote", "--auto")
+    assert "not ready to promote" in run(repo, "ab", "promote", code=2)
+    assert "promoted 1.1.0" in run(repo, "ab", "promote", "--force", "--reason", "manual")
+    assert "1.1.0 -> 1.0.0" in run(repo, "ab", "rollback")
+    assert "no A/B test is running" in run(repo, "ab", "stop", code=2)
+
+
+def test_every_decision_command_has_help():
+    for args in (["status"], ["ab"], ["ab", "start"], ["ab", "status"], ["ab", "compare"], ["ab", "promote"],
+                 ["ab", "stop"], ["ab", "rollback"], ["ab", "champion"], ["watch"], ["serve"]):
+        out = CliRunner().invoke(main, [*args, "--help"]).output
+        assert "Usage:" in out and len(out.split("\n\n")[1].strip()) > 10, args

@@ -1,0 +1,181 @@
+"""The HTTP collector over real loopback HTTP: auth, limits, validation, routing and load."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cl_release import abtest
+from cl_release.errors import UserError
+from cl_release.feedback import FeedbackStore
+from cl_release.project import Project
+from cl_release.serve import load_spec, make_server
+
+from test_abtest import fake_entry, fake_repo
+
+TOKEN = "s3cret-token"
+T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0)],
+                     champion="1.0.0", yaml_extra="serve:\n  max_body_bytes: 4096\n")
+    srv = make_server(Project.load(root), host="127.0.0.1", port=0, token=TOKEN)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.root = root
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(srv, method: str, path: str, body=None, *, token: str | None = TOKEN, headers=None, raw: bytes | None = None,
+         conn: http.client.HTTPConnection | None = None):
+    c = conn or http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    h = {"Content-Type": "application/json"}
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    h.update(headers or {})
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    c.request(method, path, body=data, headers=h)
+    r = c.getresponse()
+    payload = r.read()
+    if conn is None:
+        c.close()
+    return r.status, (json.loads(payload) if payload else None), r
+
+
+def test_log_feedback_route_stats_health(server):
+    status, out, _ = call(server, "POST", "/log", {"input": "What is the IDLH of ammonia?", "output": "300 ppm",
+                                                   "request_id": "r1", "model_version": "1.0.0", "latency_ms": 12.5})
+    assert (status, out) == (201, {"request_id": "r1", "model_version": "1.0.0"})
+    status, out, _ = call(server, "POST", "/feedback", {"request_id": "r1", "rating": 5, "thumbs": True})
+    assert status == 201 and out["request_id"] == "r1"
+    status, out, _ = call(server, "GET", "/route?key=user-42")
+    assert status == 200 and out == {"key": "user-42", "version": "1.0.0", "arm": "champion"}
+    status, out, _ = call(server, "POST", "/log", {"input": [{"role": "user", "content": "hi"}], "output": "hello",
+                                                   "route_key": "user-42"})
+    assert status == 201 and out["model_version"] == "1.0.0"
+    status, out, _ = call(server, "GET", "/stats")
+    assert status == 200 and out["records"] == 2 and out["feedback"] == 1
+    assert call(server, "GET", "/health", token=None)[:2] == (200, {"status": "ok"})
+    status, spec, _ = call(server, "GET", "/openapi.json", token=None)
+    assert status == 200 and spec == load_spec() and set(spec["paths"]) >= {"/log", "/feedback", "/route", "/stats", "/health"}
+    store = FeedbackStore(Project.load(server.root).feedback_path)
+    row = store.get("r1")
+    assert row["rating"] == 5 and row["thumbs"] == 1 and row["latency_ms"] == 12.5
+
+
+def test_route_follows_the_ab_test(server):
+    abtest.start(server.root, "1.1.0", traffic=0.5, now=T0)
+    arms = {call(server, "GET", f"/route?key=k{i}")[1]["arm"] for i in range(60)}
+    assert arms == {"champion", "challenger"}
+    first = call(server, "GET", "/route?key=k7")[1]
+    assert all(call(server, "GET", "/route?key=k7")[1] == first for _ in range(5))
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ""])
+def test_missing_or_wrong_token_is_refused(server, token):
+    for method, path, body in (("POST", "/log", {"input": "q", "output": "a"}), ("GET", "/route?key=u", None),
+                               ("GET", "/stats", None), ("POST", "/feedback", {"request_id": "x", "rating": 1})):
+        status, out, r = call(server, method, path, body, token=token)
+        assert status == 401 and "bearer token" in out["error"]["message"]
+        assert r.getheader("WWW-Authenticate", "").startswith("Bearer")
+    assert FeedbackStore(Project.load(server.root).feedback_path).count() == 0
+    status, _, _ = call(server, "GET", "/stats", headers={"Authorization": f"Basic {TOKEN}"}, token=None)
+    assert status == 401
+
+
+def test_oversized_malformed_and_invalid_bodies(server):
+    big = {"input": "x" * 5000, "output": "y"}
+    status, out, r = call(server, "POST", "/log", big)
+    assert status == 413 and "4096" in out["error"]["message"] and r.getheader("Connection") == "close"
+    cases = [
+        (b"{not json", {}, 400, "invalid JSON"),
+        (b"[1, 2]", {}, 422, "JSON object"),
+        (json.dumps({"input": "q"}).encode(), {}, 422, "missing field 'output'"),
+        (json.dumps({"input": "q", "output": "a", "colour": "red"}).encode(), {}, 422, "unknown field 'colour'"),
+        (json.dumps({"input": 5, "output": "a"}).encode(), {}, 422, "input"),
+        (json.dumps({"input": "q", "output": "a", "latency_ms": "fast"}).encode(), {}, 422, "latency_ms"),
+        (json.dumps({"input": "q", "output": "a"}).encode(), {"Content-Type": "text/plain"}, 415, "application/json"),
+    ]
+    for raw, headers, code, text in cases:
+        status, out, _ = call(server, "POST", "/log", raw=raw, headers=headers)
+        assert status == code and text in out["error"]["message"], (raw, out)
+    status, out, _ = call(server, "POST", "/feedback", {"request_id": "nope", "rating": 3})
+    assert status == 404 and "nope" in out["error"]["message"]
+    call(server, "POST", "/log", {"input": "q", "output": "a", "request_id": "r"})
+    for body, text in (({"request_id": "r", "rating": 9}, "rating"), ({"request_id": "r"}, "at least one"),
+                       ({"rating": 3}, "request_id"), ({"request_id": "r", "severity": "meh"}, "severity")):
+        status, out, _ = call(server, "POST", "/feedback", body)
+        assert status == 422 and text in out["error"]["message"], (body, out)
+    assert call(server, "GET", "/route")[0] == 400
+    assert call(server, "GET", "/stats?since=yesterday")[0] == 422
+    assert call(server, "GET", "/nowhere")[0] == 404
+    status, _, r = call(server, "DELETE", "/log")
+    assert status == 405 and r.getheader("Allow") == "POST"
+    assert FeedbackStore(Project.load(server.root).feedback_path).count() == 1
+
+
+def test_missing_content_length_is_refused(server):
+    with socket.create_connection(server.server_address[:2], timeout=5) as s:
+        s.sendall(b"POST /log HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Type: application/json\r\n\r\n")
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 411")
+    with socket.create_connection(server.server_address[:2], timeout=5) as s:
+        s.sendall(b"POST /log HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: lots\r\n\r\n{}")
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 400") and "Content-Length" in reply
+
+
+def test_refuses_to_start_without_a_token(tmp_path, monkeypatch):
+    root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0)])
+    monkeypatch.delenv("CL_RELEASE_TOKEN", raising=False)
+    with pytest.raises(UserError, match="CL_RELEASE_TOKEN"):
+        make_server(Project.load(root), port=0)
+    monkeypatch.setenv("CL_RELEASE_TOKEN", "from-env")
+    srv = make_server(Project.load(root), host="127.0.0.1", port=0)
+    try:
+        assert srv.app.token == b"from-env"
+    finally:
+        srv.server_close()
+
+
+def test_load_8_clients_no_lost_records(server):
+    """8 concurrent keep-alive clients x 2,000 POST /log: every record stored exactly once."""
+    clients, per_client = 8, 2000
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        try:
+            for i in range(per_client):
+                status, _, _ = call(server, "POST", "/log",
+                                    {"input": f"q{c}-{i}", "output": "a", "request_id": f"c{c}-{i}",
+                                     "model_version": "1.0.0"}, conn=conn)
+                if status != 201:
+                    errors.append(f"{c}-{i}: {status}")
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    assert not errors
+    store = FeedbackStore(Project.load(server.root).feedback_path)
+    assert store.count() == clients * per_client
+    print(f"\n{clients * per_client} requests in {seconds:.1f} s: {clients * per_client / seconds:.0f} req/s")
