@@ -1,0 +1,656 @@
+"""Feedback rows -> clean, hashed, reproducible training sets.
+
+``build(rows, rules)`` turns logged predictions with their feedback into training examples:
+
+* rating >= ``min_rating``, thumbs up, or ``quality_score >= quality_threshold``: the
+  logged answer is kept as is (source ``kept``);
+* rating <= ``max_negative_rating``, thumbs down, or ``hallucinated`` *with* a non-empty
+  correction: the correction replaces the answer (source ``corrected``; these rows also
+  form the corrections set a PATCH release trains on);
+* everything else is skipped and counted by reason (see ``SKIP_REASONS``).
+
+A negative signal wins over a positive one (a thumbs-up answer flagged as hallucinated is
+never trained on as is). PII is redacted before anything is hashed or written; near-identical
+examples (case and whitespace folded) are deduplicated keeping the newest row. The output is
+sorted by (created_at, id) and serialised as canonical JSON, so the same rows give the same
+bytes whatever order they arrive in; the manifest records the SHA-256 of those bytes.
+
+Rows are plain dicts as ``FeedbackStore.rows()`` yields them; any iterable works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .datasets import FORMATS, ROLES, canonical_json, iter_jsonl, normalized_key, read_records
+from .errors import DataError, UserError
+from .files import atomic_write_bytes, atomic_write_json
+
+try:  # orjson gives the same bytes as datasets.canonical_json for our string-only records
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is optional
+    _orjson = None
+
+MANIFEST_VERSION = 1
+DEFAULT_OUT_DIR = "datasets/feedback"
+
+KEPT, CORRECTED = "kept", "corrected"
+SKIP_REASONS = (
+    "invalid_row",  # no id, or not a mapping
+    "invalid_input",  # input is neither a string nor a list of {role, content} messages
+    "empty_input",  # no non-blank user/system text to answer
+    "no_feedback",  # no rating, thumbs, quality score, hallucination flag or correction
+    "neutral",  # feedback that is neither positive nor negative (rating 3, thumbs 0, low score)
+    "unrated_correction",  # a correction without a negative signal: not trusted on its own
+    "negative_without_correction",  # a bad answer nobody corrected: nothing to learn from
+    "empty_output",  # a positive row whose logged answer is blank
+    "duplicate",  # same normalized content as a newer row
+)
+
+
+# ---------------------------------------------------------------- rules
+
+
+class RuleError(UserError):
+    """An invalid extraction rule; ``parts`` is the path of the key under ``extraction:``."""
+
+    def __init__(self, parts: tuple, message: str):
+        self.parts = parts
+        self.detail = message
+        name = ".".join(str(p) for p in ("extraction", *parts))
+        super().__init__(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class ExtractionRules:
+    """How feedback rows become examples. Defaults follow the team's practice."""
+
+    min_rating: int = 4
+    max_negative_rating: int = 2
+    quality_threshold: float | None = 0.8  # None: quality_score never keeps a row
+    redact_pii: bool = True
+    redact_patterns: tuple[str, ...] = ()  # extra regexes replaced by [REDACTED]
+    format: str = "messages"
+    dedupe: bool = True
+
+    KEYS = ("min_rating", "max_negative_rating", "quality_threshold", "redact_pii", "redact_patterns", "format")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "redact_patterns", tuple(self.redact_patterns))
+        if self.format not in FORMATS:
+            raise RuleError(("format",), f"unknown format {self.format!r} (use {', '.join(FORMATS)})")
+        if not self.max_negative_rating < self.min_rating:
+            raise RuleError(
+                ("max_negative_rating",),
+                f"must be below min_rating ({self.max_negative_rating} >= {self.min_rating})",
+            )
+        for i, pattern in enumerate(self.redact_patterns):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise RuleError(("redact_patterns", i), f"invalid regular expression {pattern!r}: {e}") from None
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None, **overrides: Any) -> "ExtractionRules":
+        """Rules from the ``extraction:`` mapping of cl-release.yaml; ``None`` overrides are ignored."""
+        values = dict(data or {})
+        unknown = sorted(set(values) - set(cls.KEYS) - {"dedupe"})
+        if unknown:
+            raise RuleError((unknown[0],), f"unknown key (use {', '.join(cls.KEYS)})")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["redact_patterns"] = list(self.redact_patterns)
+        return d
+
+    @cached_property
+    def redactor(self) -> Callable[[str], str] | None:
+        if not self.redact_pii and not self.redact_patterns:
+            return None
+        return make_redactor(self.redact_patterns, pii=self.redact_pii)
+
+
+def rules_from_project(project, **overrides: Any) -> ExtractionRules:
+    """The project's ``extraction:`` rules; a bad value is a ProjectError naming its line."""
+    try:
+        return ExtractionRules.from_mapping(project.data.get("extraction"), **overrides)
+    except RuleError as e:
+        raise project.error(e.detail, "extraction", *e.parts) from None
+
+
+# ---------------------------------------------------------------- PII redaction
+
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Conservative on purpose: training text is full of numbers (dates, versions, ppm, IPs),
+# and a false positive corrupts an example. Matches +<country> numbers with >= 8 digits,
+# North American 555-123-4567 / (555) 123-4567 / 1-800-555-1234, and national numbers with
+# a trunk prefix 0 and separators (020 7946 0958). Add project patterns for anything else.
+PHONE_RE = re.compile(
+    r"(?=[+(0-9])(?<![\w.+-])(?:"
+    r"\+(?=(?:[ .()-]*\d){8})\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"
+    r"|(?:1[ .-])?\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}"
+    r"|(?:1[ .-])?\d{3}[.-]\d{3}[.-]\d{4}"
+    r"|0\d{1,4}[ -]\d{3,4}[ -]?\d{3,4}"
+    r")(?![\w-])"
+)
+
+
+# Every PHONE_RE match holds 7+ characters of [+(0-9] then [0-9 .()-]; this scan (charset
+# first, so the regex engine skips ahead fast) rules most texts out before PHONE_RE runs.
+_PHONE_CANDIDATE = re.compile(r"[+(\d][\d .()-]{6}")
+
+
+def make_redactor(patterns: Iterable[str] = (), *, pii: bool = True) -> Callable[[str], str]:
+    """A function replacing custom ``patterns`` by [REDACTED], then emails and phone numbers."""
+    custom = [re.compile(p) for p in patterns]
+
+    def redact(text: str) -> str:
+        for rx in custom:
+            text = rx.sub("[REDACTED]", text)
+        if pii:
+            if "@" in text:
+                text = EMAIL_RE.sub("[EMAIL]", text)
+            if _PHONE_CANDIDATE.search(text):
+                text = PHONE_RE.sub("[PHONE]", text)
+        return text
+
+    return redact
+
+
+def redact(text: str, patterns: Iterable[str] = ()) -> str:
+    """Redact emails, phone numbers and ``patterns`` from one string."""
+    return make_redactor(patterns)(text)
+
+
+# ---------------------------------------------------------------- one row
+
+
+def _prompt(inp: Any) -> list[dict[str, str]] | str:
+    """The prompt turns of a row's input, or a skip reason."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}] if inp.strip() else "empty_input"
+    if not isinstance(inp, list):
+        return "invalid_input"
+    msgs = []
+    for m in inp:
+        if not isinstance(m, dict):
+            return "invalid_input"
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            return "invalid_input"
+        msgs.append({"role": role, "content": content})
+    if msgs and msgs[-1]["role"] == "assistant":  # the logged answer: replaced below
+        msgs.pop()
+    if not any(m["role"] in ("user", "system") and m["content"].strip() for m in msgs):
+        return "empty_input"
+    return msgs
+
+
+def classify(row: dict[str, Any], rules: ExtractionRules) -> str:
+    """``kept``, ``corrected``, or the reason the row is skipped (before dedupe)."""
+    get = row.get
+    rating, thumbs, score = get("rating"), get("thumbs"), get("quality_score")
+    hallucinated, correction = get("hallucinated"), get("correction")
+    has_correction = isinstance(correction, str) and correction.strip() != ""
+    negative = (
+        (rating is not None and rating <= rules.max_negative_rating)
+        or thumbs == -1
+        or hallucinated is True
+    )
+    if negative:
+        return CORRECTED if has_correction else "negative_without_correction"
+    positive = (
+        (rating is not None and rating >= rules.min_rating)
+        or thumbs == 1
+        or (score is not None and rules.quality_threshold is not None and score >= rules.quality_threshold)
+    )
+    if positive:
+        output = get("output")
+        return KEPT if isinstance(output, str) and output.strip() else "empty_output"
+    if has_correction:
+        return "unrated_correction"
+    if rating is None and thumbs is None and score is None and hallucinated is None:
+        return "no_feedback"
+    return "neutral"
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _completion_text(prompt: str, answer: str) -> str:
+    if not prompt or prompt[-1].isspace() or answer[:1].isspace():
+        return prompt + answer
+    return f"{prompt}\n{answer}"
+
+
+def format_example(messages: list[dict[str, str]], fmt: str) -> dict[str, Any]:
+    """One example (prompt turns + final assistant answer) in output format ``fmt``."""
+    if fmt == "messages":
+        return {"messages": messages}
+    if fmt == "chatml":
+        return {"text": "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)}
+    answer = messages[-1]["content"]
+    prompt = messages[:-1]
+    if fmt == "completion":
+        return {"text": _completion_text("\n\n".join(m["content"] for m in prompt), answer)}
+    if fmt == "alpaca":
+        # instruction = the context (system prompt, earlier turns), input = the last prompt
+        # turn; with no context the question itself is the instruction.
+        last = prompt[-1]["content"]
+        context = [m["content"] if m["role"] == "system" else f"{m['role']}: {m['content']}" for m in prompt[:-1]]
+        if context:
+            return {"instruction": "\n\n".join(context), "input": last, "output": answer}
+        return {"instruction": last, "input": "", "output": answer}
+    raise UserError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+
+
+if _orjson is not None:
+    _SORT = _orjson.OPT_SORT_KEYS
+
+    def dump_jsonl(records: list[dict[str, Any]]) -> bytes:
+        """Canonical JSON lines (sorted keys, compact, UTF-8): identical to datasets.dump_jsonl."""
+        if not records:
+            return b""
+        return b"\n".join([_orjson.dumps(r, option=_SORT) for r in records]) + b"\n"
+
+else:  # pragma: no cover
+
+    def dump_jsonl(records: list[dict[str, Any]]) -> bytes:
+        return "".join(canonical_json(r) + "\n" for r in records).encode("utf-8")
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclass
+class BuildResult:
+    examples: list[dict[str, Any]]
+    corrections: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    data: bytes = field(repr=False, default=b"")
+    corrections_data: bytes = field(repr=False, default=b"")
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["sha256"]
+
+
+# One usable row: (order, newest, id, created_at, source, messages). ``order`` is
+# (created_at, id key), the output order; ``newest`` (feedback or created time, created_at,
+# id key) picks the row a duplicate group keeps. Tuples: a million of them are built.
+_ORDER, _NEWEST, _ID, _CREATED, _SOURCE, _MESSAGES = range(6)
+
+
+def _id_key(rid: Any) -> tuple:
+    """Ids sort numbers first (by value), then everything else by its string."""
+    if type(rid) is str:
+        return (1, 0, rid)
+    return (0, rid, "") if isinstance(rid, (int, float)) and not isinstance(rid, bool) else (1, 0, str(rid))
+
+
+def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: dict[str, int]) -> tuple[list[tuple], int]:
+    red = rules.redactor
+    dedupe = rules.dedupe
+    seen: dict[str, tuple] = {}
+    out: list[tuple] = []
+    n = 0
+    for row in rows:
+        n += 1
+        if not isinstance(row, dict) or row.get("id") is None:
+            skipped["invalid_row"] = skipped.get("invalid_row", 0) + 1
+            continue
+        source = classify(row, rules)
+        if source != KEPT and source != CORRECTED:
+            skipped[source] = skipped.get(source, 0) + 1
+            continue
+        prompt = _prompt(row["input"] if "input" in row else None)
+        if type(prompt) is str:
+            skipped[prompt] = skipped.get(prompt, 0) + 1
+            continue
+        prompt.append({"role": "assistant", "content": row["output"] if source == KEPT else row["correction"]})
+        if red is not None:
+            for m in prompt:
+                m["content"] = red(m["content"])
+        rid = row["id"]
+        created = row.get("created_at") or ""
+        idk = _id_key(rid)
+        entry = ((created, idk), (row.get("feedback_at") or created, created, idk), rid, created, source, prompt)
+        if not dedupe:
+            out.append(entry)
+            continue
+        key = normalized_key({"messages": prompt})
+        other = seen.get(key)
+        if other is None:
+            seen[key] = entry
+        else:
+            skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+            if entry[_NEWEST] > other[_NEWEST]:
+                seen[key] = entry
+    if dedupe:
+        out = list(seen.values())
+    return out, n
+
+
+def _sorted_ids(ids: Iterable[Any]) -> list[Any]:
+    ids = list(ids)
+    if all(type(i) is str for i in ids):
+        return sorted(ids)
+    return sorted(ids, key=_id_key)
+
+
+def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules: ExtractionRules, fmt: str) -> BuildResult:
+    entries.sort(key=itemgetter(_ORDER))
+    examples = [format_example(e[_MESSAGES], fmt) for e in entries]
+    corrections = [ex for ex, e in zip(examples, entries) if e[_SOURCE] == CORRECTED]
+    data = dump_jsonl(examples)
+    cdata = dump_jsonl(corrections)
+    n_corr = len(corrections)
+    times = [e[_CREATED] for e in entries if e[_CREATED]]
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "format": fmt,
+        "examples": len(examples),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "sources": {KEPT: len(examples) - n_corr, CORRECTED: n_corr},
+        "skipped": dict(sorted(skipped.items())),
+        "rows_read": rows_read,
+        "window": {"first_created_at": min(times) if times else None, "last_created_at": max(times) if times else None},
+        "record_ids": _sorted_ids(e[_ID] for e in entries),
+        "corrections": {
+            "examples": n_corr,
+            "sha256": hashlib.sha256(cdata).hexdigest(),
+            "record_ids": _sorted_ids(e[_ID] for e in entries if e[_SOURCE] == CORRECTED),
+        },
+        "rules": {**rules.to_dict(), "format": fmt},
+    }
+    return BuildResult(examples=examples, corrections=corrections, manifest=manifest, data=data, corrections_data=cdata)
+
+
+def build(rows: Iterable[dict[str, Any]], rules: ExtractionRules | None = None, fmt: str | None = None) -> BuildResult:
+    """Extract, redact, dedupe, sort and format ``rows``; deterministic to the byte."""
+    rules = rules or ExtractionRules()
+    fmt = fmt or rules.format
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    skipped: dict[str, int] = {}
+    with _gc_paused():
+        entries, n = _entries(rows, rules, skipped)
+        return _finish(entries, skipped, n, rules, fmt)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: a build allocates millions of small acyclic
+    objects, and the collector rescanning them costs ~20% of a large build."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def corrections_only(result: BuildResult) -> BuildResult:
+    """The corrections of ``result`` as a build of their own (a PATCH release's data)."""
+    m = result.manifest
+    skipped = dict(m["skipped"])
+    skipped["not_a_correction"] = m["sources"][KEPT]
+    corrections = list(result.corrections)
+    manifest = {
+        **m,
+        "examples": len(corrections),
+        "bytes": len(result.corrections_data),
+        "sha256": m["corrections"]["sha256"],
+        "sources": {KEPT: 0, CORRECTED: len(corrections)},
+        "skipped": dict(sorted(skipped.items())),
+        "record_ids": list(m["corrections"]["record_ids"]),
+        "corrections_only": True,
+    }
+    return BuildResult(corrections, corrections, manifest, result.corrections_data, result.corrections_data)
+
+
+# ---------------------------------------------------------------- time windows
+
+
+def normalize_time(value: str | _dt.datetime | _dt.date) -> str:
+    """A date or ISO time -> the feedback store's UTC form ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
+
+    Naive times are taken as UTC. String comparison of normalized times is time order.
+    """
+    if isinstance(value, _dt.datetime):
+        t = value
+    elif isinstance(value, _dt.date):
+        t = _dt.datetime(value.year, value.month, value.day)
+    else:
+        try:
+            t = _dt.datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            raise UserError(
+                f"invalid date or time {value!r}", hint="use YYYY-MM-DD or an ISO time like 2026-01-31T12:00:00Z"
+            ) from None
+    if t.tzinfo is not None:
+        t = t.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def within(rows: Iterable[dict[str, Any]], since: str | None = None, until: str | None = None):
+    """Rows as ``FeedbackStore.rows`` selects them: created (or given feedback) at or after
+    ``since``, created before ``until`` (normalized times)."""
+    for row in rows:
+        if not isinstance(row, dict):
+            yield row  # counted as invalid_row by build
+            continue
+        created = normalize_time(row["created_at"]) if row.get("created_at") else ""
+        rated = normalize_time(row["feedback_at"]) if row.get("feedback_at") else ""
+        if (since is None or created >= since or rated >= since) and (until is None or created < until):
+            yield row
+
+
+def extract_since(
+    store,
+    since: str | _dt.datetime | None,
+    rules: ExtractionRules | None = None,
+    *,
+    bump: str = "minor",
+    until: str | _dt.datetime | None = None,
+) -> BuildResult:
+    """New data for a release whose parent was released at ``since``.
+
+    MINOR (and MAJOR): every usable row recorded since the parent. PATCH: only the
+    corrections since the parent (``corrections_only``). ``store`` is anything with
+    ``rows(since=..., until=...)`` (the FeedbackStore).
+    """
+    if bump not in ("major", "minor", "patch"):
+        raise UserError(f"unknown bump {bump!r}", hint="use major, minor or patch")
+    s = normalize_time(since) if since is not None else None
+    u = normalize_time(until) if until is not None else None
+    result = build(store.rows(since=s, until=u), rules)
+    if bump == "patch":
+        result = corrections_only(result)
+    result.manifest["query"] = {"since": s, "until": u, "bump": bump}
+    return result
+
+
+# ---------------------------------------------------------------- writing
+
+
+def manifest_path(out: Path) -> Path:
+    return out.with_name(out.name + ".manifest.json")
+
+
+def corrections_path(out: Path) -> Path:
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".corrections.jsonl")
+
+
+def write_build(result: BuildResult, out_path: str | Path, *, write_corrections: bool = True) -> dict[str, Path]:
+    """Write the examples, the corrections (if any) and ``<out>.manifest.json`` atomically.
+
+    Each file is replaced atomically; the manifest is written last, so a manifest always
+    describes complete data files. Returns the paths written.
+    """
+    out = Path(out_path)
+    paths = {"data": out, "manifest": manifest_path(out)}
+    manifest = dict(result.manifest)
+    manifest["path"] = out.name
+    if write_corrections and result.corrections and not manifest.get("corrections_only"):
+        cpath = corrections_path(out)
+        atomic_write_bytes(cpath, result.corrections_data)
+        manifest["corrections"] = {**manifest["corrections"], "path": cpath.name}
+        paths["corrections"] = cpath
+    atomic_write_bytes(out, result.data)
+    atomic_write_json(paths["manifest"], manifest)
+    return paths
+
+
+# ---------------------------------------------------------------- the project's feedback
+
+
+def resolve_since(project, text: str | None) -> str | None:
+    """``--since``: a date/time, or a release version (its registry created_at)."""
+    if text is None:
+        return None
+    if re.fullmatch(r"v?\d+\.\d+\.\d+", text.strip()):
+        from .registry import Registry
+
+        return normalize_time(Registry(project.root).get(text)["created_at"])
+    return normalize_time(text)
+
+
+def feedback_rows(project, *, since: str | None = None, from_jsonl: Path | None = None):
+    """Rows from ``from_jsonl`` (one feedback row per line) or the project's feedback store."""
+    if from_jsonl is not None:
+        rows = (obj for _, obj in iter_jsonl(from_jsonl, display=project.rel(from_jsonl)))
+        return within(rows, since)
+    path = project.feedback_path
+    if not path.is_file():
+        raise UserError(
+            f"no feedback store at {project.rel(path)}",
+            hint="log predictions and feedback first, or pass --from-jsonl FILE",
+        )
+    from .feedback import FeedbackStore  # written by the feedback module; imported lazily
+
+    return FeedbackStore(path).rows(since=since)
+
+
+def build_project(
+    project,
+    *,
+    since: str | None = None,
+    out: Path | None = None,
+    fmt: str | None = None,
+    redact: bool | None = None,
+    from_jsonl: Path | None = None,
+) -> tuple[BuildResult, dict[str, Path]]:
+    """``cl-release data build``: rules from cl-release.yaml, rows from the store, files written.
+
+    Default output: ``datasets/feedback/<sha256>.jsonl`` (content-addressed like snapshots).
+    """
+    off = {"redact_patterns": ()} if redact is False else {}  # --no-redact: no redaction at all
+    rules = rules_from_project(project, format=fmt, redact_pii=redact, **off)
+    result = build(feedback_rows(project, since=resolve_since(project, since), from_jsonl=from_jsonl), rules)
+    if not result.examples:
+        skipped = ", ".join(f"{k} {v}" for k, v in result.manifest["skipped"].items()) or "no rows"
+        raise UserError(
+            f"no training examples in the feedback ({skipped})",
+            hint="collect ratings or corrections, or widen --since",
+        )
+    if out is None:
+        out = project.root / DEFAULT_OUT_DIR / f"{result.sha256}.jsonl"
+    return result, write_build(result, out)
+
+
+# ---------------------------------------------------------------- validating files
+
+MATCH_KINDS = ("contains", "exact", "regex", "not_contains", "json_equal")
+CRITICALITIES = ("critical", "high", "medium", "low")
+_SUITE_KEYS = {"id", "input", "expected", "match", "criticality", "domain", "tags", "notes", "metadata"}
+
+
+def validate_suite_row(obj: Any, *, path: str, line: int) -> dict[str, Any]:
+    """Check one regression-suite row; return it with defaults (match contains, criticality medium).
+
+    ``expected`` is a string or a list of strings (key facts, all required); any JSON value
+    for ``json_equal``.
+    """
+
+    def fail(message: str, fld: str | None = None):
+        raise DataError(path, message, line=line, field=fld)
+
+    if not isinstance(obj, dict):
+        fail(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _SUITE_KEYS)
+    if unknown:
+        fail(f"unknown key (use {', '.join(sorted(_SUITE_KEYS))})", unknown[0])
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        fail("missing or not a non-empty string", "id")
+    inp = obj.get("input")
+    if isinstance(inp, list):
+        if not inp:
+            fail("must not be empty", "input")
+        for i, m in enumerate(inp):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                fail("must be an object with role and content", f"input[{i}]")
+            if m.get("role") not in ROLES:
+                fail(f"unknown role {m.get('role')!r} (use {', '.join(sorted(ROLES))})", f"input[{i}].role")
+    elif not isinstance(inp, str) or not inp.strip():
+        fail("missing, empty, or not a string or message list", "input")
+    match = obj.get("match", "contains")
+    if match not in MATCH_KINDS:
+        fail(f"unknown match {match!r} (use {', '.join(MATCH_KINDS)})", "match")
+    criticality = obj.get("criticality", "medium")
+    if criticality not in CRITICALITIES:
+        fail(f"unknown criticality {criticality!r} (use {', '.join(CRITICALITIES)})", "criticality")
+    if "expected" not in obj:
+        fail("missing field", "expected")
+    expected = obj["expected"]
+    if match != "json_equal":
+        items = expected if isinstance(expected, list) else [expected]
+        if not items or not all(isinstance(x, str) and x.strip() for x in items):
+            fail("must be a non-empty string or list of non-empty strings", "expected")
+        if match == "regex":
+            for x in items:
+                try:
+                    re.compile(x)
+                except re.error as e:
+                    fail(f"invalid regular expression {x!r}: {e}", "expected")
+    if "domain" in obj and not isinstance(obj["domain"], str):
+        fail("must be a string", "domain")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        fail("must be a list of strings", "tags")
+    return {**obj, "match": match, "criticality": criticality, "tags": tags}
+
+
+def validate_suite_file(path: Path, *, display: str | None = None) -> int:
+    shown = display or str(path)
+    ids: dict[str, int] = {}
+    n = 0
+    for line, obj in iter_jsonl(Path(path), display=shown):
+        row = validate_suite_row(obj, path=shown, line=line)
+        if row["id"] in ids:
+            raise DataError(shown, f"duplicate id {row['id']!r} (first on line {ids[row['id']]})", line=line, field="id")
+        ids[row["id"]] = line
+        n += 1
+    return n
+
+
+def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None = None) -> int:
+    """Check every row of a training file (``fmt`` in FORMATS) or a suite (``suite``)."""
+    if fmt == "suite":
+        return validate_suite_file(path, display=display)
+    return len(read_records(Path(path), fmt, display=display))

@@ -1,0 +1,140 @@
+"""Dataset validation (cl_release.datasets): every problem is one DataError naming file:line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cl_release import datasets
+from cl_release.errors import DataError
+
+OK = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+OK_LINE = json.dumps(OK).encode()
+
+
+def check(tmp_path, content: bytes, fmt: str = "messages") -> DataError:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        datasets.validate_file(path, fmt)
+    err = e.value
+    assert err.path == str(path)
+    assert "\n" not in str(err)
+    return err
+
+
+@pytest.mark.parametrize(
+    "content,line,field,message",
+    [
+        (OK_LINE + b"\n{not json}\n", 2, None, "invalid JSON"),
+        (OK_LINE + b"\n" + OK_LINE[:-5] + b"\n", 2, None, "invalid JSON"),
+        (b"\xef\xbb\xbf" + OK_LINE + b"\n", 1, None, "byte-order mark"),
+        (OK_LINE + b"\r\n", 1, None, "CRLF"),
+        (OK_LINE + b"\n" + OK_LINE + b"\n" + OK_LINE.replace(b'"q"', b'"\xff"') + b"\n", 3, None, "not UTF-8"),
+        (b'{"text": "x"}\n', 1, "messages", "missing field"),
+        (b'{"messages": []}\n', 1, "messages", "non-empty list"),
+        (b'{"messages": "hi"}\n', 1, "messages", "non-empty list"),
+        (b'["a list"]\n', 1, None, "expected a JSON object, got list"),
+        (b'{"messages": ["hi"]}\n', 1, "messages[0]", "role and content"),
+        (b'{"messages": [{"content": "q"}]}\n', 1, "messages[0].role", "missing field"),
+        (b'{"messages": [{"role": "human", "content": "q"}]}\n', 1, "messages[0].role", "unknown role 'human'"),
+        (b'{"messages": [{"role": "user", "content": 5}]}\n', 1, "messages[0].content", "not a string"),
+        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}\n',
+         1, "messages[1].content", "empty assistant turn"),
+        (b'{"messages": [{"role": "user", "content": "q"}]}\n', 1, "messages", "no assistant turn"),
+    ],
+    ids=["json", "truncated", "bom", "crlf", "utf8", "missing", "empty-list", "not-list", "not-object",
+         "turn-not-object", "no-role", "unknown-role", "content-type", "empty-assistant", "no-assistant"],
+)
+def test_messages_errors(tmp_path, content, line, field, message):
+    err = check(tmp_path, content)
+    assert (err.line, err.field) == (line, field)
+    assert message in str(err)
+    where = f"{err.path}:{line}" + (f": {field}" if field else "")
+    assert str(err).startswith(where)
+
+
+@pytest.mark.parametrize(
+    "fmt,row,field,message",
+    [
+        ("alpaca", {"output": "a"}, "instruction", "missing or not a string"),
+        ("alpaca", {"instruction": "i"}, "output", "missing or not a string"),
+        ("alpaca", {"instruction": "i", "output": " "}, "output", "empty output"),
+        ("completion", {"messages": []}, "text", "missing or not a string"),
+        ("completion", {"text": "  "}, "text", "empty text"),
+        ("chatml", {"text": "user: hi"}, "text", "<|im_start|>"),
+    ],
+)
+def test_other_format_errors(tmp_path, fmt, row, field, message):
+    err = check(tmp_path, json.dumps(row).encode() + b"\n", fmt)
+    assert (err.line, err.field) == (1, field) and message in str(err)
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(OK_LINE + b"\n")
+    with pytest.raises(DataError, match="unknown format 'sharegpt'"):
+        datasets.validate_file(tmp_path / "d.jsonl", "sharegpt")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        datasets.validate_file(tmp_path / "nope.jsonl")
+
+
+def test_valid_files_count_records_and_skip_blank_lines(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\n" + OK_LINE + b"\n\n  \n" + OK_LINE)  # no trailing newline is fine
+    assert datasets.validate_file(p) == 2
+    p.write_bytes(b"")
+    assert datasets.validate_file(p) == 0
+
+
+def test_alpaca_becomes_messages(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"instruction": "Do", "input": "this", "output": "done"}) + "\n")
+    assert datasets.read_records(p, "alpaca") == [
+        {"messages": [{"role": "user", "content": "Do\n\nthis"}, {"role": "assistant", "content": "done"}]}
+    ]
+
+
+def test_canonical_records_drop_extra_keys(tmp_path):
+    p = tmp_path / "d.jsonl"
+    row = {"messages": [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}], "id": 3}
+    p.write_text(json.dumps(row) + "\n")
+    assert datasets.read_records(p, "messages") == [OK]
+
+
+def test_hashes():
+    a = {"messages": [{"role": "user", "content": "Hello   World"}, {"role": "assistant", "content": "x"}]}
+    b = {"messages": [{"role": "user", "content": "hello world\n"}, {"role": "assistant", "content": "X"}]}
+    assert datasets.record_hash(a) != datasets.record_hash(b)
+    assert datasets.normalized_key(a) == datasets.normalized_key(b)
+    assert datasets.record_hash(a) == datasets.record_hash(json.loads(json.dumps(a)))
+    # a role change is a different record
+    c = {"messages": [{"role": "system", "content": "hello world"}, {"role": "assistant", "content": "x"}]}
+    assert datasets.normalized_key(a) != datasets.normalized_key(c)
+
+
+def test_snapshot_is_content_addressed_and_idempotent(tmp_path):
+    rel, digest = datasets.write_snapshot(tmp_path, [OK, OK])
+    assert rel == f"datasets/snapshots/{digest}.jsonl"
+    assert datasets.sha256_file(tmp_path / rel) == digest
+    assert datasets.write_snapshot(tmp_path, [OK, OK]) == (rel, digest)
+    assert datasets.snapshot_records(tmp_path, rel) == [OK, OK]
+
+
+def test_dedupe_and_sample_are_deterministic():
+    recs = [{"text": f"t{i}"} for i in range(50)] + [{"text": "t1"}]
+    assert len(datasets.dedupe(recs)) == 50
+    assert datasets.dedupe(recs, exclude={datasets.record_hash({"text": "t0"})})[0] == {"text": "t1"}
+    s1 = datasets.sample(recs[:50], 10, "seed")
+    assert s1 == datasets.sample(list(reversed(recs[:50])), 10, "seed") and len(s1) == 10
+    assert datasets.sample(recs, 0, "seed") == []
+
+
+def test_ratio_count():
+    assert datasets.ratio_count(80, 0.2) == 20
+    assert datasets.ratio_count(0, 0.2) == 0
+    with pytest.raises(ValueError):
+        datasets.ratio_count(10, 0.6, 0.5)
