@@ -23,7 +23,9 @@ in its own transaction together with its bookkeeping row.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -42,6 +44,7 @@ from .files import locked
 
 BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
+IMPORT_CACHE_KIB = -131072
 SEVERITIES = ("low", "high", "critical", "safety")
 MIGRATION_SET = "cl_release.feedback"
 
@@ -130,6 +133,11 @@ class Invalid(ValueError):
         self.field = field
 
 
+_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?(?:Z|\+00:00)?", re.ASCII).fullmatch
+_fromisoformat = datetime.fromisoformat
+_dumps = orjson.dumps
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
@@ -142,6 +150,15 @@ def timestamp(value: Any, *, field: str = "created_at") -> str:
     if value is None:
         return utc_now()
     if isinstance(value, str):
+        # Fast path for the canonical UTC shapes (YYYY-MM-DDTHH:MM:SS[.ffffff][Z|+00:00]): the
+        # string already is the result; fromisoformat still validates the field ranges.
+        m = _CANONICAL_TS(value)
+        if m is not None:
+            try:
+                _fromisoformat(value)
+            except ValueError:
+                raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
+            return value[:19] + (m[1] or ".000000") + "Z"
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
@@ -163,12 +180,13 @@ def timestamp(value: Any, *, field: str = "created_at") -> str:
 def _check_input(value: Any) -> str:
     """The model input as stored: JSON of a string or of a list of ``{role, content}``."""
     if isinstance(value, str):
-        return orjson.dumps(value).decode()
+        return _dumps(value).decode()
     if isinstance(value, list) and value:
-        for i, m in enumerate(value):
+        for m in value:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                i = next(i for i, m2 in enumerate(value) if m2 is m)
                 raise Invalid(f"message {i} must be an object with string 'role' and 'content'", "input")
-        return orjson.dumps(value).decode()
+        return _dumps(value).decode()
     raise Invalid("expected a string or a non-empty list of chat messages", "input")
 
 
@@ -277,40 +295,63 @@ def feedback_values(
 
 
 def _import_row(obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
-    """One parsed JSONL line → (records row, feedback row or None). See ``import_jsonl``."""
+    """One parsed JSONL line → (records row, feedback row or None). See ``import_jsonl``.
+
+    Shape (a) is checked inline (the hot path of a large import); the checks, their order and
+    their messages are those of :func:`record_row`, which shape (b) still goes through.
+    """
     if not isinstance(obj, dict):
         raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    get = obj.get
     if "output" in obj or "input" in obj:  # shape (a): structured request log
-        request_id = obj.get("request_id", obj.get("id"))
+        request_id = obj["request_id"] if "request_id" in obj else get("id")
         if request_id is None:
             raise Invalid("missing 'request_id'", "request_id")
         if "input" not in obj:
             raise Invalid("missing 'input'", "input")
-        record = record_row(
-            obj["input"],
-            obj.get("output"),
-            request_id=request_id,
-            model_version=obj.get("model_version"),
-            latency_ms=obj.get("latency_ms"),
-            tokens=obj.get("tokens"),
-            quality_score=obj.get("quality_score"),
-            metadata=obj.get("metadata"),
-            created_at=obj.get("timestamp", obj.get("created_at")),
-        )
+        if not isinstance(request_id, str) or not request_id:
+            raise Invalid("request id must be a non-empty string", "request_id")
+        output = get("output")
+        if not isinstance(output, str):
+            raise Invalid("expected the model output as a string", "output")
+        metadata = get("metadata")
+        if metadata is None:
+            meta = "{}"
+        elif isinstance(metadata, dict):
+            meta = _dumps(metadata).decode() if metadata else "{}"
+        else:
+            raise Invalid("expected a JSON object", "metadata")
+        created_at = obj["timestamp"] if "timestamp" in obj else get("created_at")
+        created = timestamp(created_at)
+        input_ = _check_input(obj["input"])
+        model_version = get("model_version")
+        if model_version is not None and not isinstance(model_version, str):
+            raise Invalid(f"expected a string, got {type(model_version).__name__}", "model_version")
+        latency_ms = get("latency_ms")
+        if latency_ms is not None:
+            if type(latency_ms) is not float:
+                latency_ms = _opt_num(latency_ms, "latency_ms")
+        tokens = get("tokens")
+        if tokens is not None:
+            tokens = _opt_num(tokens, "tokens", int)
+        quality_score = get("quality_score")
+        if quality_score is not None:
+            quality_score = _opt_num(quality_score, "quality_score")
+        record = (request_id, created, input_, output, model_version, latency_ms, tokens, quality_score, meta)
     elif "query" in obj:  # shape (b): flat rows; the id is a hash of the line
         record = record_row(
             obj["query"],
-            obj.get("response"),
+            get("response"),
             request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
-            model_version=obj.get("model", obj.get("model_version")),
-            quality_score=obj.get("quality_score"),
-            latency_ms=obj.get("latency_ms"),
-            metadata=obj.get("metadata"),
-            created_at=obj.get("timestamp"),
+            model_version=get("model", get("model_version")),
+            quality_score=get("quality_score"),
+            latency_ms=get("latency_ms"),
+            metadata=get("metadata"),
+            created_at=get("timestamp"),
         )
     else:
         raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
-    uf = obj.get("user_feedback")
+    uf = get("user_feedback")
     if uf is None:
         return record, None
     if isinstance(uf, (int, float)) and not isinstance(uf, bool):
@@ -353,6 +394,11 @@ _INSERT_FEEDBACK = (
     "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
     " error_tag, severity, annotator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Import: indexes no import statement reads; a large import drops and rebuilds them (see
+# ``import_jsonl``). ``feedback_request_id`` stays: the "insert once" check searches it.
+_DEFERRABLE_INDEXES = ("records_created_at", "records_model_version", "feedback_created_at")
+_REBUILD_INDEXES_RATIO = 0.5  # rebuild when the import adds at least half the table again
+_first = operator.itemgetter(0)
 # Import: identical feedback on one answer is stored once, so re-importing a file adds nothing.
 _INSERT_FEEDBACK_ONCE = (
     "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
@@ -777,54 +823,79 @@ class FeedbackStore:
         feedback: list[tuple] = []
         conn = self.conn
         in_tx = False
-        conn.execute("PRAGMA cache_size = -131072")  # 128 MiB while importing: fewer page spills
+        deferred: list[tuple[str, str]] = []  # (name, CREATE INDEX sql) dropped for this import
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(path, f"cannot read: {e.strerror}") from None
+        conn.execute(f"PRAGMA cache_size = {IMPORT_CACHE_KIB}")  # while importing: fewer page spills
 
         def flush() -> None:
             nonlocal in_tx
             if not in_tx:
                 conn.execute("BEGIN IMMEDIATE")
                 in_tx = True
+                # A large import relative to the table: rebuild the indexes the import itself
+                # does not read once at the end (a sort) instead of a random insert per row.
+                # Same transaction, so a failed import rolls the DROP back with everything else.
+                done = f.tell()
+                expected = len(records) * max(1.0, size / done) if done else len(records)
+                existing = conn.execute("SELECT max(rowid) FROM records").fetchone()[0] or 0
+                if expected >= existing * _REBUILD_INDEXES_RATIO:
+                    deferred.extend(conn.execute(
+                        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+                        f" AND name IN ({', '.join('?' * len(_DEFERRABLE_INDEXES))})",
+                        _DEFERRABLE_INDEXES,
+                    ).fetchall())
+                    for name, _ in deferred:
+                        conn.execute(f'DROP INDEX "{name}"')
+            # Key order (stable, so the first of duplicate ids still wins and feedback on one
+            # answer keeps its file order): neighbouring index pages instead of random ones.
+            records.sort(key=_first)
             before = conn.total_changes
             conn.executemany(_INSERT_RECORD, records)
             result.records += conn.total_changes - before
-            before = conn.total_changes
-            conn.executemany(_INSERT_FEEDBACK_ONCE, feedback)
-            result.feedback += conn.total_changes - before
+            if feedback:
+                feedback.sort(key=_first)
+                before = conn.total_changes
+                conn.executemany(_INSERT_FEEDBACK_ONCE, feedback)
+                result.feedback += conn.total_changes - before
             records.clear()
             feedback.clear()
 
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise DataError(path, f"cannot read: {e.strerror}") from None
+        lines = 0
         try:
             with f:
-                pending_bytes = 0
-                loads, append_r, append_f = orjson.loads, records.append, feedback.append
+                size = os.fstat(f.fileno()).st_size
+                reported = 0
+                loads, JSONDecodeError, import_row = orjson.loads, orjson.JSONDecodeError, _import_row
+                append_r, append_f = records.append, feedback.append
                 for n, raw in enumerate(f, 1):
-                    pending_bytes += len(raw)
-                    if not raw.strip():
-                        continue
                     try:
-                        rec, fb = _import_row(loads(raw), raw)
-                    except orjson.JSONDecodeError as e:
+                        rec, fb = import_row(loads(raw), raw)
+                    except JSONDecodeError as e:
+                        if not raw.strip():
+                            continue  # blank line
                         raise DataError(path, f"invalid JSON: {e}", line=n) from None
                     except Invalid as e:
                         raise DataError(path, str(e), line=n, field=e.field) from None
                     append_r(rec)
                     if fb is not None:
                         append_f(fb)
-                    result.lines += 1
+                    lines += 1
                     if len(records) >= batch:
                         flush()
                         if progress:
-                            progress(pending_bytes)
-                            pending_bytes = 0
+                            pos = f.tell()
+                            progress(pos - reported)
+                            reported = pos
                 if records or feedback:
                     flush()
-                if progress and pending_bytes:
-                    progress(pending_bytes)
+                if progress and f.tell() > reported:
+                    progress(f.tell() - reported)
             if in_tx:
+                for _, sql in deferred:
+                    conn.execute(sql)
                 conn.execute("COMMIT")
                 in_tx = False
         except BaseException:
@@ -833,6 +904,7 @@ class FeedbackStore:
             raise
         finally:
             conn.execute("PRAGMA cache_size = -2000")
+        result.lines = lines
         result.duplicates = result.lines - result.records
         result.seconds = time.perf_counter() - started
         return result

@@ -525,3 +525,212 @@ def test_every_feedback_command_has_help(path):
     for p in cmd.params:
         if not getattr(p, "hidden", False) and p.param_type_name == "option":
             assert p.help, f"{' '.join(path)} {p.name} has no help"
+
+
+# ---------------------------------------------------------------- fast import path
+
+
+def _reference_timestamp(value, field="created_at"):
+    """The general parser (what every timestamp went through before the canonical fast path)."""
+    from datetime import datetime as dt, timezone as tz
+    if isinstance(value, str):
+        try:
+            value = dt.fromisoformat(value)
+        except ValueError:
+            raise fbmod.Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
+        if value.tzinfo is not None:
+            value = value.astimezone(tz.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    return timestamp(value, field=field)
+
+
+def _outcome(fn, *args, **kwargs):
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except fbmod.Invalid as e:
+        return ("invalid", str(e), e.field)
+
+
+@pytest.mark.parametrize("value", [
+    "2026-01-05T10:00:00Z", "2026-01-05T10:00:00", "2026-01-05T10:00:00+00:00", "2026-01-05T10:00:00.123456Z",
+    "2026-01-05T10:00:00.123456", "2026-01-05T10:00:00.123456+00:00", "2026-01-05T10:00:00.123Z",
+    "2026-01-05T10:00:00+02:00", "2026-01-05 10:00:00Z", "2026-01-05", "2026-01-05T10:00Z", "2024-02-29T23:59:59Z",
+    "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z", "2026-01-01T00:00:60Z",
+    "2026-01-01T00:00:00z", "2026-01-01T00:00:00Z ", "２０２６-01-01T00:00:00Z", "soon", "",
+])
+def test_timestamp_fast_path_matches_the_general_parser(value):
+    assert _outcome(timestamp, value, field="f") == _outcome(_reference_timestamp, value, field="f")
+
+
+def _reference_import_row(obj, raw):
+    """``_import_row`` as it was before the inlined shape-(a) path: the oracle for its checks."""
+    import hashlib
+    Invalid, record_row = fbmod.Invalid, fbmod.record_row
+    if not isinstance(obj, dict):
+        raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    if "output" in obj or "input" in obj:
+        request_id = obj.get("request_id", obj.get("id"))
+        if request_id is None:
+            raise Invalid("missing 'request_id'", "request_id")
+        if "input" not in obj:
+            raise Invalid("missing 'input'", "input")
+        record = record_row(obj["input"], obj.get("output"), request_id=request_id,
+                            model_version=obj.get("model_version"), latency_ms=obj.get("latency_ms"),
+                            tokens=obj.get("tokens"), quality_score=obj.get("quality_score"),
+                            metadata=obj.get("metadata"), created_at=obj.get("timestamp", obj.get("created_at")))
+    elif "query" in obj:
+        record = record_row(obj["query"], obj.get("response"), request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
+                            model_version=obj.get("model", obj.get("model_version")),
+                            quality_score=obj.get("quality_score"), latency_ms=obj.get("latency_ms"),
+                            metadata=obj.get("metadata"), created_at=obj.get("timestamp"))
+    else:
+        raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
+    uf = obj.get("user_feedback")
+    if uf is None:
+        return record, None
+    if isinstance(uf, (int, float)) and not isinstance(uf, bool):
+        uf = {"rating": uf}
+    if not isinstance(uf, dict):
+        raise Invalid("expected a rating number or an object", "user_feedback")
+    fields = {k: uf.get(k) for k in fbmod._FEEDBACK_FIELDS}
+    if all(v is None for v in fields.values()):
+        return record, None
+    try:
+        fb = fbmod.feedback_values(**fields)
+        fb_at = timestamp(uf.get("timestamp", uf.get("created_at")) or record[1], field="user_feedback.timestamp")
+    except Invalid as e:
+        raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
+    return record, (record[0], fb_at, *fb.values())
+
+
+_BASE = {"request_id": "r", "input": "q", "output": "a", "timestamp": "2026-01-01T00:00:00Z"}
+_IMPORT_CASES = [
+    _BASE, {**_BASE, "request_id": None, "id": "x"}, {k: v for k, v in _BASE.items() if k != "request_id"},
+    {"id": "x", "input": "q", "output": "a"}, {**_BASE, "request_id": ""}, {**_BASE, "request_id": 5},
+    {"request_id": "r", "output": "a"}, {"request_id": "r", "input": "q"}, {**_BASE, "output": None},
+    {**_BASE, "output": 3}, {**_BASE, "input": []}, {**_BASE, "input": 3}, {**_BASE, "input": ["x"]},
+    {**_BASE, "input": [{"role": "user", "content": "c"}, {"role": "user"}]},
+    {**_BASE, "input": [{"role": "user", "content": "c"}], "metadata": {"k": [1, "é"]}},
+    {**_BASE, "metadata": {}}, {**_BASE, "metadata": None}, {**_BASE, "metadata": []}, {**_BASE, "metadata": "x"},
+    {**_BASE, "timestamp": None, "created_at": "2026-01-01"}, {**_BASE, "created_at": "2020-01-01"},
+    {k: v for k, v in _BASE.items() if k != "timestamp"} | {"created_at": 1767600000.5},
+    {**_BASE, "timestamp": "2026-02-30T00:00:00Z"}, {**_BASE, "timestamp": True}, {**_BASE, "timestamp": "2026-01-01T01:00:00+01:00"},
+    {**_BASE, "model_version": "1.0"}, {**_BASE, "model_version": 1}, {**_BASE, "latency_ms": 80},
+    {**_BASE, "latency_ms": 80.5}, {**_BASE, "latency_ms": True}, {**_BASE, "latency_ms": "80"},
+    {**_BASE, "tokens": 12}, {**_BASE, "tokens": 12.0}, {**_BASE, "tokens": 12.5}, {**_BASE, "tokens": False},
+    {**_BASE, "quality_score": 1}, {**_BASE, "quality_score": 0.5}, {**_BASE, "quality_score": "hi"},
+    {**_BASE, "output": 3, "timestamp": "soon", "metadata": 1},  # several wrong: the first check wins
+    {**_BASE, "input": 3, "timestamp": "soon"}, {**_BASE, "tokens": 1.5, "latency_ms": "x"},
+    {**_BASE, "user_feedback": 4}, {**_BASE, "user_feedback": 4.0}, {**_BASE, "user_feedback": True},
+    {**_BASE, "user_feedback": {"rating": 9}}, {**_BASE, "user_feedback": {"thumbs": True, "timestamp": "2026-02-01"}},
+    {**_BASE, "user_feedback": {"notes": None}}, {**_BASE, "user_feedback": {"severity": "meh"}},
+    {**_BASE, "user_feedback": {"rating": 2, "timestamp": "nope"}}, {**_BASE, "user_feedback": "good"},
+    {"query": "q", "response": "a", "model": "0.9", "user_feedback": 5}, {"query": "q", "response": 1},
+    {"something": "else"}, ["a list"], "a string", None, 3,
+]
+
+
+@pytest.mark.parametrize("obj", _IMPORT_CASES, ids=[str(i) for i in range(len(_IMPORT_CASES))])
+def test_import_row_matches_the_reference_checks(obj):
+    raw = json.dumps(obj).encode() + b"\n"
+    got, want = _outcome(fbmod._import_row, obj, raw), _outcome(_reference_import_row, obj, raw)
+    if want[0] == "ok" and isinstance(obj, dict) and obj.get("timestamp", obj.get("created_at")) is None:
+        # Stored at the import time: the two calls may differ by the clock only.
+        assert got[0] == "ok"
+        got, want = ([t[:1] + t[2:] if t else t for t in o[1]] for o in (got, want))
+    assert got == want
+
+
+def _indexes(path: Path) -> dict[str, str]:
+    with sqlite3.connect(path) as c:
+        return dict(c.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
+
+
+def _varied_log(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        row = {"request_id": f"id-{(i * 7919) % n:05d}", "input": [{"role": "user", "content": f"q{i}"}],
+               "output": f"a{i}", "model_version": f"1.{i % 3}", "timestamp": f"2026-01-{1 + i % 28:02d}T00:00:00Z"}
+        if i % 3 == 0:
+            row["user_feedback"] = {"rating": 1 + i % 5, "timestamp": "2026-02-01T00:00:00Z"}
+        if i % 4 == 0:
+            row["user_feedback"] = {"rating": 1 + i % 4, "notes": "same time, later line"}
+        rows.append(row)
+    rows += [{**rows[5], "output": "a later duplicate id: the first one stays"}, rows[9], rows[12]]
+    return rows
+
+
+def test_import_equals_the_row_by_row_reference(tmp_path):
+    f = write_jsonl(tmp_path / "log.jsonl", _varied_log(200))
+    fast = FeedbackStore(tmp_path / "fast.db")
+    first = fast.import_jsonl(f, batch=7)  # many batches, each sorted by id before inserting
+    ref = FeedbackStore(tmp_path / "ref.db")
+    c = ref.conn
+    with c:
+        for line in f.read_bytes().splitlines():
+            rec, fb = _reference_import_row(json.loads(line), line)
+            c.execute(fbmod._INSERT_RECORD, rec)
+            if fb:
+                c.execute(fbmod._INSERT_FEEDBACK_ONCE, fb)
+    assert list(fast.rows()) == list(ref.rows())
+    assert fast.stats() == ref.stats()
+    assert (first.lines, first.records, first.duplicates) == (203, 200, 3)
+    assert first.feedback == c.execute("SELECT count(*) FROM feedback").fetchone()[0]
+    again = fast.import_jsonl(f, batch=7)
+    assert (again.records, again.feedback, again.duplicates) == (0, 0, 203)
+    assert list(fast.rows()) == list(ref.rows()) and fast.integrity_check() == "ok"
+    assert _indexes(fast.path) == _indexes(ref.path)
+
+
+def _traced(store: FeedbackStore) -> list[str]:
+    seen: list[str] = []
+    store.conn.set_trace_callback(seen.append)
+    return seen
+
+
+def test_large_import_rebuilds_indexes_small_one_does_not(tmp_path):
+    store = FeedbackStore(tmp_path / "f.db")
+    store.count()
+    schema = _indexes(store.path)
+    big = write_jsonl(tmp_path / "big.jsonl", _varied_log(100))
+    seen = _traced(store)
+    store.import_jsonl(big, batch=10)
+    assert any(s.startswith("DROP INDEX") for s in seen)  # 100 new rows into an empty table
+    assert _indexes(store.path) == schema
+    small = write_jsonl(tmp_path / "small.jsonl", [{**_BASE, "request_id": f"s{i}"} for i in range(5)])
+    seen.clear()
+    assert store.import_jsonl(small).records == 5
+    assert not any("INDEX" in s for s in seen)  # 5 rows into 100: plain index inserts
+    assert _indexes(store.path) == schema and store.integrity_check() == "ok"
+    plan = " ".join(r[3] for r in store.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM records WHERE created_at > '2026' ORDER BY created_at"))
+    assert "records_created_at" in plan
+
+
+def test_failed_large_import_keeps_the_indexes_and_writes_nothing(tmp_path):
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log("q", "a", request_id="kept", created_at="2026-01-01")
+    schema = _indexes(store.path)
+    rows = [{**_BASE, "request_id": f"g{i}", "user_feedback": {"rating": 3}} for i in range(50)]
+    f = write_jsonl(tmp_path / "log.jsonl", [*rows, {**_BASE, "timestamp": "soon"}])
+    seen = _traced(store)
+    with pytest.raises(DataError, match="log.jsonl:51"):
+        store.import_jsonl(f, batch=10)
+    assert any(s.startswith("DROP INDEX") for s in seen)  # the drop happened, and was rolled back
+    assert _indexes(store.path) == schema
+    assert store.count() == 1 and store.stats()["feedback"] == 0 and store.integrity_check() == "ok"
+
+
+def test_import_waits_for_a_concurrent_writer(tmp_path):
+    path = tmp_path / "f.db"
+    store = FeedbackStore(path, busy_timeout=10)
+    store.count()
+    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"i{i}"} for i in range(30)])
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO records (id, created_at, input) VALUES ('other', '2026-01-01T00:00:00.000000Z', '\"q\"')")
+    import threading
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    result = store.import_jsonl(f, batch=10)
+    other.close()
+    assert result.records == 30 and store.count() == 31 and store.integrity_check() == "ok"
