@@ -1,0 +1,371 @@
+"""Candidate-vs-parent comparison and the release gates.
+
+Defaults come from the team's pre-deployment checklist (shared/PRACTICE.md): at least 200
+new examples for a MINOR release, zero critical regressions, accuracy at least the parent's
+(tolerance 0), hallucination rate not above the parent's. ``gates:`` in cl-release.yaml
+overrides any of them::
+
+    gates:
+      min_new_examples: {major: 0, minor: 200, patch: 0}   # or one integer for every bump
+      max_critical_regressions: 0
+      accuracy_tolerance: 0.0        # candidate pass rate >= parent's - tolerance
+      hallucination_tolerance: 0.0   # candidate hallucination rate <= parent's + tolerance
+      min_pass_rate: null            # absolute floors; these also apply to a first release
+      max_hallucination_rate: null
+
+A first release (no parent) is held to the absolute gates only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+from .evaluate import CRITICALITIES, CRITICALITY_RANK, CaseResult, EvalResult
+
+DEFAULT_GATES: dict[str, Any] = {
+    "min_new_examples": {"major": 0, "minor": 200, "patch": 0},
+    "max_critical_regressions": 0,
+    "accuracy_tolerance": 0.0,
+    "hallucination_tolerance": 0.0,
+    "min_pass_rate": None,
+    "max_hallucination_rate": None,
+}
+_EPS = 1e-9
+
+
+# ---------------------------------------------------------------- comparison
+
+
+@dataclass
+class Change:
+    """One test whose result differs between parent and candidate (or that only one ran)."""
+
+    id: str
+    criticality: str
+    domain: str
+    tags: list[str]
+    parent_passed: bool | None
+    candidate_passed: bool | None
+    parent_output: str | None
+    candidate_output: str | None
+    expected: Any = None
+    match: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Comparison:
+    """Candidate vs parent on the same suite."""
+
+    parent_version: str | None
+    candidate_version: str | None
+    suite_sha256: str
+    regressions: list[Change]  # parent passed, candidate failed; most critical first
+    improvements: list[Change]  # parent failed, candidate passed
+    unchanged_passed: list[str]
+    unchanged_failed: list[str]
+    metric_deltas: dict[str, Any] = field(default_factory=dict)
+
+    def regressions_by_criticality(self) -> dict[str, list[Change]]:
+        return {c: [r for r in self.regressions if r.criticality == c] for c in CRITICALITIES}
+
+    @property
+    def critical_regressions(self) -> list[Change]:
+        return [r for r in self.regressions if r.criticality == "critical"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parent": self.parent_version,
+            "candidate": self.candidate_version,
+            "suite_sha256": self.suite_sha256,
+            "regressions": [r.to_dict() for r in self.regressions],
+            "regressions_by_criticality": {
+                c: [r.id for r in rows] for c, rows in self.regressions_by_criticality().items() if rows
+            },
+            "improvements": [r.to_dict() for r in self.improvements],
+            "unchanged": {"passed": len(self.unchanged_passed), "failed": len(self.unchanged_failed)},
+            "metric_deltas": self.metric_deltas,
+        }
+
+
+def _change(p: CaseResult, c: CaseResult) -> Change:
+    return Change(
+        id=c.id,
+        criticality=c.criticality,
+        domain=c.domain,
+        tags=list(c.tags),
+        parent_passed=p.passed,
+        candidate_passed=c.passed,
+        parent_output=p.output,
+        candidate_output=c.output,
+        expected=c.expected,
+        match=c.match,
+    )
+
+
+def _delta(a, b):
+    if a is None or b is None:
+        return None
+    return round(b - a, 6)
+
+
+def metric_deltas(parent: EvalResult, candidate: EvalResult) -> dict[str, Any]:
+    pm, cm = parent.metrics, candidate.metrics
+    out: dict[str, Any] = {
+        "pass_rate": {"parent": pm["pass_rate"], "candidate": cm["pass_rate"], "delta": _delta(pm["pass_rate"], cm["pass_rate"])},
+        "hallucination_rate": {
+            "parent": pm["hallucination_rate"],
+            "candidate": cm["hallucination_rate"],
+            "delta": _delta(pm["hallucination_rate"], cm["hallucination_rate"]),
+        },
+    }
+    for key in ("per_domain", "per_criticality"):
+        names = sorted(set(pm[key]) | set(cm[key]), key=lambda n: CRITICALITY_RANK.get(n, 0) if key == "per_criticality" else n)
+        out[key] = {}
+        for n in names:
+            a = (pm[key].get(n) or {}).get("pass_rate")
+            b = (cm[key].get(n) or {}).get("pass_rate")
+            out[key][n] = {"parent": a, "candidate": b, "delta": _delta(a, b)}
+    return out
+
+
+def compare(parent: EvalResult, candidate: EvalResult) -> Comparison:
+    """Regressions (parent passed, candidate failed) by criticality, improvements, unchanged.
+
+    Both results must come from the same suite (same hash): a regression is only meaningful
+    on the same tests. ``evaluate_entry`` recomputes the parent on the current suite.
+    """
+    if parent.suite_sha256 != candidate.suite_sha256:
+        raise UserError(
+            f"cannot compare results from different suites ({parent.suite_sha256[:16]} vs {candidate.suite_sha256[:16]})",
+            hint="evaluate both versions on the same suite",
+        )
+    pby = parent.by_id()
+    regressions, improvements, same_pass, same_fail = [], [], [], []
+    for c in candidate.cases:
+        p = pby[c.id]
+        if p.passed and not c.passed:
+            regressions.append(_change(p, c))
+        elif c.passed and not p.passed:
+            improvements.append(_change(p, c))
+        elif c.passed:
+            same_pass.append(c.id)
+        else:
+            same_fail.append(c.id)
+    key = lambda ch: (CRITICALITY_RANK[ch.criticality], ch.id)  # noqa: E731
+    return Comparison(
+        parent_version=parent.version,
+        candidate_version=candidate.version,
+        suite_sha256=candidate.suite_sha256,
+        regressions=sorted(regressions, key=key),
+        improvements=sorted(improvements, key=key),
+        unchanged_passed=same_pass,
+        unchanged_failed=same_fail,
+        metric_deltas=metric_deltas(parent, candidate),
+    )
+
+
+def changed_outputs(a: EvalResult, b: EvalResult) -> list[Change]:
+    """Every test whose pass/fail result changed from ``a`` to ``b``, with both outputs."""
+    cmp = compare(a, b)
+    return cmp.regressions + cmp.improvements
+
+
+# ---------------------------------------------------------------- gates
+
+
+@dataclass
+class GateCheck:
+    name: str
+    passed: bool
+    value: Any
+    threshold: Any
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    checks: list[GateCheck]
+    candidate: str | None
+    parent: str | None
+    bump: str
+    config: dict[str, Any]
+    comparison: Comparison | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the release is blocked (empty when every gate passed)."""
+        return [c.detail for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "passed": self.passed,
+            "decision": "released" if self.passed else "rejected",
+            "candidate": self.candidate,
+            "parent": self.parent,
+            "bump": self.bump,
+            "reasons": self.reasons,
+            "checks": [c.to_dict() for c in self.checks],
+            "config": self.config,
+        }
+        if self.comparison is not None:
+            d["regressions"] = {
+                c: [r.id for r in rows] for c, rows in self.comparison.regressions_by_criticality().items() if rows
+            }
+            d["improvements"] = [r.id for r in self.comparison.improvements]
+        return d
+
+
+def gate_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults overlaid with the project's ``gates:`` section (validated by the project schema)."""
+    merged = dict(DEFAULT_GATES)
+    for key, value in (config or {}).items():
+        if key not in DEFAULT_GATES:
+            raise UserError(f"unknown gate {key!r}", hint=f"known gates: {', '.join(DEFAULT_GATES)}")
+        if key == "min_new_examples" and isinstance(value, dict):
+            value = {**DEFAULT_GATES["min_new_examples"], **value}
+        merged[key] = value
+    return merged
+
+
+def _min_examples(conf: dict[str, Any], bump: str) -> int:
+    v = conf["min_new_examples"]
+    return int(v.get(bump, 0)) if isinstance(v, dict) else int(v)
+
+
+def check(
+    candidate: EvalResult,
+    parent: EvalResult | None,
+    *,
+    bump: str,
+    new_examples: int,
+    config: dict[str, Any] | None = None,
+) -> GateDecision:
+    """Apply every gate; ``parent=None`` (first release) applies the absolute gates only."""
+    conf = gate_config(config)
+    checks: list[GateCheck] = []
+
+    need = _min_examples(conf, bump)
+    checks.append(
+        GateCheck(
+            "min_new_examples",
+            new_examples >= need,
+            new_examples,
+            need,
+            f"{new_examples} new examples, a {bump} release needs at least {need}",
+        )
+    )
+    c_rate = candidate.pass_rate or 0.0
+    if conf["min_pass_rate"] is not None:
+        floor = float(conf["min_pass_rate"])
+        checks.append(
+            GateCheck("min_pass_rate", c_rate + _EPS >= floor, c_rate, floor, f"pass rate {c_rate:.1%}, the floor is {floor:.1%}")
+        )
+    c_hall = candidate.hallucination_rate
+    if conf["max_hallucination_rate"] is not None and c_hall is not None:
+        ceil = float(conf["max_hallucination_rate"])
+        checks.append(
+            GateCheck(
+                "max_hallucination_rate", c_hall <= ceil + _EPS, c_hall, ceil,
+                f"hallucination rate {c_hall:.1%}, the ceiling is {ceil:.1%}",
+            )
+        )
+
+    comparison = None
+    if parent is not None:
+        comparison = compare(parent, candidate)
+        crit = comparison.critical_regressions
+        allowed = int(conf["max_critical_regressions"])
+        ids = ", ".join(r.id for r in crit[:10]) + (" ..." if len(crit) > 10 else "")
+        checks.append(
+            GateCheck(
+                "critical_regressions", len(crit) <= allowed, len(crit), allowed,
+                f"{len(crit)} critical regression(s) vs {parent.version or 'the parent'}" + (f": {ids}" if crit else "")
+                + f" (at most {allowed} allowed)",
+            )
+        )
+        p_rate = parent.pass_rate or 0.0
+        tol = float(conf["accuracy_tolerance"])
+        checks.append(
+            GateCheck(
+                "accuracy", c_rate + _EPS >= p_rate - tol, c_rate, round(p_rate - tol, 6),
+                f"pass rate {c_rate:.1%} vs parent {p_rate:.1%} (tolerance {tol:.1%})",
+            )
+        )
+        p_hall = parent.hallucination_rate
+        if p_hall is not None and c_hall is not None:
+            htol = float(conf["hallucination_tolerance"])
+            checks.append(
+                GateCheck(
+                    "hallucination_rate", c_hall <= p_hall + htol + _EPS, c_hall, round(p_hall + htol, 6),
+                    f"hallucination rate {c_hall:.1%} vs parent {p_hall:.1%} (tolerance {htol:.1%})",
+                )
+            )
+    return GateDecision(
+        passed=all(c.passed for c in checks),
+        checks=checks,
+        candidate=candidate.version,
+        parent=parent.version if parent is not None else None,
+        bump=bump,
+        config=conf,
+        comparison=comparison,
+    )
+
+
+def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None, *, new_examples: int, suites=None):
+    """Everything the release pipeline needs in one call.
+
+    Evaluates the candidate (and the parent, from its cached results when present) on the
+    project's suite and applies the gates. Returns (decision, candidate_result, parent_result).
+    """
+    from . import evaluate
+
+    suite = evaluate.load_project_suite(root, project, suites)
+    settings = evaluate.EvalSettings.from_project(project)
+    cand = evaluate.evaluate_entry(root, candidate_entry, suite, settings)
+    par = evaluate.evaluate_entry(root, parent_entry, suite, settings) if parent_entry is not None else None
+    decision = check(
+        cand, par, bump=candidate_entry["bump"], new_examples=new_examples,
+        config=(project.data.get("gates") if project is not None else None),
+    )
+    return decision, cand, par
+
+
+def release_evaluator(*, force: bool = False, reason: str | None = None, suites=None):
+    """An ``evaluator(project, plan, entry) -> entry`` hook for ``release.run_release``.
+
+    Evaluates the candidate entry and its parent, applies the gates and records
+    ``evaluation`` (summary), ``gates`` (the decision) and ``status`` (released/rejected) in
+    the entry. ``force`` keeps a failing candidate ``released`` and records
+    ``override: {reason, at, reasons}``; it needs a reason.
+    """
+    from .registry import Registry, utcnow
+
+    if force and not (reason and reason.strip()):
+        raise UserError("--force needs --reason TEXT", hint="say why the gates are overridden; it goes into the registry")
+
+    def evaluator(project, plan, entry: dict) -> dict:
+        parent_entry = Registry.find(Registry(project.root).load(), entry["parent"]) if entry.get("parent") else None
+        decision, cand, _ = release_gate(project.root, project, entry, parent_entry,
+                                         new_examples=plan.new_examples, suites=suites)
+        entry = dict(entry)
+        entry["evaluation"] = cand.summary()
+        entry["gates"] = decision.to_dict()
+        if decision.passed:
+            entry["status"] = "released"
+        elif force:
+            entry["status"] = "released"
+            entry["override"] = {"reason": reason.strip(), "at": utcnow(), "reasons": decision.reasons}
+        else:
+            entry["status"] = "rejected"
+        return entry
+
+    return evaluator

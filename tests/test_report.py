@@ -1,0 +1,116 @@
+"""The release report (HTML + Markdown + PNG plots) and the registry-only diff."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cl_release.cli import main
+from cl_release.files import atomic_write_json
+from cl_release.registry import empty_registry
+
+REPO = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def model(version, parent, status, pass_rate, hall, domains, gates=None, override=None, strategy="continued_lora"):
+    m = {
+        "version": version, "parent": parent, "bump": "minor" if parent else "major", "strategy": strategy,
+        "status": status, "created_at": "2026-01-01T00:00:00Z", "base_model": {"name": "models/tiny-llama"},
+        "adapter": {"path": f"outputs/v{version}/adapter", "sha256": "a" * 64},
+        "datasets": [{"name": "q", "role": "new", "path": "datasets/q.jsonl", "sha256": version[0] * 64 if version[0].isdigit() else "c" * 64,
+                      "examples": 100 * int(version.split(".")[1] or 1)}],
+        "config": {"path": f"outputs/v{version}/axolotl.yml", "sha256": "b" * 64}, "seed": 42,
+        "launch": {"num_processes": 1, "num_machines": 1}, "training": {"knobs": {"learning_rate": 1e-5}},
+        "evaluation": {"pass_rate": pass_rate, "hallucination_rate": hall, "per_domain": domains, "n_tests": 32},
+        "toolchain": {}, "source_commit": None,
+    }
+    if gates is not None:
+        m["gates"] = gates
+    if override is not None:
+        m["override"] = override
+    return m
+
+
+@pytest.fixture
+def repo(tmp_path):
+    data = empty_registry()
+    data["models"] = [
+        model("1.0.0", None, "released", 0.5, 0.4, {"idlh": 0.5, "storage": 0.4}, strategy="initial"),
+        model("1.1.0", "1.0.0", "released", 0.7, 0.2, {"idlh": 0.8, "storage": 0.6}, gates={"passed": True, "reasons": []}),
+        model("1.2.0", "1.1.0", "rejected", 0.72, 0.3, {"idlh": 0.7, "storage": 0.8},
+              gates={"passed": False, "reasons": ["1 critical regression(s) vs 1.1.0: idlh-ammonia (at most 0 allowed)"],
+                     "regressions": {"critical": ["idlh-ammonia"]}}),
+        model("1.3.0", "1.1.0", "released", 0.75, 0.25, {"idlh": 0.8, "storage": 0.7},
+              gates={"passed": False, "reasons": ["pass rate 75.0% vs parent 76.0%"]},
+              override={"reason": "expert review ok", "at": "2026-01-02T00:00:00Z"}),
+    ]
+    data["current"] = "1.3.0"
+    atomic_write_json(tmp_path / "registry/model_registry.json", data)
+    return tmp_path
+
+
+def test_report_writes_html_markdown_and_plots(repo):
+    r = CliRunner().invoke(main, ["-C", str(repo), "report", "--out", "site"])
+    assert r.exit_code == 0, r.output
+    out = repo / "site"
+    for name in ("lineage.png", "pass_rate.png", "hallucination_rate.png", "per_domain.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    html = (out / "index.html").read_text()
+    for v in ("1.0.0", "1.1.0", "1.2.0", "1.3.0"):
+        assert f"<td>{v}</td>" in html
+    assert 'id="current">1.3.0<' in html
+    assert "failed: 1 critical regression(s) vs 1.1.0: idlh-ammonia" in html
+    assert "forced: expert review ok" in html and "critical: 1" in html
+    for src in __import__("re").findall(r'<img src="([^"]+)"', html):
+        assert (out / src).is_file()
+    md = (out / "report.md").read_text()
+    assert "| 1.2.0 | 1.1.0 | continued_lora | rejected | 72.0% | 30.0% | failed: 1 critical" in md
+    assert "![Per domain](per_domain.png)" in md
+
+
+def test_report_is_byte_identical_when_rerun(repo):
+    from cl_release.report import build_report
+
+    a = build_report(repo, repo / "a")
+    b = build_report(repo, repo / "b")
+    for key in a:
+        assert a[key].read_bytes() == b[key].read_bytes(), key
+
+
+def test_report_on_an_empty_registry_says_what_to_do(tmp_path):
+    atomic_write_json(tmp_path / "registry/model_registry.json", empty_registry())
+    r = CliRunner().invoke(main, ["-C", str(tmp_path), "report"])
+    assert r.exit_code == 2 and "release a version first" in r.output
+
+
+def test_diff_without_eval_uses_registry_metrics(repo):
+    r = CliRunner().invoke(main, ["-C", str(repo), "diff", "1.1.0", "1.2.0", "--no-eval", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["metrics"]["changed"]["pass_rate"] == {"a": 0.7, "b": 0.72}
+    assert d["data"]["by_role"]["new"] == {"a": 100, "b": 200}
+    assert d["config"]["source"] == {"a": "registry", "b": "registry"}
+    assert "tests" not in d and d["lineage"].startswith("1.1.0 is an ancestor of 1.2.0")
+    assert json.loads((repo / "outputs/v1.2.0/diff-1.1.0-1.2.0.json").read_text())["b"] == "1.2.0"
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium(repo):
+    from cl_release.report import build_report
+
+    paths = build_report(repo, repo / "site")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "check_report_render.py"), str(paths["html"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "4/4 images" in out.stdout
