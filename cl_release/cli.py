@@ -257,25 +257,38 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
 @release_options
 @click.option("--notes", default="", help="What changed (goes into the registry, commit and tag).")
 @click.option("--allow-dirty", is_flag=True, help="Release even if the repository has uncommitted changes.")
+@click.option("--force", is_flag=True, help="Release even if a gate fails (needs --reason; recorded).")
+@click.option("--reason", default=None, help="Why the gates are overridden (with --force).")
 @pass_ctx
 @handle_errors
-def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, allow_dirty: bool) -> None:
-    """Build data, train, record and tag the next version (empty registry: 1.0.0)."""
+def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, allow_dirty: bool,
+            force: bool, reason: str | None) -> None:
+    """Build data, train, evaluate against the parent, gate, record and tag the next version.
+
+    On an empty registry any bump makes 1.0.0. A candidate that fails a gate is recorded as
+    rejected (exit 1) and the parent stays current."""
+    from .gates import release_evaluator
     from .release import run_release
 
+    evaluator = release_evaluator(force=force, reason=reason)
     with TrainingProgress() as bar:
         result = run_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy,
                              base_model=base_model, notes=notes, allow_dirty=allow_dirty, progress=bar.say,
-                             train_progress=bar.update)
+                             train_progress=bar.update, evaluator=evaluator)
     e = result.entry
     if result.plan is None:
         click.echo(f"Finished the interrupted release {e['version']} (recorded, committed, tagged); "
                    "nothing new to train on.")
         return
     loss = e["training"].get("train_loss")
+    pass_rate = (e.get("evaluation") or {}).get("pass_rate")
     click.echo(f"{e['status'].capitalize()} {e['version']} ({e['strategy']}, parent {e['parent'] or '-'})"
-               f"  train_loss={loss}  adapter={e['adapter']['path']}")
+               f"  train_loss={loss}" + (f"  pass_rate={pass_rate:.1%}" if pass_rate is not None else "")
+               + f"  adapter={e['adapter']['path']}")
+    for why in (e.get("gates") or {}).get("reasons", []):
+        click.echo(f"  gate failed: {why}" + ("  (overridden: --force)" if e.get("override") else ""))
     if e["status"] != "released":
+        click.echo(f"Current version stays {e['parent'] or 'none'}; 'cl-release release --force --reason TEXT' overrides.")
         sys.exit(1)
 
 

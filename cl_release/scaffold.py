@@ -51,6 +51,11 @@ training:                     # the tiny demo model: short sequences, small batc
   micro_batch_size: 4
   lora_r: 8
   lora_alpha: 16
+gates:                        # the demo's quarterly drops are small: 200 new examples is the real default
+  min_new_examples: {minor: 10}
+evaluation:
+  suites: [registry/regression_tests.jsonl]
+  max_new_tokens: 24
 """
 
 GITIGNORE = """\

@@ -49,6 +49,8 @@ launch:
 hub:
   repo_id: test-org/test-model
   private: true
+gates:                     # the test data is small; the gate itself is tested in test_gates/test_cli
+  min_new_examples: 0
 """
 
 _TOKENIZER_CACHE: dict[str, str] = {}

@@ -315,3 +315,33 @@ def test_hf_token_appears_nowhere(tmp_path, trainer, monkeypatch):
     assert b'"version": "1.0.0"' in everything and b"Release 1.0.0" in everything  # it did scan them
     assert SECRET.encode() not in everything  # registry, config, plan.json, logs, git history
     assert (root / "outputs/v1.0.0/train.log").is_file()
+
+
+def test_release_rejected_by_a_gate_keeps_the_parent_current(tmp_path, monkeypatch):
+    """No regression suite: the data gate still applies; a failing gate records 'rejected', exit 1."""
+    root = make_release_repo(tmp_path)
+    FakeTrainer().install(monkeypatch)
+    run("-C", root, "release", "minor")
+    text = (root / "cl-release.yaml").read_text().replace("min_new_examples: 0", "min_new_examples: {minor: 500}")
+    (root / "cl-release.yaml").write_text(text)
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")  # commits the project file too
+    result = run("-C", root, "release", "minor", ok=False)
+    assert result.exit_code == 1
+    assert "Rejected 1.1.0" in result.stdout and "a minor release needs at least 500" in result.stdout
+    data = registry_data(root)
+    assert data["current"] == "1.0.0"
+    rejected = data["models"][-1]
+    assert rejected["status"] == "rejected" and "v1.1.0" not in tags(root)
+    assert rejected["evaluation"]["skipped"].startswith("no regression suite")
+
+    forced = run("-C", root, "release", "minor", "--force", "--reason", "regulator deadline")
+    assert "Released 1.2.0" in forced.stdout
+    entry = registry_data(root)["models"][-1]
+    assert entry["override"]["reason"] == "regulator deadline" and entry["status"] == "released"
+    assert registry_data(root)["current"] == "1.2.0"
+
+
+def test_force_without_reason_is_refused(tmp_path):
+    root = make_release_repo(tmp_path)
+    result = run("-C", root, "release", "minor", "--force", ok=False)
+    assert_one_line_error(result, contains="--force needs --reason")
