@@ -12,7 +12,7 @@ NOTES ?=
 FROM ?=
 RELEASE_ARGS = $(if $(NOTES),--notes "$(NOTES)") $(if $(FROM),--from $(FROM))
 
-.PHONY: install test test-fast demo bench bench-quick release-major release-minor release-patch clean
+.PHONY: install test test-fast demo bench bench-quick bench-continual release-major release-minor release-patch clean
 
 install: $(BIN)/.installed
 
@@ -43,6 +43,11 @@ bench-quick: install
 	$(BIN)/python bench/bench_feedback.py --quick
 	$(BIN)/python bench/bench_data.py --quick
 	$(BIN)/python bench/bench_eval.py --quick
+
+# Continual-learning benchmark: every strategy through real releases on the tiny model; writes
+# bench/continual/RESULTS.md and its plots (about 30 minutes on 2 CPU cores). QUICK=1: one step, two strategies.
+bench-continual: install
+	$(BIN)/python bench/continual/run.py $(if $(QUICK),--quick,--overhead)
 
 release-major: install
 	$(BIN)/cl-release -C $(REPO) release major $(RELEASE_ARGS)
