@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,17 +35,29 @@ def record_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
 
 
-_WS = re.compile(r"\s+")
+def fold_text(text: str) -> str:
+    """``text`` with whitespace runs folded to one space, stripped, and case-folded.
+
+    ``str.split()`` splits on exactly the characters ``re``'s ``\\s`` matches in a str
+    pattern (``str.isspace()``, which includes the \\x1c-\\x1f separators), so this equals
+    ``re.sub(r"\\s+", " ", text).strip().casefold()`` at a fraction of the cost.
+    """
+    return " ".join(text.split()).casefold()
+
+
+def normalized_text(record: dict[str, Any]) -> str:
+    """The text a record's dedupe identity is taken from: roles and contents (or the
+    ``text``) joined, whitespace and case folded. Near-identical records give equal texts."""
+    if "messages" in record:
+        text = "\x1e".join([f"{m['role']}\x1f{m['content']}" for m in record["messages"]])
+    else:
+        text = record.get("text", "")
+    return fold_text(text)
 
 
 def normalized_key(record: dict[str, Any]) -> str:
     """Hash of the record's text with case and whitespace folded: near-identical rows collide."""
-    if "messages" in record:
-        parts = [f"{m['role']}\x1f{m['content']}" for m in record["messages"]]
-    else:
-        parts = [record.get("text", "")]
-    text = _WS.sub(" ", "\x1e".join(parts)).strip().casefold()
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(normalized_text(record).encode("utf-8")).hexdigest()
 
 
 def _fail(path, line, message, field=None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import pytest
 
@@ -115,6 +117,26 @@ def test_hashes():
     c = {"messages": [{"role": "system", "content": "hello world"}, {"role": "assistant", "content": "x"}]}
     assert datasets.normalized_key(a) != datasets.normalized_key(c)
 
+
+
+def test_normalized_key_is_pinned():
+    # the keys of earlier builds: the whitespace fold must not change them
+    a = {"messages": [{"role": "system", "content": "Be\u00a0brief.\x1c"},
+                      {"role": "user", "content": "  Straße  İstanbul\u2028ﬁre\t🚀 "},
+                      {"role": "assistant", "content": "X\r\nY"}]}
+    assert datasets.normalized_key(a) == "c35d42b0a6bc61391b06806680a1b8e5fdd2c1b03298b4fdf2e307423fb7f2a6"
+    assert datasets.normalized_key({"text": " Hello\u3000WORLD "}) == (
+        "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+    )
+
+
+def test_fold_text_matches_the_regex_fold():
+    # str.split() and re's \s agree on every code point (incl. \x1c-\x1f, NBSP, U+2028)
+    ws = re.compile(r"\s+")
+    chars = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, sys.maxunicode + 1)))
+    assert ws.sub("", chars) == "".join(chars.split())  # the same characters removed
+    for text in ["", "  ", "a", " A\tb\n\n c ", "\x1e\x1f x \x1c", "ß İ ﬁ Σ", "\u00a0\u3000x\u2028y\u0085", "a" * 50 + "  " + "B"]:
+        assert datasets.fold_text(text) == ws.sub(" ", text).strip().casefold()
 
 def test_snapshot_is_content_addressed_and_idempotent(tmp_path):
     rel, digest = datasets.write_snapshot(tmp_path, [OK, OK])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,13 @@ from cl_release import datasets
 from cl_release.cli import main
 from cl_release.errors import DataError, UserError
 from cl_release.extract import (
+    EMAIL_RE,
+    PHONE_RE,
     ExtractionRules,
     RuleError,
+    _prompt,
+    _redact_email,
+    _redact_phone,
     build,
     classify,
     corrections_only,
@@ -351,6 +358,155 @@ def test_dump_matches_datasets_canonical_json():
     records.append({"instruction": "a", "input": "", "output": "b"})
     assert dump_jsonl(records) == datasets.dump_jsonl(records)
 
+
+
+# ---------------------------------------------------------------- fast path == straightforward path
+
+_WS = re.compile(r"\s+")
+
+
+def _ref_id_key(rid):
+    if isinstance(rid, (int, float)) and not isinstance(rid, bool):
+        return (0, rid, "")
+    return (1, 0, rid if isinstance(rid, str) else str(rid))
+
+
+def reference_build(rows, rules, fmt):
+    """The straightforward path build() must match byte for byte: classify() and _prompt()
+    per row, every redaction regex run with re.sub on every text, sha256 of the regex-folded
+    text as the dedupe key (keeping the newest), one json.dumps per record."""
+    custom = [re.compile(p) for p in rules.redact_patterns]
+
+    def red(text):
+        for rx in custom:
+            text = rx.sub("[REDACTED]", text)
+        if rules.redact_pii:
+            text = PHONE_RE.sub("[PHONE]", EMAIL_RE.sub("[EMAIL]", text))
+        return text
+
+    skipped, seen, entries = {}, {}, []
+
+    def skip(reason):
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for r in rows:
+        if not isinstance(r, dict) or r.get("id") is None:
+            skip("invalid_row")
+            continue
+        source = classify(r, rules)
+        if source not in ("kept", "corrected"):
+            skip(source)
+            continue
+        prompt = _prompt(r.get("input"))
+        if isinstance(prompt, str):
+            skip(prompt)
+            continue
+        msgs = [*prompt, {"role": "assistant", "content": r["output"] if source == "kept" else r["correction"]}]
+        msgs = [{"role": m["role"], "content": red(m["content"])} for m in msgs]
+        created = r.get("created_at") or ""
+        idk = _ref_id_key(r["id"])
+        e = {"order": (created, idk), "newest": (r.get("feedback_at") or created, created, idk), "id": r["id"],
+             "source": source, "messages": msgs}
+        if not rules.dedupe:
+            entries.append(e)
+            continue
+        folded = _WS.sub(" ", "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in msgs)).strip().casefold()
+        key = hashlib.sha256(folded.encode("utf-8")).hexdigest()
+        if key not in seen:
+            seen[key] = e
+        else:
+            skip("duplicate")
+            if e["newest"] > seen[key]["newest"]:
+                seen[key] = e
+    if rules.dedupe:
+        entries = list(seen.values())
+    entries.sort(key=lambda e: e["order"])
+    examples = [format_example(e["messages"], fmt) for e in entries]
+    data = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for x in examples)
+    corr = [x for x, e in zip(examples, entries) if e["source"] == "corrected"]
+    cdata = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for x in corr)
+    ids = sorted((e["id"] for e in entries), key=_ref_id_key)
+    cids = sorted((e["id"] for e in entries if e["source"] == "corrected"), key=_ref_id_key)
+    return data.encode("utf-8"), cdata.encode("utf-8"), ids, cids, dict(sorted(skipped.items())), examples
+
+
+def varied_rows(n, seed=1, uniform=False):
+    """Unicode, case and whitespace variants, duplicates, PII, chat inputs, bad rows, mixed ids.
+    ``uniform``: string ids and created_at all of one length, as FeedbackStore.rows() gives."""
+    rnd = random.Random(seed)
+    words = ["Ammonia", "ÄRGER", "straße", "STRASSE", "ﬁre", "İstanbul", "🚀", "\u00a0", "\t", "\u2028", "\x1e", "\x00",
+             "valve", "+44 20 7946 0958", "555-123-4567", "(555) 123-4567", "020 7946 0958", "1-800-555-0199",
+             "+1(2)3  45678", "١٢٣-٤٥٦-٧٨٩٠", "123456-789", "jane.doe+ops@example.co.uk", "a@b", "x@@y.io", "ppm", '"q"',
+             "\\", "  ", "\n", "<|im_start|>", "ACME-12345"]
+    rows = []
+    for i in range(n):
+        q = " ".join(rnd.choice(words) for _ in range(rnd.randrange(1, 8)))
+        if rnd.random() < 0.3:
+            q = q.upper()
+        p = rnd.random()
+        if p < 0.2:
+            inp = [{"role": "system", "content": rnd.choice(["Be brief.", "BE  brief.", "sys 555-123-4567"])},
+                   {"role": "user", "content": q}]
+            if rnd.random() < 0.5:
+                inp += [{"role": "assistant", "content": "old", "name": "bot"}, {"role": "user", "content": q.lower()}]
+        elif p < 0.23:
+            inp = rnd.choice([None, 42, [{"role": "wizard", "content": "x"}], "   ", ["hi"],
+                              [{"role": "assistant", "content": "x"}], [{"role": "user", "content": 3}]])
+        else:
+            inp = q
+        rid = f"r{i:06d}"
+        if rnd.random() < 0.3:
+            rid = rnd.choice([f"id{i:05d}", i, float(i) + 0.5, f"ID{rnd.randrange(50)}", rid])
+        r = row(i, id=rid if rnd.random() > 0.01 else None, input=inp,
+                created_at=rnd.choice(["", None, f"2026-01-{1 + i % 3:02d}T00:00:00.000000Z"]),
+                feedback_at=rnd.choice([None, None, "2026-02-01T00:00:00.000000Z", f"2026-01-0{1 + i % 5}T00:00:00.000000Z"]),
+                output=rnd.choice(["answer 1", "Answer  1", "  ", "call 555-123-4567 or bob@corp.example", "ünï 🚀", q]),
+                rating=rnd.choice([None, 1, 2, 3, 4, 5]), thumbs=rnd.choice([None, None, -1, 0, 1]),
+                quality_score=rnd.choice([None, None, 0.5, 0.8, 0.95]), hallucinated=rnd.choice([None, None, True, False]),
+                correction=rnd.choice([None, "", "  ", "Fixed  answer", "fixed ANSWER", "mail a.b@c.de", "+44 20 7946 0958"]))
+        if uniform:
+            r.update(id=str(r["id"]), created_at=f"2026-01-{1 + i % 3:02d}T00:00:00.000000Z")
+        rows.append(["not a dict"] if rnd.random() < 0.005 else r)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "rules,fmt",
+    [
+        (ExtractionRules(), "messages"),
+        (ExtractionRules(), "chatml"),
+        (ExtractionRules(), "completion"),
+        (ExtractionRules(), "alpaca"),
+        (ExtractionRules(dedupe=False), "messages"),
+        (ExtractionRules(redact_pii=False), "messages"),
+        (ExtractionRules(redact_patterns=[r"ACME-\d+", "ünï"]), "chatml"),
+        (ExtractionRules(min_rating=5, max_negative_rating=3, quality_threshold=None), "messages"),
+    ],
+    ids=["default", "chatml", "completion", "alpaca", "no-dedupe", "no-redaction", "patterns", "strict"],
+)
+@pytest.mark.parametrize("uniform", [False, True], ids=["mixed", "uniform"])
+def test_fast_path_matches_straightforward_path(rules, fmt, uniform):
+    rows = varied_rows(3000, uniform=uniform)
+    result = build(rows, rules, fmt)
+    data, cdata, ids, cids, skipped, examples = reference_build(rows, rules, fmt)
+    m = result.manifest
+    assert m["skipped"] == skipped and m["skipped"].get("duplicate", 0) > (100 if rules.dedupe else -1)
+    assert result.examples == examples and m["record_ids"] == ids and m["corrections"]["record_ids"] == cids
+    assert result.data == data and result.corrections_data == cdata
+    assert m["sha256"] == hashlib.sha256(data).hexdigest() and m["corrections"]["sha256"] == hashlib.sha256(cdata).hexdigest()
+    assert b"[EMAIL]" in data and b"[PHONE]" in data if rules.redact_pii else b"[EMAIL]" not in data
+
+
+def test_redaction_shortcuts_match_plain_regex():
+    # _redact_phone/_redact_email skip text that cannot match; on random text (digits,
+    # separators, Unicode digits, real numbers and addresses) they equal re.sub exactly
+    rnd = random.Random(3)
+    alphabet = list("0123456789" * 4 + " .-()+" * 3 + "aZ_@x.é٣\n") + [
+        "555-123-4567", "+44 20 7946 0958", "(555) 123-4567", "020 7946 0958", "1-800-555-0199", "a.b@c.de", "x@y"]
+    for _ in range(20000):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 30)))
+        assert _redact_phone(text) == PHONE_RE.sub("[PHONE]", text), text
+        assert _redact_email(text) == EMAIL_RE.sub("[EMAIL]", text), text
 
 def test_manifest_contents(tmp_path):
     rows = [
