@@ -726,82 +726,10 @@ def build_project(
 
 # ---------------------------------------------------------------- validating files
 
-MATCH_KINDS = ("contains", "exact", "regex", "not_contains", "json_equal")
-CRITICALITIES = ("critical", "high", "medium", "low")
-_SUITE_KEYS = {"id", "input", "expected", "match", "criticality", "domain", "tags", "notes", "metadata"}
-
-
-def validate_suite_row(obj: Any, *, path: str, line: int) -> dict[str, Any]:
-    """Check one regression-suite row; return it with defaults (match contains, criticality medium).
-
-    ``expected`` is a string or a list of strings (key facts, all required); any JSON value
-    for ``json_equal``.
-    """
-
-    def fail(message: str, fld: str | None = None):
-        raise DataError(path, message, line=line, field=fld)
-
-    if not isinstance(obj, dict):
-        fail(f"expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - _SUITE_KEYS)
-    if unknown:
-        fail(f"unknown key (use {', '.join(sorted(_SUITE_KEYS))})", unknown[0])
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        fail("missing or not a non-empty string", "id")
-    inp = obj.get("input")
-    if isinstance(inp, list):
-        if not inp:
-            fail("must not be empty", "input")
-        for i, m in enumerate(inp):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                fail("must be an object with role and content", f"input[{i}]")
-            if m.get("role") not in ROLES:
-                fail(f"unknown role {m.get('role')!r} (use {', '.join(sorted(ROLES))})", f"input[{i}].role")
-    elif not isinstance(inp, str) or not inp.strip():
-        fail("missing, empty, or not a string or message list", "input")
-    match = obj.get("match", "contains")
-    if match not in MATCH_KINDS:
-        fail(f"unknown match {match!r} (use {', '.join(MATCH_KINDS)})", "match")
-    criticality = obj.get("criticality", "medium")
-    if criticality not in CRITICALITIES:
-        fail(f"unknown criticality {criticality!r} (use {', '.join(CRITICALITIES)})", "criticality")
-    if "expected" not in obj:
-        fail("missing field", "expected")
-    expected = obj["expected"]
-    if match != "json_equal":
-        items = expected if isinstance(expected, list) else [expected]
-        if not items or not all(isinstance(x, str) and x.strip() for x in items):
-            fail("must be a non-empty string or list of non-empty strings", "expected")
-        if match == "regex":
-            for x in items:
-                try:
-                    re.compile(x)
-                except re.error as e:
-                    fail(f"invalid regular expression {x!r}: {e}", "expected")
-    if "domain" in obj and not isinstance(obj["domain"], str):
-        fail("must be a string", "domain")
-    tags = obj.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        fail("must be a list of strings", "tags")
-    return {**obj, "match": match, "criticality": criticality, "tags": tags}
-
-
-def validate_suite_file(path: Path, *, display: str | None = None) -> int:
-    shown = display or str(path)
-    ids: dict[str, int] = {}
-    n = 0
-    for line, obj in iter_jsonl(Path(path), display=shown):
-        row = validate_suite_row(obj, path=shown, line=line)
-        if row["id"] in ids:
-            raise DataError(shown, f"duplicate id {row['id']!r} (first on line {ids[row['id']]})", line=line, field="id")
-        ids[row["id"]] = line
-        n += 1
-    return n
-
-
 def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None = None) -> int:
-    """Check every row of a training file (``fmt`` in FORMATS) or a suite (``suite``)."""
+    """Check every row of a training file (``fmt`` in FORMATS) or a regression suite (``suite``)."""
     if fmt == "suite":
-        return validate_suite_file(path, display=display)
+        from .evaluate import suite_rows  # the one suite parser the runner itself uses
+
+        return len(suite_rows(Path(path), display=display))
     return len(read_records(Path(path), fmt, display=display))

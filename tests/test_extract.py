@@ -31,7 +31,7 @@ from cl_release.extract import (
     manifest_path,
     normalize_time,
     redact,
-    validate_suite_row,
+    validate_data_file,
     write_build,
 )
 
@@ -622,17 +622,27 @@ def test_normalize_time():
         ({"id": "c1", "input": [{"role": "bot", "content": "q"}], "expected": "a"}, "input[0].role"),
     ],
 )
-def test_suite_row_errors(obj, field):
+def test_suite_row_errors(obj, field, tmp_path):
+    """`data validate --format suite` uses the evaluation runner's own parser."""
+    import json
+
+    suite = tmp_path / "suite.jsonl"
+    ok = {"id": "c0", "input": "q", "expected": "a"}
+    suite.write_text("\n".join(json.dumps(o) for o in (ok, ok | {"id": "c9"}, ok | {"id": "c8"}, obj)) + "\n")
     with pytest.raises(DataError) as e:
-        validate_suite_row(obj, path="suite.jsonl", line=4)
+        validate_data_file(suite, "suite")
     assert e.value.line == 4 and e.value.field == field
 
 
-def test_suite_row_defaults():
-    r = validate_suite_row({"id": "c1", "input": "q", "expected": ["300 ppm", "IDLH"]}, path="s", line=1)
-    assert r["match"] == "contains" and r["criticality"] == "medium" and r["tags"] == []
-    r = validate_suite_row({"id": "c2", "input": "q", "expected": {"a": 1}, "match": "json_equal"}, path="s", line=1)
-    assert r["expected"] == {"a": 1}
+def test_suite_row_defaults_and_promoted_rows(tmp_path):
+    import json
+
+    suite = tmp_path / "suite.jsonl"
+    rows = [{"id": "c1", "input": "q", "expected": ["300 ppm", "IDLH"]},
+            {"id": "c2", "input": "q", "expected": {"a": 1}, "match": "json_equal"},
+            {"id": "c3", "input": "q", "expected": "x", "source": "feedback:r1"}]
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validate_data_file(suite, "suite") == 3
 
 
 # ---------------------------------------------------------------- CLI
@@ -779,7 +789,7 @@ def test_cli_validate_suite(repo):
     assert res.exit_code == 0 and res.output == "suite.jsonl: 2 records OK\n"
     write_rows(repo / "suite.jsonl", [good, good])
     res = run(repo, "data", "validate", "--format", "suite", "suite.jsonl")
-    assert res.exit_code == 2 and "suite.jsonl:2: id: duplicate id 'c1' (first on line 1)" in res.stderr
+    assert res.exit_code == 2 and "suite.jsonl:2: id: test id 'c1' already used on line 1" in res.stderr
 
 
 def test_ids_of_mixed_types_sort_deterministically():
