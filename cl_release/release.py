@@ -558,7 +558,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                                                 "started_at": utcnow(), "pid": os.getpid()})
             atomic_write_text(root / plan.config_path, plan.config_text)
             atomic_write_json(out / "plan.json", plan.to_dict())
-            progress(f"training {plan.version} ({plan.strategy}, {plan.new_examples} new examples) ...")
+            mix = ", ".join(f"{p.role} {len(p.records)}" for p in plan.parts)
+            progress(f"training {plan.version} ({plan.strategy}; examples: {mix}) ...")
             result = run_training(root, plan.config_path, plan.launch, mixed_precision=plan.hw["mixed_precision"],
                                   log_path=out / "train.log", progress=train_progress)
             crash_point("trained")
