@@ -224,14 +224,14 @@ def test_watch_once_full_cycle_with_real_training(tmp_path, monkeypatch):
     for k, v in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1"}.items():
         monkeypatch.setenv(k, v)
     root = init_repository(tmp_path / "repo", demo=True)
-    with open(root / "cl-release.yaml", "a") as f:
-        f.write(YAML.replace("min_samples: 100", "min_samples: 60") + """\
-gates:
-  min_new_examples: 0
-  accuracy_tolerance: 1.0
-  hallucination_tolerance: 1.0
-  max_critical_regressions: 1000
-""")
+    import yaml
+
+    project_file = root / "cl-release.yaml"
+    settings = yaml.safe_load(project_file.read_text())
+    settings.update(yaml.safe_load(YAML.replace("min_samples: 100", "min_samples: 60")))
+    settings["gates"] = {"min_new_examples": 0, "accuracy_tolerance": 1.0, "hallucination_tolerance": 1.0,
+                         "max_critical_regressions": 1000}
+    project_file.write_text(yaml.safe_dump(settings, sort_keys=False))
     git(root, "commit", "-qam", "watch settings for the test")
     first = run_release(Project.load(root), bump="minor", notes="initial")
     assert first.entry["version"] == "1.0.0"
