@@ -646,6 +646,12 @@ def load_model(root: Path, base_path: str, adapter_dir: str | None, settings: Ev
     The tokenizer (and its chat template) comes from the adapter directory or its parent when
     training saved one there (Axolotl does), else from the base model.
     """
+    import logging
+
+    # Import-time chatter from optional kernels (torchao's CUDA extensions on a CPU build,
+    # torch's pytree deprecation notes) is not the user's business on stderr.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
