@@ -108,6 +108,18 @@ def mention_texts(all_facts: dict[str, list[tuple[str, str]]]) -> list[str]:
     return out
 
 
+def lm_texts(all_facts: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """Plain texts for base-model preparation: every entity mentioned (``mention_texts``) and,
+    per domain, every answer phrase with every value but no entity, so every token the tasks
+    answer with is a token the base model has produced (as in a pretrained model)."""
+    out = mention_texts(all_facts)
+    for dom, (_noun, values, tpl) in DOMAINS.items():
+        answers = sorted({a.format(v=v) for _q, a in tpl for v in values})
+        out.append(f"Possible answers: {' '.join(answers)}")
+        out.extend(f"Possible answer: {a}" for a in answers)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
