@@ -285,6 +285,8 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
     click.echo(f"{e['status'].capitalize()} {e['version']} ({e['strategy']}, parent {e['parent'] or '-'})"
                f"  train_loss={loss}" + (f"  pass_rate={pass_rate:.1%}" if pass_rate is not None else "")
                + f"  adapter={e['adapter']['path']}")
+    if result.timings:
+        click.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     for why in (e.get("gates") or {}).get("reasons", []):
         click.echo(f"  gate failed: {why}" + ("  (overridden: --force)" if e.get("override") else ""))
     if e["status"] != "released":
@@ -1001,3 +1003,49 @@ def serve(ctx: Context, host: str | None, port: int | None, verbose: bool) -> No
         server.serve_forever()
     finally:
         server.server_close()
+
+
+# ---- console entry point ----
+
+# Modules whose interpreter teardown takes seconds (finalising thousands of objects and
+# extension modules). Once the command's work is done and flushed there is nothing left to
+# tear down that the OS does not release anyway.
+_SLOW_TEARDOWN = ("torch", "transformers", "peft")
+
+
+def exit_code(code: Any) -> int:
+    """sys.exit's argument as a process exit status (None: 0; a message: printed, 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    click.echo(str(code), err=True)
+    return 1
+
+
+def finish(code: Any) -> None:
+    """Exit with ``code``; skip the slow interpreter teardown when torch & co. were loaded.
+
+    Everything the command wrote is already on disk (atomic writes, committed SQLite
+    transactions); stdout/stderr and logging are flushed before ``os._exit``."""
+    status = exit_code(code)
+    if not any(m in sys.modules for m in _SLOW_TEARDOWN):
+        sys.exit(status)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def run() -> None:
+    """The ``cl-release`` console script: ``main`` as a click program, then :func:`finish`."""
+    try:
+        main.main(prog_name="cl-release")
+    except SystemExit as e:
+        finish(e.code)
+    finish(0)

@@ -640,6 +640,24 @@ def _resolve_model_path(root: Path, name: str) -> str:
     return name  # a Hub id: resolved from the local cache (offline) by transformers
 
 
+def warm_up() -> None:
+    """Import what ``load_model`` and ``run_suite`` need (torch, transformers, PEFT: seconds).
+
+    The release pipeline calls it in a thread while the training subprocess runs, so the gate
+    evaluation after training does not pay for the imports."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:  # only needed for adapters; load_model says so when it is missing
+        pass
+
+
 def load_model(root: Path, base_path: str, adapter_dir: str | None, settings: EvalSettings, *, revision=None):
     """(model, tokenizer) for inference: base model + LoRA merged, tokenizer left-padded.
 

@@ -326,15 +326,17 @@ def check(
     )
 
 
-def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None, *, new_examples: int, suites=None):
+def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None, *, new_examples: int, suites=None,
+                 suite=None):
     """Everything the release pipeline needs in one call.
 
     Evaluates the candidate (and the parent, from its cached results when present) on the
-    project's suite and applies the gates. Returns (decision, candidate_result, parent_result).
+    project's suite (``suite``: already loaded) and applies the gates. Returns (decision,
+    candidate_result, parent_result).
     """
     from . import evaluate
 
-    suite = evaluate.load_project_suite(root, project, suites)
+    suite = suite if suite is not None else evaluate.load_project_suite(root, project, suites)
     settings = evaluate.EvalSettings.from_project(project)
     cand = evaluate.evaluate_entry(root, candidate_entry, suite, settings)
     par = evaluate.evaluate_entry(root, parent_entry, suite, settings) if parent_entry is not None else None
@@ -345,25 +347,45 @@ def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None
     return decision, cand, par
 
 
-def release_evaluator(*, force: bool = False, reason: str | None = None, suites=None):
-    """An ``evaluator(project, plan, entry) -> entry`` hook for ``release.run_release``.
+class ReleaseEvaluator:
+    """The ``evaluator(project, plan, entry) -> entry`` hook of ``release.run_release``.
 
     Evaluates the candidate entry and its parent, applies the gates and records
     ``evaluation`` (summary), ``gates`` (the decision) and ``status`` (released/rejected) in
     the entry. ``force`` keeps a failing candidate ``released`` and records
     ``override: {reason, at, reasons}``; it needs a reason.
+
+    ``prepare(project, plan)`` runs while the candidate trains (in a thread): it imports the
+    inference libraries and loads the suite, so the evaluation after training starts warm. It
+    does not load a model or evaluate anything (the training may be using all of the GPU).
     """
-    from .registry import Registry, utcnow
 
-    if force and not (reason and reason.strip()):
-        raise UserError("--force needs --reason TEXT", hint="say why the gates are overridden; it goes into the registry")
+    def __init__(self, *, force: bool = False, reason: str | None = None, suites=None):
+        if force and not (reason and reason.strip()):
+            raise UserError("--force needs --reason TEXT",
+                            hint="say why the gates are overridden; it goes into the registry")
+        self.force, self.reason, self.suites = force, reason, suites
+        self._suite = None
 
-    def evaluator(project, plan, entry: dict) -> dict:
+    def _missing(self, project) -> list[str]:
         from .evaluate import suite_paths
+
+        return [p for p in suite_paths(project, self.suites) if not (project.root / p).is_file()]
+
+    def prepare(self, project, plan) -> None:
+        from . import evaluate
+
+        if self._missing(project):
+            return
+        self._suite = evaluate.load_project_suite(project.root, project, self.suites)
+        evaluate.warm_up()
+
+    def __call__(self, project, plan, entry: dict) -> dict:
+        from .registry import Registry, utcnow
 
         parent_entry = Registry.find(Registry(project.root).load(), entry["parent"]) if entry.get("parent") else None
         entry = dict(entry)
-        missing = [p for p in suite_paths(project, suites) if not (project.root / p).is_file()]
+        missing = self._missing(project)
         if missing:
             # No regression suite yet: only the data gates apply, and the entry says so.
             decision = check(None, None, bump=entry["bump"], new_examples=plan.new_examples,
@@ -372,16 +394,20 @@ def release_evaluator(*, force: bool = False, reason: str | None = None, suites=
                                               "add tests with 'cl-release eval add'"}
         else:
             decision, cand, _ = release_gate(project.root, project, entry, parent_entry,
-                                             new_examples=plan.new_examples, suites=suites)
+                                             new_examples=plan.new_examples, suites=self.suites, suite=self._suite)
             entry["evaluation"] = cand.summary()
+        self._suite = None
         entry["gates"] = decision.to_dict()
         if decision.passed:
             entry["status"] = "released"
-        elif force:
+        elif self.force:
             entry["status"] = "released"
-            entry["override"] = {"reason": reason.strip(), "at": utcnow(), "reasons": decision.reasons}
+            entry["override"] = {"reason": self.reason.strip(), "at": utcnow(), "reasons": decision.reasons}
         else:
             entry["status"] = "rejected"
         return entry
 
-    return evaluator
+
+def release_evaluator(*, force: bool = False, reason: str | None = None, suites=None) -> ReleaseEvaluator:
+    """The gate evaluator ``cl-release release`` passes to ``run_release`` (see ReleaseEvaluator)."""
+    return ReleaseEvaluator(force=force, reason=reason, suites=suites)

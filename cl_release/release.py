@@ -498,6 +498,22 @@ class ReleaseResult:
     adopted: bool = False
     recovered: list[str] = field(default_factory=list)
     commit: str | None = None
+    # Wall seconds per phase (plan, merge, snapshots, train, evaluate, record, git): where a
+    # release's time went, beyond the training it runs.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Phases:
+    """Wall-clock seconds per named phase, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 def release_lock(root: Path):
@@ -515,6 +531,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
     from .train import run_training, toolchain_versions
 
     root = project.root
+    phases = _Phases()
     with release_lock(root):
         repo = ReleaseRepo(root)
         recovered = reconcile(root, repo, progress)
@@ -530,17 +547,21 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                 entry = Registry(root).get(recovered[-1])
                 return ReleaseResult(entry=entry, plan=None, recovered=recovered, commit=repo.head())
             raise
+        phases.done("plan")
         if plan.needs_parent_merge:
             progress(f"merging {plan.parent} into its base (merge_and_retrain starts from the merged model)")
             merge_version(project, plan.parent, progress=progress)
+            phases.done("merge")
             plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
                                 base_model=base_model, notes=notes, tags=repo.tags())
+            phases.done("plan")
         crash_point("planned")
 
         for part in plan.parts:
             rel, digest = ds.write_snapshot(root, part.records)
             assert rel == part.path and digest == part.sha256
         crash_point("snapshots")
+        phases.done("snapshots")
 
         out = root / plan.output_dir
         adopted = False
@@ -560,14 +581,17 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             atomic_write_json(out / "plan.json", plan.to_dict())
             mix = ", ".join(f"{p.role} {len(p.records)}" for p in plan.parts)
             progress(f"training {plan.version} ({plan.strategy}; examples: {mix}) ...")
-            result = run_training(root, plan.config_path, plan.launch, mixed_precision=plan.hw["mixed_precision"],
-                                  log_path=out / "train.log", progress=train_progress)
+            with _alongside(getattr(evaluator, "prepare", None), project, plan) as prepared:
+                result = run_training(root, plan.config_path, plan.launch, mixed_precision=plan.hw["mixed_precision"],
+                                      log_path=out / "train.log", progress=train_progress)
+            phases.done("train")
             crash_point("trained")
             if not (out / "adapter" / ADAPTER_FILE).is_file():
                 raise IntegrityError(f"{plan.adapter_dir}: training finished without {ADAPTER_FILE}",
                                      hint=f"see {plan.output_dir}/train.log")
             training = result.to_dict()
             atomic_write_json(out / DONE_FILE, training)
+            prepared.result()  # an error of the preparation, raised once the run is safely complete
 
         # -- data must not have changed while training
         try:
@@ -580,12 +604,15 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
 
         entry = _entry(project, plan, training, source_commit, toolchain_versions())
         entry["status"] = "released"
+        phases.done("verify")
         if evaluator is not None:
             entry = evaluator(project, plan, entry)
+            phases.done("evaluate")
         crash_point("before-registry")
         Registry(root).append(entry, make_current=entry["status"] == "released")
         _mark_feedback_used(project, plan)
         crash_point("registry")
+        phases.done("record")
 
         paths = ["registry/model_registry.json"] + [p.path for p in plan.parts]
         title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
@@ -596,7 +623,48 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         if entry["status"] == "released":
             repo.tag(f"v{plan.version}", _tag_message(entry), commit)
         crash_point("tagged")
-        return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit)
+        phases.done("git")
+        return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit,
+                             timings=phases.seconds)
+
+
+class _Alongside:
+    """Runs ``fn(*args)`` in a thread while the caller waits on something else (training).
+
+    ``result()`` waits for it and re-raises its exception, if any. Used for the evaluator's
+    ``prepare`` (heavy imports, loading the suite) while the training subprocess runs, so the
+    gate evaluation after training starts warm."""
+
+    def __init__(self, fn, *args) -> None:
+        self._error: BaseException | None = None
+        self._thread = None
+        if fn is not None:
+            import threading
+
+            def target() -> None:
+                try:
+                    fn(*args)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+                    self._error = exc
+
+            self._thread = threading.Thread(target=target, name="cl-release-prepare", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> "_Alongside":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # No thread outlives the block, also when training failed.
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _alongside(fn, *args) -> _Alongside:
+    return _Alongside(fn, *args)
 
 
 def _mark_feedback_used(project: Project, plan: Plan) -> None:

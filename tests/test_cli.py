@@ -112,6 +112,42 @@ def test_help_does_not_import_heavy_modules():
     assert "click" in imported and not imported & {"torch", "axolotl", "transformers"}
 
 
+ENTRY = [sys.executable, "-c", "from cl_release.cli import run; run()"]
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_console_script_exit_codes_and_output(released, heavy):
+    """The console script keeps click's exit codes and flushes output, also on the fast exit
+    taken once torch & co. are loaded (a stand-in module here, to stay fast)."""
+    prelude = "import sys, types; sys.modules['torch'] = types.ModuleType('torch'); " if heavy else ""
+    cmd = [sys.executable, "-c", prelude + "from cl_release.cli import run; run()"]
+    ok = subprocess.run([*cmd, "-C", str(released), "list"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "1.1.0" in ok.stdout, ok.stderr
+    err = subprocess.run([*cmd, "-C", str(released), "show", "9.9.9"], capture_output=True, text=True, timeout=60)
+    assert err.returncode == 2 and err.stderr.startswith("Error: ") and "unknown version 9.9.9" in err.stderr
+    usage = subprocess.run([*cmd, "no-such-command"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "No such command" in usage.stderr
+
+
+def test_finish_takes_the_fast_exit_only_when_heavy_modules_are_loaded(monkeypatch):
+    import types
+
+    from cl_release import cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.finish(None)
+    assert e.value.code == 0 and not exits
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    cli.finish(3)
+    cli.finish("a message")
+    assert exits == [3, 1]
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -559,3 +559,56 @@ def test_verify_passes_then_names_a_changed_snapshot(released):
     bad = [c for c in verify(root) if not c.ok]
     assert {(c.version, c.what) for c in bad} == {("1.1.0", "dataset new"), ("1.0.0", "adapter")}
     assert [c.actual for c in bad if c.what == "adapter"] == [None]
+
+
+# ---------------------------------------------------------------- timings and the evaluator's preparation
+
+
+class RecordingEvaluator:
+    """An evaluator with ``prepare``: records which thread prepared and whether training had started."""
+
+    def __init__(self, trainer: FakeTrainer, fail: Exception | None = None):
+        self.trainer, self.fail = trainer, fail
+        self.prepared_in: str | None = None
+        self.training_calls_when_prepared: int | None = None
+        self.called = False
+
+    def prepare(self, project, plan) -> None:
+        self.prepared_in = threading.current_thread().name
+        with self.trainer._lock:
+            self.training_calls_when_prepared = len(self.trainer.calls)
+        if self.fail is not None:
+            raise self.fail
+
+    def __call__(self, project, plan, entry):
+        self.called = True
+        return entry
+
+
+def test_release_reports_where_its_time_went(released, trainer):
+    r = release(released, "minor")
+    assert list(r.timings) == ["plan", "snapshots", "train", "verify", "record", "git"]
+    assert all(v >= 0 for v in r.timings.values())
+    trainer.sleep = 0.3
+    add_data(released, "q3-protection.jsonl", "datasets/domain/q3.jsonl")
+    r = release(released, "minor", evaluator=lambda project, plan, entry: entry)
+    assert "evaluate" in r.timings and r.timings["train"] >= 0.3
+
+
+def test_evaluator_prepares_in_a_thread_while_training_runs(released, trainer):
+    trainer.sleep = 0.2
+    ev = RecordingEvaluator(trainer)
+    release(released, "minor", evaluator=ev)
+    assert ev.prepared_in == "cl-release-prepare" and ev.called
+    assert not [t for t in threading.enumerate() if t.name == "cl-release-prepare"]  # joined
+
+
+def test_a_failed_preparation_fails_the_release_after_training_and_a_rerun_adopts_the_run(released, trainer):
+    ev = RecordingEvaluator(trainer, fail=UserError("bad suite"))
+    before = len(trainer.calls)
+    with pytest.raises(UserError, match="bad suite"):
+        release(released, "minor", evaluator=ev)
+    assert not ev.called and len(trainer.calls) == before + 1
+    assert [m["version"] for m in Registry(released).models()] == ["1.0.0"]
+    r = release(released, "minor")
+    assert r.adopted and len(trainer.calls) == before + 1 and r.entry["version"] == "1.1.0"

@@ -72,6 +72,26 @@ STRATEGIES: dict[str, dict] = {
 }
 QUICK_STRATEGIES = ("default", "full_retrain")
 
+# Sweep variants, named on the command line: "cont:lr=1e-3,ep=10,rp=0.2" is a continued-LoRA
+# MINOR release with those strategy knobs (lr and epochs are the tiny model's, not scaled).
+VARIANT_KEYS = {"lr": "learning_rate", "ep": "num_epochs", "rp": "replay_ratio", "r": "lora_r",
+                "alpha": "lora_alpha", "drop": "lora_dropout", "gr": "general_ratio"}
+
+
+def strategy_spec(name: str) -> dict:
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    kind, _, rest = name.partition(":")
+    if kind != "cont" or not rest:
+        raise ValueError(f"unknown strategy {name!r}: use one of {', '.join(STRATEGIES)} or cont:lr=..,ep=..,rp=..")
+    knobs = {}
+    for part in rest.split(","):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ValueError(f"{name!r}: unknown knob {key!r} (use {', '.join(VARIANT_KEYS)})")
+        knobs[VARIANT_KEYS[key]] = int(value) if key in ("ep", "r", "alpha") else float(value)
+    return {"label": f"continued LoRA {rest}", "bump": "minor", "strategy": "continued_lora", "knobs": knobs}
+
 # Settings of the benchmark's release repositories (cl-release.yaml). The tiny model needs
 # larger learning rates than an 8B model: every strategy's shipped learning rate is
 # multiplied by LR_SCALE, so the ratios between strategies stay as shipped (RESULTS.md).
@@ -101,6 +121,9 @@ def commit_all(root: Path, message: str) -> None:
 # ---------------------------------------------------------------- repositories
 
 
+SEED = 0  # the project seed (Axolotl's seed and the replay sample's); --seed changes it
+
+
 def project_yaml(root: Path, strategy_knobs: dict[str, dict]) -> None:
     """Rewrite cl-release.yaml with the benchmark's training/evaluation settings."""
     import yaml
@@ -109,6 +132,7 @@ def project_yaml(root: Path, strategy_knobs: dict[str, dict]) -> None:
 
     path = root / "cl-release.yaml"
     data = yaml.safe_load(path.read_text())
+    data["seed"] = SEED
     data["training"] = json.loads(json.dumps(TRAINING))
     data["mix"] = {"general_ratio": 0.0}
     strategies = {}
@@ -211,8 +235,8 @@ def run_benchmark(out: Path, names: list[str], tasks: tuple[str, ...]) -> dict:
     add_task(seed, tasks[0], all_facts)
     rows = [runner.release(seed, {"bump": "minor"}, step=1, task=tasks[0], name="initial")]
     for name in names:
-        spec = STRATEGIES[name]
-        root = out / "repos" / name
+        spec = strategy_spec(name)
+        root = out / "repos" / name.replace(":", "_").replace(",", "_")
         if root.exists():
             shutil.rmtree(root)
         shutil.copytree(seed, root, symlinks=True)
@@ -225,7 +249,7 @@ def run_benchmark(out: Path, names: list[str], tasks: tuple[str, ...]) -> dict:
 
     return {"base_accuracy": base_acc, "rows": rows, "tasks": list(tasks), "strategies": names,
             "lr_scale": LR_SCALE, "epoch_scale": EPOCH_SCALE, "training": TRAINING, "base_settings": BASE_SETTINGS,
-            "shipped_knobs": STRATEGY_KNOBS, "machine": machine()}
+            "shipped_knobs": STRATEGY_KNOBS, "seed": SEED, "machine": machine()}
 
 
 def machine() -> dict:
@@ -260,6 +284,14 @@ def _timed(argv: list[str], cwd: Path, log_path: Path) -> float:
 FORCE = ["--force", "--reason", "overhead benchmark: small tasks are below the data gate"]
 
 
+def phase_times(log_path: Path) -> dict[str, float]:
+    """The ``time:`` line ``cl-release release`` prints: seconds per phase of the release."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.strip().startswith("time: "):
+            return {k: float(v.rstrip("s")) for k, v in (item.split() for item in line.strip()[6:].split(", "))}
+    return {}
+
+
 def run_overhead(out: Path, reps: int) -> dict:
     """``cl-release release`` (CLI subprocess) vs the bare Axolotl commands it runs, interleaved.
 
@@ -280,8 +312,8 @@ def run_overhead(out: Path, reps: int) -> dict:
     add_task(root, TASKS[1], facts(0))
     cli = [str(Path(sys.executable).with_name("cl-release")), "-C", str(root)]
     launch = {"num_processes": 1, "num_machines": 1}
-    res: dict = {"reps": reps, "minor": {"release": [], "bare_train": []},
-                 "major": {"release": [], "bare_merge_train": []}, "help": []}
+    res: dict = {"reps": reps, "minor": {"release": [], "bare_train": [], "phases": []},
+                 "major": {"release": [], "bare_merge_train": [], "phases": []}, "help": []}
 
     def latest() -> dict:
         return json.loads((root / "registry/model_registry.json").read_text())["models"][-1]
@@ -300,6 +332,7 @@ def run_overhead(out: Path, reps: int) -> dict:
         log(f"overhead rep {i + 1}/{reps}: release minor")
         res["minor"]["release"].append(_timed(cli + ["release", "minor", "--from", "1.0.0", *FORCE], root,
                                               out / "overhead-logs" / f"release-minor-{i}.log"))
+        res["minor"]["phases"].append(phase_times(out / "overhead-logs" / f"release-minor-{i}.log"))
         cfg = bare_config(latest(), f"train-{i}")
         log(f"overhead rep {i + 1}/{reps}: bare train")
         res["minor"]["bare_train"].append(_timed(launch_argv(cfg, launch), root, out / "overhead-logs" / f"bare-train-{i}.log"))
@@ -309,6 +342,7 @@ def run_overhead(out: Path, reps: int) -> dict:
         log(f"overhead rep {i + 1}/{reps}: release major (merge + train)")
         res["major"]["release"].append(_timed(cli + ["release", "major", "--from", "1.0.0", *FORCE], root,
                                               out / "overhead-logs" / f"release-major-{i}.log"))
+        res["major"]["phases"].append(phase_times(out / "overhead-logs" / f"release-major-{i}.log"))
         cfg = bare_config(latest(), f"mtrain-{i}")
         log(f"overhead rep {i + 1}/{reps}: bare merge-lora + train")
         t_merge = _timed(merge_argv(parent["config"]["path"], parent["adapter"]["path"], f"outputs/.bare/merge-{i}"),
@@ -323,6 +357,14 @@ def run_overhead(out: Path, reps: int) -> dict:
         r[b] = [round(x, 2) for x in r[b]]
         r["median_release"], r["median_bare"] = _median(r[a]), _median(r[b])
         r["ratio"] = round(r["median_release"] / r["median_bare"], 3)
+        # Medians per phase; "outside" = process start-up and exit (wall minus the phases).
+        names = [k for ph in r["phases"] for k in ph]
+        r["phase_medians"] = {k: _median([ph.get(k, 0.0) for ph in r["phases"]]) for k in dict.fromkeys(names)}
+        r["phase_medians"]["outside"] = _median([w - sum(ph.values()) for w, ph in zip(r[a], r["phases"])])
+        # Without the gate evaluation (which bare Axolotl does not do) and with the merge
+        # (which the bare command also runs) counted as bare work: what the wrapper adds.
+        r["median_release_without_evaluate"] = _median([w - ph.get("evaluate", 0.0) for w, ph in zip(r[a], r["phases"])])
+        r["ratio_without_evaluate"] = round(r["median_release_without_evaluate"] / r["median_bare"], 3)
     res["help"] = [round(x, 3) for x in res["help"]]
     res["help_median"] = round(statistics.median(res["help"]), 3)
     return res
@@ -363,10 +405,10 @@ def summarize(data: dict) -> dict[str, dict]:
     return out
 
 
-def targets(summary: dict[str, dict]) -> dict | None:
-    if "default" not in summary or "full_retrain" not in summary:
+def targets(summary: dict[str, dict], name: str = "default") -> dict | None:
+    if name not in summary or "full_retrain" not in summary:
         return None
-    d, f = summary["default"], summary["full_retrain"]
+    d, f = summary[name], summary["full_retrain"]
 
     def frac(a, b):
         return round(a / b, 3) if a is not None and b else None
@@ -423,15 +465,34 @@ def tables(data: dict) -> str:
                   f"| new-task accuracy ≥ 95% of full retrain | {_pct(t['new_vs_full'])} | {'yes' if t['met']['new >= 95% of full retrain'] else '**no**'} |",
                   f"| retention ≥ 95% of full retrain | {_pct(t['retention_vs_full'])} | {'yes' if t['met']['retention >= 95% of full retrain'] else '**no**'} |",
                   f"| tokens ≤ 30% of full retrain (sum over steps) | {_pct(t['tokens_vs_full'])} (last step alone: {_pct(t['tokens_last_vs_full'])}) | {'yes' if t['met']['tokens <= 30% of full retrain'] else '**no**'} |"]
+    minors = [n for n in summary if n in data["strategies"] and strategy_spec(n)["bump"] == "minor"]
+    if "full_retrain" in summary and minors:
+        lines += ["", "Every MINOR (continued-LoRA) strategy against the targets (vs full retrain, final step):", "",
+                  "| strategy | lr | epochs | replay | new / full | retention / full | tokens / full | all met |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for n in minors:
+            t = targets(summary, n)
+            last = [r for r in data["rows"] if r["strategy"] == n][-1]
+            lines.append(f"| {n} | {last['learning_rate']:g} | {last['epochs']} | {last['replay_ratio']} | "
+                         f"{_pct(t['new_vs_full'])} | {_pct(t['retention_vs_full'])} | {_pct(t['tokens_vs_full'])} | "
+                         f"{'yes' if all(t['met'].values()) else 'no'} |")
     ov = data.get("overhead")
     if ov:
+        keys = list(dict.fromkeys(k for kind in ("minor", "major") for k in ov[kind].get("phase_medians", {})))
         lines += ["", f"Release overhead (medians of {ov['reps']} interleaved runs, same config, same machine):", "",
                   "| what | cl-release release | bare Axolotl | ratio |", "| --- | --- | --- | --- |",
                   f"| minor (train) | {ov['minor']['median_release']} s {ov['minor']['release']} | "
                   f"{ov['minor']['median_bare']} s {ov['minor']['bare_train']} | {ov['minor']['ratio']}× |",
                   f"| major (merge-lora + train) | {ov['major']['median_release']} s {ov['major']['release']} | "
                   f"{ov['major']['median_bare']} s {ov['major']['bare_merge_train']} | {ov['major']['ratio']}× |",
-                  "", f"`cl-release --help`: median {ov['help_median']} s over 5 runs {ov['help']}."]
+                  "", "Where the release's time went (medians, seconds; *outside*: process start-up and exit):", "",
+                  "| release | " + " | ".join(keys) + " | without evaluate | ratio without evaluate |",
+                  "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
+        for kind in ("minor", "major"):
+            pm = ov[kind].get("phase_medians", {})
+            lines.append(f"| {kind} | " + " | ".join(str(pm.get(k, 0.0)) for k in keys)
+                         + f" | {ov[kind].get('median_release_without_evaluate')} s | {ov[kind].get('ratio_without_evaluate')}× |")
+        lines += ["", f"`cl-release --help`: median {ov['help_median']} s over 5 runs {ov['help']}."]
     m = data["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpus']} CPUs (shared; 1-min load average {m['load_avg_1m']} at the end), "
               f"axolotl {m['toolchain'].get('axolotl')}, transformers {m['toolchain'].get('transformers')}, "
@@ -511,9 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one continual step, two strategies (the test)")
     ap.add_argument("--out", type=Path, default=REPO / ".bench-out" / "continual", help="work folder")
-    ap.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    ap.add_argument("--strategies", help=f"semicolon-separated subset of {','.join(STRATEGIES)} "
+                                          "or sweep variants cont:lr=..,ep=..,rp=..")
     ap.add_argument("--results", type=Path, help="RESULTS.md to write (default: bench/continual/RESULTS.md; "
                                                   "--quick: <out>/RESULTS.md)")
+    ap.add_argument("--seed", type=int, default=0, help="project seed (Axolotl and replay sampling)")
     ap.add_argument("--overhead", action="store_true", help="also time cl-release release vs bare Axolotl")
     ap.add_argument("--overhead-reps", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md/plots from <out>/results.json")
@@ -529,10 +592,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = list(QUICK_STRATEGIES) if args.quick else list(STRATEGIES)
     if args.strategies:
-        names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-        unknown = set(names) - set(STRATEGIES)
-        if unknown:
-            ap.error(f"unknown strategies: {', '.join(sorted(unknown))}")
+        names = [n for tok in args.strategies.replace(";", " ").split()
+                 for n in ([tok] if tok.startswith("cont:") else tok.split(",")) if n]
+        for name in names:
+            try:
+                strategy_spec(name)
+            except ValueError as exc:
+                ap.error(str(exc))
+    global SEED
+    SEED = args.seed
     tasks = TASKS[:2] if args.quick else TASKS
     results_md = args.results or (out / "RESULTS.md" if args.quick else HERE / "RESULTS.md")
     results_json = out / "results.json"
