@@ -60,7 +60,7 @@ def test_lineage_and_tags(demo_repo: Path):
     assert tags == ["v1.0.0", "v1.1.0"]
     config = (demo_repo / "outputs/v1.1.0/axolotl.yml").read_text()
     assert 'lora_model_dir: "outputs/v1.0.0/adapter"' in config
-    assert "learning_rate: 1.0e-05" in config
+    assert "learning_rate: 0.0002" in config
 
 
 def test_continued_from_parent_weights(demo_repo: Path):

@@ -72,7 +72,7 @@ def test_golden_strategy_settings(golden_repo):
     _, plans = golden_repo
     c = {s: p.config for s, p in plans.items()}
     assert c["initial"]["learning_rate"] == 2e-4 and "lora_model_dir" not in c["initial"]
-    assert c["continued_lora"]["learning_rate"] == 1e-5 and c["continued_lora"]["num_epochs"] == 1
+    assert c["continued_lora"]["learning_rate"] == 2e-4 and c["continued_lora"]["num_epochs"] == 1
     assert c["continued_lora"]["lora_dropout"] == 0.1
     assert c["continued_lora"]["lora_model_dir"] == "outputs/v1.0.0/adapter"
     assert c["patch"]["lora_model_dir"] == "outputs/v1.0.0/adapter"

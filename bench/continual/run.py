@@ -61,8 +61,10 @@ STRATEGIES: dict[str, dict] = {
               "knobs": {"replay_ratio": 0.0, "general_ratio": 0.0}},
     "replay5": {"label": "continued LoRA + 5% replay", "bump": "minor", "strategy": "continued_lora",
                 "knobs": {"replay_ratio": 0.05}},
-    "default": {"label": "continued LoRA, shipped MINOR defaults", "bump": "minor", "strategy": "continued_lora",
-                "knobs": {}},
+    "replay20": {"label": "continued LoRA + 20% replay", "bump": "minor", "strategy": "continued_lora",
+                 "knobs": {"replay_ratio": 0.2}},
+    "default": {"label": "continued LoRA, shipped MINOR defaults (50% replay)", "bump": "minor",
+                "strategy": "continued_lora", "knobs": {}},
     "replay50": {"label": "continued LoRA + 50% replay", "bump": "minor", "strategy": "continued_lora",
                  "knobs": {"replay_ratio": 0.5}},
     "merge_retrain": {"label": "merge-and-retrain (release major)", "bump": "major",
@@ -71,6 +73,8 @@ STRATEGIES: dict[str, dict] = {
                      "strategy": "annual_reset", "base_model": "models/base", "knobs": {}},
 }
 QUICK_STRATEGIES = ("default", "full_retrain")
+# The full run: replay 50% is the shipped default (STRATEGY_KNOBS), so "replay50" would repeat it.
+FULL_STRATEGIES = ("naive", "replay5", "replay20", "default", "merge_retrain", "full_retrain")
 
 # Sweep variants, named on the command line: "cont:lr=1e-3,ep=10,rp=0.2" is a continued-LoRA
 # MINOR release with those strategy knobs (lr and epochs are the tiny model's, not scaled).
@@ -550,6 +554,64 @@ def plots(data: dict, dest: Path) -> list[Path]:
     return [p1, p2]
 
 
+def seeds_table(runs: list[dict]) -> str:
+    """Strategies across runs (seeds): each run's MINOR strategies against the full retrain of
+    the same run (or, when that run has none, the mean of the other runs' full retrains)."""
+    full = [summarize(d)["full_retrain"] for d in runs if "full_retrain" in summarize(d)]
+    if not full:
+        return "(no full_retrain in these runs)"
+    ref_all = {k: statistics.mean(f[k] for f in full) for k in ("new", "retention", "tokens_total")}
+    per: dict[str, list[dict]] = {}
+    for d in runs:
+        summ = summarize(d)
+        ref = summ.get("full_retrain") or ref_all
+        for name, s_ in summ.items():
+            if name == "full_retrain":
+                continue
+            last = [r for r in d["rows"] if r["strategy"] == name][-1]
+            # Runs of different dates name the same settings differently ("default" changed):
+            # group continued-LoRA runs by their settings.
+            key = name if strategy_spec(name)["bump"] != "minor" else \
+                f"continued: lr {last['learning_rate']:g}, {last['epochs']} ep, replay {last['replay_ratio']:g}"
+            per.setdefault(key, []).append({
+                "seed": d.get("seed", 0), "new": s_["new"], "retention": s_["retention"],
+                "new_vs": s_["new"] / ref["new"], "ret_vs": s_["retention"] / ref["retention"],
+                "tok_vs": s_["tokens_total"] / ref["tokens_total"]})
+    lines = [f"Across runs: full retrain (the reference, {len(full)} runs) new "
+             + ", ".join(_pct(f["new"]) for f in full) + "; retention " + ", ".join(_pct(f["retention"]) for f in full)
+             + ".", "",
+             "| strategy (tiny-model lr) | runs (seeds) | new: mean (min) | retention: mean (min) | tokens / full | all targets met |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    def order(key: str):
+        if not key.startswith("continued"):
+            return (1, 0.0, 0.0, 0, key)
+        lr, ep, rp = key.split(": ", 1)[1].split(", ")
+        return (0, float(lr.split()[1]), float(rp.split()[1]), int(ep.split()[0]), key)
+
+    for name, xs in sorted(per.items(), key=lambda kv: order(kv[0])):
+        met = sum(x["new_vs"] >= 0.95 and x["ret_vs"] >= 0.95 and x["tok_vs"] <= 0.30 for x in xs)
+        lines.append(f"| {name} | {len(xs)} ({', '.join(str(x['seed']) for x in xs)}) | "
+                     f"{_pct(statistics.mean(x['new'] for x in xs))} ({_pct(min(x['new'] for x in xs))}) | "
+                     f"{_pct(statistics.mean(x['retention'] for x in xs))} ({_pct(min(x['retention'] for x in xs))}) | "
+                     f"{_pct(statistics.mean(x['tok_vs'] for x in xs))} | "
+                     + (f"{met} of {len(xs)} |" if name.startswith("continued") else "- |"))
+    return "\n".join(lines)
+
+
+SEEDS_BEGIN, SEEDS_END = "<!-- BEGIN SEEDS (bench/continual/run.py --aggregate) -->", "<!-- END SEEDS -->"
+
+
+def write_block(path: Path, begin: str, end: str, body: str) -> None:
+    block = f"{begin}\n{body}\n{end}"
+    text = path.read_text() if path.is_file() else "# Continual-learning benchmark\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 BEGIN, END = "<!-- BEGIN GENERATED (bench/continual/run.py) -->", "<!-- END GENERATED -->"
 
 
@@ -581,7 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-reps", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md/plots from <out>/results.json")
     ap.add_argument("--gpu", action="store_true", help="GPU throughput check (not implemented; see RESULTS.md)")
+    ap.add_argument("--aggregate", nargs="+", type=Path, metavar="OUT",
+                    help="write the across-seeds table from these runs' results.json into RESULTS.md and stop")
     args = ap.parse_args(argv)
+    if args.aggregate:
+        runs = [json.loads((d / "results.json").read_text()) for d in args.aggregate]
+        body = seeds_table(runs)
+        write_block(args.results or HERE / "RESULTS.md", SEEDS_BEGIN, SEEDS_END, body)
+        print(body)
+        return 0
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
     if args.gpu:
@@ -590,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    names = list(QUICK_STRATEGIES) if args.quick else list(STRATEGIES)
+    names = list(QUICK_STRATEGIES) if args.quick else list(FULL_STRATEGIES)
     if args.strategies:
         names = [n for tok in args.strategies.replace(";", " ").split()
                  for n in ([tok] if tok.startswith("cont:") else tok.split(",")) if n]
