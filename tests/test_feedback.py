@@ -660,26 +660,48 @@ def _varied_log(n: int) -> list[dict]:
     return rows
 
 
-def test_import_equals_the_row_by_row_reference(tmp_path):
-    f = write_jsonl(tmp_path / "log.jsonl", _varied_log(200))
+def _all_feedback(store: FeedbackStore) -> list[tuple]:
+    """Every feedback row (not only the latest), per answer in insertion order."""
+    return store.conn.execute(
+        f"SELECT {fbmod._FEEDBACK_COLUMNS} FROM feedback ORDER BY request_id, id"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_import_equals_the_row_by_row_reference(tmp_path, workers, forked):
+    rows = _varied_log(200)
+    rows += [
+        {**rows[3], "user_feedback": {"rating": 5, "notes": "same id, new feedback, another part"}},
+        {**rows[3], "timestamp": "2026-03-01T00:00:00Z"},  # identical feedback, other time: stored once
+        {**rows[7], "user_feedback": {"rating": 2}},
+        {**rows[7], "user_feedback": {"rating": 2}},  # identical feedback twice in the file
+        "",
+    ]
+    f = write_jsonl(tmp_path / "log.jsonl", rows)
     fast = FeedbackStore(tmp_path / "fast.db")
-    first = fast.import_jsonl(f, batch=7)  # many batches, each sorted by id before inserting
+    # many batches; with workers=3 the duplicate ids and feedback fall in other parts of the file
+    first = fast.import_jsonl(f, batch=7, workers=workers)
     ref = FeedbackStore(tmp_path / "ref.db")
     c = ref.conn
     with c:
         for line in f.read_bytes().splitlines():
+            if not line.strip():
+                continue
             rec, fb = _reference_import_row(json.loads(line), line)
             c.execute(fbmod._INSERT_RECORD, rec)
             if fb:
                 c.execute(fbmod._INSERT_FEEDBACK_ONCE, fb)
     assert list(fast.rows()) == list(ref.rows())
     assert fast.stats() == ref.stats()
-    assert (first.lines, first.records, first.duplicates) == (203, 200, 3)
+    assert _all_feedback(fast) == _all_feedback(ref)
+    assert (first.lines, first.records, first.duplicates) == (207, 200, 7)
     assert first.feedback == c.execute("SELECT count(*) FROM feedback").fetchone()[0]
-    again = fast.import_jsonl(f, batch=7)
-    assert (again.records, again.feedback, again.duplicates) == (0, 0, 203)
+    again = fast.import_jsonl(f, batch=7, workers=workers)
+    assert (again.records, again.feedback, again.duplicates) == (0, 0, 207)
     assert list(fast.rows()) == list(ref.rows()) and fast.integrity_check() == "ok"
+    assert _all_feedback(fast) == _all_feedback(ref)
     assert _indexes(fast.path) == _indexes(ref.path)
+    assert len(forked) == (2 if workers > 1 else 0)  # both imports forked three workers, or none
 
 
 def _traced(store: FeedbackStore) -> list[str]:
@@ -716,9 +738,28 @@ def test_failed_large_import_keeps_the_indexes_and_writes_nothing(tmp_path):
     seen = _traced(store)
     with pytest.raises(DataError, match="log.jsonl:51"):
         store.import_jsonl(f, batch=10)
-    assert any(s.startswith("DROP INDEX") for s in seen)  # the drop happened, and was rolled back
+    assert seen == []  # the bad line is found while staging: the store is never touched
     assert _indexes(store.path) == schema
     assert store.count() == 1 and store.stats()["feedback"] == 0 and store.integrity_check() == "ok"
+
+
+def test_import_failing_inside_the_transaction_rolls_back_the_index_drop(tmp_path, monkeypatch):
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log("q", "a", request_id="kept", created_at="2026-01-01")
+    schema = _indexes(store.path)
+    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"g{i}", "user_feedback": {"rating": 3}}
+                                             for i in range(50)])
+    monkeypatch.setattr(fbmod, "_copy_feedback_sql", lambda parts: "INSERT INTO no_such_table VALUES (1)")
+    seen = _traced(store)
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        store.import_jsonl(f, batch=10)
+    assert any(s.startswith("DROP INDEX") for s in seen) and "ROLLBACK" in seen
+    assert any(s.startswith("INSERT INTO main.records") for s in seen)  # records were copied, then undone
+    assert _indexes(store.path) == schema
+    assert store.count() == 1 and store.stats()["feedback"] == 0 and store.integrity_check() == "ok"
+    assert {r[1] for r in store.conn.execute("PRAGMA database_list")} <= {"main", "temp"}  # scratch detached
+    monkeypatch.undo()
+    assert store.import_jsonl(f).records == 50 and store.stats()["feedback"] == 50
 
 
 def test_import_waits_for_a_concurrent_writer(tmp_path):
@@ -734,3 +775,149 @@ def test_import_waits_for_a_concurrent_writer(tmp_path):
     result = store.import_jsonl(f, batch=10)
     other.close()
     assert result.records == 30 and store.count() == 31 and store.integrity_check() == "ok"
+
+
+# ---------------------------------------------------------------- staged, parallel import
+
+
+@pytest.fixture
+def forked(monkeypatch) -> list:
+    """Let imports fork even if another test left a thread finishing; records each forked import."""
+    monkeypatch.setattr(fbmod, "_can_fork", lambda: True)
+    calls: list = []
+    real = fbmod._stage_forked
+    monkeypatch.setattr(fbmod, "_stage_forked", lambda *a: calls.append(a[1]) or real(*a))
+    return calls
+
+
+def _lines(n: int, bad: dict[int, str] | None = None) -> list:
+    """n shape-(a) lines (numbered from 1), some replaced by ``bad[line_number]``."""
+    rows = [{**_BASE, "request_id": f"p{i}", "user_feedback": {"rating": 1 + i % 5}} for i in range(1, n + 1)]
+    for line, text in (bad or {}).items():
+        rows[line - 1] = text
+    return rows
+
+
+@pytest.mark.parametrize("bad_lines, reported", [({45: "{oops"}, 45), ({12: "[1]", 50: "{oops"}, 12), ({60: "{oops"}, 60)])
+def test_parallel_import_numbers_the_first_bad_line_of_the_file(store, tmp_path, bad_lines, reported, forked):
+    f = write_jsonl(tmp_path / "log.jsonl", _lines(60, bad_lines))
+    with pytest.raises(DataError) as e:
+        store.import_jsonl(f, batch=4, workers=3)  # 20 lines a part: the bad ones sit in later parts
+    assert f"log.jsonl:{reported}:" in str(e.value)
+    assert store.count() == 0 and store.stats()["feedback"] == 0
+    assert len(forked) == 1 and len(forked[0]) == 3
+
+
+def test_parallel_import_counts_blank_lines_and_reports_all_progress(store, tmp_path, forked):
+    rows = _lines(40)
+    rows[9:9] = ["", "   "]  # blank lines count as lines for numbering, not as records
+    rows.append("{oops")
+    f = write_jsonl(tmp_path / "log.jsonl", rows)
+    with pytest.raises(DataError, match="log.jsonl:43: invalid JSON"):
+        store.import_jsonl(f, workers=2)
+    f = write_jsonl(tmp_path / "log.jsonl", rows[:-1])
+    seen: list[int] = []
+    result = store.import_jsonl(f, batch=3, workers=2, progress=seen.append)
+    assert (result.lines, result.records, result.feedback) == (40, 40, 40)
+    assert sum(seen) == f.stat().st_size and all(n > 0 for n in seen)
+    assert len(forked) == 2
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
+def test_split_lines_covers_the_file_at_line_starts(tmp_path, parts):
+    data = b"".join(b"x" * n + b"\n" for n in (0, 3, 40, 1, 0, 200, 5)) + b"no newline at the end"
+    f = tmp_path / "lines"
+    f.write_bytes(data)
+    with open(f, "rb") as fh:
+        ranges = fbmod._split_lines(fh, len(data), parts)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and len(ranges) <= parts
+    assert all(a < b for a, b in ranges) and all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:]))
+    assert all(a == 0 or data[a - 1 : a] == b"\n" for a, _ in ranges)
+
+
+def test_import_workers_choice(monkeypatch):
+    monkeypatch.setattr(fbmod, "_can_fork", lambda: True)
+    monkeypatch.setattr(fbmod, "_cores", lambda: 4)
+    assert fbmod._import_workers(1000, None) == 1  # a small file is parsed in this process
+    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 4
+    monkeypatch.setattr(fbmod, "_cores", lambda: 2)
+    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 1  # two cores: no faster, measured
+    assert fbmod._import_workers(10, 3) == 3 and fbmod._import_workers(10, 99) == fbmod.IMPORT_MAX_WORKERS
+    with pytest.raises(UserError, match="at least 1"):
+        fbmod._import_workers(10, 0)
+    monkeypatch.setattr(fbmod, "_can_fork", lambda: False)
+    assert fbmod._import_workers(10, 3) == 1
+    monkeypatch.undo()
+    assert fbmod._cores() >= 1
+
+
+def test_no_fork_while_another_thread_runs():
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert not fbmod._can_fork()
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_failed_import_worker_is_named_and_writes_nothing(store, tmp_path, monkeypatch, forked):
+    f = write_jsonl(tmp_path / "log.jsonl", _lines(30))
+    real = fbmod._stage_chunk
+
+    def crash(path, start, end, *args):
+        if start > 0:  # the second part: after the fork, in the worker
+            raise OSError(28, "No space left on device")
+        return real(path, start, end, *args)
+
+    monkeypatch.setattr(fbmod, "_stage_chunk", crash)
+    with pytest.raises(DataError, match=r"import worker for bytes \d+-\d+ failed: OSError: .*No space left"):
+        store.import_jsonl(f, workers=2)
+
+    def die(path, start, end, *args):
+        if start > 0:
+            fbmod.os._exit(3)
+        return real(path, start, end, *args)
+
+    monkeypatch.setattr(fbmod, "_stage_chunk", die)
+    with pytest.raises(DataError, match="exited with code 3"):
+        store.import_jsonl(f, workers=2)
+    assert store.count() == 0
+
+
+def test_import_leaves_no_scratch_files(store, tmp_path, monkeypatch, forked):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(fbmod.tempfile, "tempdir", str(scratch))
+    f = write_jsonl(tmp_path / "log.jsonl", _lines(30))
+    assert store.import_jsonl(f, workers=2).records == 30
+    bad = write_jsonl(tmp_path / "bad.jsonl", _lines(30, {25: "{oops"}))
+    with pytest.raises(DataError):
+        store.import_jsonl(bad, workers=2)
+    assert list(scratch.iterdir()) == [] and len(forked) == 2
+
+
+def test_checkpointed_wal_is_cut_back_to_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(fbmod, "WAL_SIZE_LIMIT", 32768)
+    store = FeedbackStore(tmp_path / "f.db")
+    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"w{i}", "output": "a" * 500} for i in range(500)])
+    store.import_jsonl(f)
+    wal = Path(f"{store.path}-wal")
+    assert wal.stat().st_size > 32768
+    store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # what the commit of a large import does
+    store.log("q", "a")  # the next write restarts the WAL from the top and cuts the file
+    assert wal.stat().st_size <= 32768
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("text", ["", "\n", "\n  \n\n"])
+def test_import_of_an_empty_file_writes_nothing(store, tmp_path, text, workers, forked):
+    f = tmp_path / "empty.jsonl"
+    f.write_text(text)
+    seen: list[int] = []
+    result = store.import_jsonl(f, workers=workers, progress=seen.append)
+    assert (result.lines, result.records, result.feedback) == (0, 0, 0) and store.count() == 0
+    assert sum(seen) == len(text)
