@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_data.py            # 1,000,000 rows, 1 GiB file
     .venv/bin/python bench/bench_data.py --quick    # 20,000 rows, 64 MiB file: seconds
+    .venv/bin/python bench/bench_data.py --only-store --no-hash --store .bench-out/fb-1m.db
+        # the store build alone, filling .bench-out/fb-1m.db on the first run (minutes) only
 
 1. ``extract.build`` over 1,000,000 feedback rows (dedupe and PII redaction on, the
    defaults), from rows in memory and, when ``cl_release.feedback`` is present, streamed
@@ -16,6 +18,7 @@ printed as Markdown and written to ``.bench-out/bench_data.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -93,11 +96,17 @@ def make_rows(n: int, *, usable_only: bool = False, seed: int = 0) -> list[dict]
 CPU_SECONDS: list[float] = []  # process CPU time of the last timed() call
 
 
-def timed(fn, *args, **kwargs):
-    """Wall seconds (and, in CPU_SECONDS, this process's CPU seconds) of one call."""
+def timed(fn, *args, gc_after: bool = False, **kwargs):
+    """Wall seconds (and, in CPU_SECONDS, this process's CPU seconds) of one call.
+
+    ``gc_after``: include a young-generation collection after the call, so that work the
+    call leaves to the garbage collector (objects made while it was paused) is counted.
+    """
     c = time.process_time()
     t = time.perf_counter()
     out = fn(*args, **kwargs)
+    if gc_after:
+        gc.collect(0)
     wall = time.perf_counter() - t
     CPU_SECONDS[:] = [time.process_time() - c]
     return wall, out
@@ -120,47 +129,66 @@ def bench_build(n: int, only_default: bool = False) -> list[dict]:
     ]
     for label, usable_only, rules in cases[:1] if only_default else cases:
         rows = make_rows(n, usable_only=usable_only)
-        secs, res = timed(build, rows, rules)
+        secs, res = timed(build, rows, rules, gc_after=True)
+        cpu, load_after = CPU_SECONDS[0], load()
+        # the example dicts are made on first use (release planning uses them; `data build`
+        # and the triggers need only the bytes and the manifest): timed apart
+        dict_secs, _ = timed(lambda: res.examples, gc_after=True)
         m = res.manifest
         results.append({
-            "case": f"in memory: {label}", "rows": n, "seconds": round(secs, 2), "cpu_seconds": round(CPU_SECONDS[0], 2),
-            "rows_per_s": round(n / secs), "examples": m["examples"],
+            "case": f"in memory: {label}", "rows": n, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2),
+            "load": load_after, "rows_per_s": round(n / secs), "examples": m["examples"],
             "duplicates": m["skipped"].get("duplicate", 0), "bytes": m["bytes"], "sha256": m["sha256"],
+            "corrections_sha256": m["corrections"]["sha256"],
+            "example_dicts_seconds": round(dict_secs, 2), "example_dicts_cpu_seconds": round(CPU_SECONDS[0], 2),
         })
         print(f"  {results[-1]}", flush=True)
         del rows, res
     return results
 
 
-def bench_store(n: int, scratch: Path) -> list[dict]:
+def load() -> float:
+    """The 1-minute load average (NaN where the OS has none): how busy the machine was."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def bench_store(n: int, scratch: Path, keep: Path | None = None) -> list[dict]:
+    """Build from ``FeedbackStore.rows()`` over the same rows. ``keep``: a store file to fill
+    once and reuse on later runs (filling a million rows takes minutes)."""
     try:
         from cl_release.feedback import FeedbackStore
     except ImportError:
         print("  (no cl_release.feedback: store benchmark skipped)")
         return []
-    store = FeedbackStore(scratch / "feedback.db")
-    rows = make_rows(n)
-    t = time.perf_counter()
-    store.log_many(
-        {"request_id": r["id"], "input": r["input"], "output": r["output"], "model_version": r["model_version"],
-         "created_at": r["created_at"]} for r in rows
-    )
-    fb = [
-        {"request_id": r["id"], "rating": r["rating"], "thumbs": r["thumbs"], "correction": r["correction"],
-         "created_at": r["created_at"]}
-        for r in rows if r["rating"] is not None or r["thumbs"] is not None
-    ]
-    store.feedback_many(fb)
-    fill = time.perf_counter() - t
-    del rows
-    secs, res = timed(build, store.rows(), ExtractionRules())
+    path = keep or scratch / "feedback.db"
+    store = FeedbackStore(path)
+    fill = None
+    if store.count() != n:
+        if store.count():
+            raise SystemExit(f"{path} holds {store.count():,} records, not {n:,}: remove it or pick another --store")
+        rows = make_rows(n)
+        t = time.perf_counter()
+        store.log_many(
+            {"request_id": r["id"], "input": r["input"], "output": r["output"], "model_version": r["model_version"],
+             "created_at": r["created_at"]} for r in rows
+        )
+        fb = [
+            {"request_id": r["id"], "rating": r["rating"], "thumbs": r["thumbs"], "correction": r["correction"],
+             "created_at": r["created_at"]}
+            for r in rows if r["rating"] is not None or r["thumbs"] is not None
+        ]
+        store.feedback_many(fb)
+        fill = round(time.perf_counter() - t, 1)
+        del rows, fb
+    secs, res = timed(lambda: build(store.rows(), ExtractionRules()), gc_after=True)
     store.close()
     out = {
         "case": "from FeedbackStore.rows(): mixed feedback, redaction on", "rows": n, "seconds": round(secs, 2),
-        "cpu_seconds": round(CPU_SECONDS[0], 2),
+        "cpu_seconds": round(CPU_SECONDS[0], 2), "load": load(),
         "rows_per_s": round(n / secs), "examples": res.manifest["examples"],
         "duplicates": res.manifest["skipped"].get("duplicate", 0), "bytes": res.manifest["bytes"],
-        "sha256": res.manifest["sha256"], "store_fill_seconds": round(fill, 1),
+        "sha256": res.manifest["sha256"], "corrections_sha256": res.manifest["corrections"]["sha256"],
+        "store_fill_seconds": fill,
     }
     print(f"  {out}", flush=True)
     return [out]
@@ -226,6 +254,10 @@ def main() -> None:
     ap.add_argument("--hash-mib", type=int, default=None)
     ap.add_argument("--no-store", action="store_true", help="skip the FeedbackStore benchmark")
     ap.add_argument("--only-default", action="store_true", help="in memory: only the default rules on mixed feedback")
+    ap.add_argument("--only-store", action="store_true", help="skip the in-memory builds")
+    ap.add_argument("--store", type=Path, default=None, metavar="DB",
+                    help="fill this feedback store once and reuse it on later runs (default: a scratch store)")
+    ap.add_argument("--no-hash", action="store_true", help="skip the file hashing benchmark")
     args = ap.parse_args()
     n = args.rows or (20_000 if args.quick else 1_000_000)
     size = (args.hash_mib or (64 if args.quick else 1024)) * 1024 * 1024
@@ -237,19 +269,23 @@ def main() -> None:
     print(f"# bench_data {report['date']} on {report['machine']}; calibration loop {report['calibration_s']} s", flush=True)
     try:
         print(f"build, {n:,} rows:", flush=True)
-        report["build"] = bench_build(n, args.only_default)
+        report["build"] = [] if args.only_store else bench_build(n, args.only_default)
         if not args.no_store:
-            report["build"] += bench_store(n, scratch)
-        print(f"hash, {size // (1024 * 1024)} MiB:", flush=True)
-        report["hash"] = bench_hash(size, scratch)
+            report["build"] += bench_store(n, scratch, args.store)
+        if not args.no_hash:
+            print(f"hash, {size // (1024 * 1024)} MiB:", flush=True)
+            report["hash"] = bench_hash(size, scratch)
         report["calibration_end_s"] = calibrate()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     (out_dir / "bench_data.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\ncalibration loop: {report['calibration_s']} s at start, {report['calibration_end_s']} s at end")
-    print("\n| case | rows | wall s | CPU s | rows/s (wall) | examples | duplicates |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| case | rows | wall s | CPU s | load | rows/s (wall) | examples | duplicates |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in report["build"]:
-        print(f"| {r['case']} | {r['rows']:,} | {r['seconds']} | {r['cpu_seconds']} | {r['rows_per_s']:,} | {r['examples']:,} | {r['duplicates']:,} |")
+        print(f"| {r['case']} | {r['rows']:,} | {r['seconds']} | {r['cpu_seconds']} | {r['load']} | {r['rows_per_s']:,} "
+              f"| {r['examples']:,} | {r['duplicates']:,} |")
+    if "hash" not in report:
+        return
     h = report["hash"]
     print(f"\nsha256_file {h['sha256_file_MiB_s']} MiB/s vs sha256sum {h['sha256sum_MiB_s']} MiB/s: {h['ratio']:.0%}"
           + (f" (openssl dgst {h['openssl_MiB_s']} MiB/s)" if "openssl_MiB_s" in h else ""))

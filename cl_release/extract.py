@@ -24,9 +24,11 @@ import contextlib
 import datetime as _dt
 import gc
 import hashlib
+import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
+from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -156,6 +158,8 @@ PHONE_RE = re.compile(
 # fast as ``\d``, which checks every character against the Unicode tables.
 _PHONE_CANDIDATE = re.compile(r"[+(\d][\d .()-]{8}")
 _PHONE_CANDIDATE_ASCII = re.compile(r"[+(0-9][0-9 .()-]{8}")
+_phone_candidate_ascii = _PHONE_CANDIDATE_ASCII.search
+_phone_candidate = _PHONE_CANDIDATE.search
 # The characters EMAIL_RE's local part is made of (the run before its "@").
 _EMAIL_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
 
@@ -210,7 +214,11 @@ def make_redactor(patterns: Iterable[str] = (), *, pii: bool = True) -> Callable
         def redact_pii(text: str) -> str:
             if "@" in text:
                 text = _redact_email(text)
-            return _redact_phone(text)
+            # _redact_phone, inlined
+            m = (_phone_candidate_ascii if text.isascii() else _phone_candidate)(text)
+            if m is None:
+                return text
+            return _sub_from(PHONE_RE, text, m.start(), "[PHONE]")
 
         return redact_pii
 
@@ -331,23 +339,71 @@ else:  # pragma: no cover
 # ---------------------------------------------------------------- building
 
 
-@dataclass
 class BuildResult:
-    examples: list[dict[str, Any]]
-    corrections: list[dict[str, Any]]
-    manifest: dict[str, Any]
-    data: bytes = field(repr=False, default=b"")
-    corrections_data: bytes = field(repr=False, default=b"")
+    """A built training set: ``data`` (canonical JSON lines), ``corrections_data`` (the
+    corrected examples alone) and the ``manifest`` describing them.
+
+    ``examples`` and ``corrections`` are the same records as dicts (``corrections`` holds
+    the same objects as ``examples``). A build makes them on first use: most callers only
+    need the bytes and the manifest, and a million dicts cost seconds to build and, later,
+    for the garbage collector to walk.
+    """
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]] | None,
+        corrections: list[dict[str, Any]] | None,
+        manifest: dict[str, Any],
+        data: bytes = b"",
+        corrections_data: bytes = b"",
+    ):
+        self._examples = examples
+        self._corrections = corrections
+        self._make: Callable[[], tuple[list, list]] | None = None
+        self.manifest = manifest
+        self.data = data
+        self.corrections_data = corrections_data
+
+    @classmethod
+    def _lazy(cls, make: Callable[[], tuple[list, list]], manifest: dict[str, Any], data: bytes,
+              corrections_data: bytes) -> "BuildResult":
+        """A result whose ``(examples, corrections)`` ``make()`` returns when first asked for."""
+        result = cls(None, None, manifest, data, corrections_data)
+        result._make = make
+        return result
+
+    def _materialize(self) -> None:
+        make, self._make = self._make, None
+        with _gc_paused():  # a million small dicts: see build
+            self._examples, self._corrections = make()
+
+    @property
+    def examples(self) -> list[dict[str, Any]]:
+        if self._make is not None:
+            self._materialize()
+        return self._examples
+
+    @property
+    def corrections(self) -> list[dict[str, Any]]:
+        if self._make is not None:
+            self._materialize()
+        return self._corrections
 
     @property
     def sha256(self) -> str:
         return self.manifest["sha256"]
 
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"BuildResult(examples={m.get('examples')}, format={m.get('format')!r}, sha256={m.get('sha256')!r})"
 
-# One usable row: (created_at, id, newest time, source, messages). Output order is
-# (created_at, id key); a duplicate group keeps the row with the largest (feedback or created
-# time, created_at, id key). Tuples: a million of them are built.
-_CREATED, _ID, _TIME, _SOURCE, _MESSAGES = range(5)
+
+# One usable row: (created_at, id, newest time, source, prompt, answer). ``prompt`` is the
+# (redacted) text of a one-turn string input, or the list of (redacted) prompt turns;
+# ``answer`` is the (redacted) answer. Output order is (created_at, id key); a duplicate
+# group keeps the row with the largest (feedback or created time, created_at, id key).
+# Tuples of strings: a million of them are built, and no dict or list per example.
+_CREATED, _ID, _TIME, _SOURCE, _PROMPT, _ANSWER = range(6)
 
 
 def _id_key(rid: Any) -> tuple:
@@ -361,50 +417,74 @@ def _newest(entry: tuple) -> tuple:
     return (entry[_TIME], entry[_CREATED], _id_key(entry[_ID]))
 
 
-def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: dict[str, int]) -> tuple[list[tuple], int]:
+def _messages(entry: tuple) -> list[dict[str, str]]:
+    """The example's turns: the prompt turns, then the answer as the assistant's turn."""
+    prompt = entry[_PROMPT]
+    answer = {"role": "assistant", "content": entry[_ANSWER]}
+    if type(prompt) is str:
+        return [{"role": "user", "content": prompt}, answer]
+    return [*prompt, answer]
+
+
+# The fields of a row that _entries reads, in the order it unpacks them.
+_FIELDS = ("id", "rating", "thumbs", "correction", "hallucinated", "quality_score", "output", "input", "created_at",
+           "feedback_at")
+
+
+def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: dict[str, int]) -> tuple[list[tuple], int, tuple]:
     """The usable rows as entries, deduplicated (newest wins), in first-seen order of their
     dedupe key; ``skipped`` counts the rest. ``classify`` and ``_prompt``, inlined: the same
-    tests in the same order, so the same rows are kept, skipped and rejected."""
+    tests in the same order, so the same rows are kept, skipped and rejected.
+
+    Also returns the entries' shape, for _finish's shortcuts: (every id a str, every
+    created_at a str of one length, every prompt one string). Noted here, while each row is
+    in the CPU cache: afterwards each pass over 400k scattered entries costs 0.1-0.3 s.
+    These hold for every usable row, so also for the winners of dedupe."""
     red = rules.redactor
     dedupe = rules.dedupe
     min_rating, max_negative, threshold = rules.min_rating, rules.max_negative_rating, rules.quality_threshold
+    fields = itemgetter(*_FIELDS)
     seen: dict[str, tuple] = {}
     setdefault = seen.setdefault
     out: list[tuple] = []
     append = out.append
     n = 0
     counts = dict.fromkeys(SKIP_REASONS, 0)
+    id_types: set[type] = set()
+    created_lengths: set[int] = set()
+    one_turn = True
     for row in rows:
         n += 1
-        if not isinstance(row, dict):
+        if type(row) is dict:
+            try:  # every field at once (FeedbackStore rows have them all)
+                rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = fields(row)
+            except KeyError:
+                rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = map(row.get, _FIELDS)
+        elif isinstance(row, dict):  # a subclass: only .get (a defaultdict's [] would add keys)
+            rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = map(row.get, _FIELDS)
+        else:
             counts["invalid_row"] += 1
             continue
-        get = row.get
-        rid = get("id")
         if rid is None:
             counts["invalid_row"] += 1
             continue
-        rating, thumbs, correction = get("rating"), get("thumbs"), get("correction")
-        hallucinated = get("hallucinated")
         if (rating is not None and rating <= max_negative) or thumbs == -1 or hallucinated is True:
             if not (isinstance(correction, str) and correction.strip()):
                 counts["negative_without_correction"] += 1
                 continue
             source = CORRECTED
-            answer = row["correction"]
+            answer = correction
         else:
-            score = get("quality_score")
             if (
                 (rating is not None and rating >= min_rating)
                 or thumbs == 1
                 or (score is not None and threshold is not None and score >= threshold)
             ):
-                output = get("output")
-                if not (isinstance(output, str) and output.strip()):
+                answer = output
+                if not (isinstance(answer, str) and answer.strip()):
                     counts["empty_output"] += 1
                     continue
                 source = KEPT
-                answer = row["output"]
             else:
                 if isinstance(correction, str) and correction.strip():
                     counts["unrated_correction"] += 1
@@ -413,28 +493,29 @@ def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: di
                 else:
                     counts["neutral"] += 1
                 continue
-        inp = row["input"] if "input" in row else None
-        if type(inp) is str:  # the common case: one user turn
-            if not inp.strip():
+        if type(prompt) is str:  # the common case: one user turn
+            if not prompt.strip():
                 counts["empty_input"] += 1
                 continue
             if red is not None:
-                inp = red(inp)
+                prompt = red(prompt)
                 answer = red(answer)
-            msgs = [{"role": "user", "content": inp}, {"role": "assistant", "content": answer}]
-            key = fold_text(f"user\x1f{inp}\x1eassistant\x1f{answer}") if dedupe else None
+            key = fold_text(f"user\x1f{prompt}\x1eassistant\x1f{answer}") if dedupe else None
         else:
-            msgs = _prompt(inp)
-            if type(msgs) is str:
-                counts[msgs] += 1
+            prompt = _prompt(prompt)
+            if type(prompt) is str:
+                counts[prompt] += 1
                 continue
-            msgs.append({"role": "assistant", "content": answer})
+            one_turn = False
             if red is not None:
-                for m in msgs:
+                for m in prompt:
                     m["content"] = red(m["content"])
-            key = normalized_text({"messages": msgs}) if dedupe else None
-        created = get("created_at") or ""
-        entry = (created, rid, get("feedback_at") or created, source, msgs)
+                answer = red(answer)
+            key = normalized_text({"messages": [*prompt, {"role": "assistant", "content": answer}]}) if dedupe else None
+        created = created or ""
+        id_types.add(type(rid))
+        created_lengths.add(len(created) if type(created) is str else -1)
+        entry = (created, rid, rated or created, source, prompt, answer)
         if key is None:
             append(entry)
             continue
@@ -450,7 +531,8 @@ def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: di
             skipped[reason] = skipped.get(reason, 0) + count
     if dedupe:
         out = list(seen.values())
-    return out, n
+    shape = (id_types <= {str}, len(created_lengths) == 1 and -1 not in created_lengths, one_turn)
+    return out, n, shape
 
 
 def _sorted_ids(ids: Iterable[Any]) -> list[Any]:
@@ -460,64 +542,135 @@ def _sorted_ids(ids: Iterable[Any]) -> list[Any]:
     return sorted(ids, key=_id_key)
 
 
-# Between two top-level records of orjson.dumps(list of records): "},{" and the first
-# (sorted) key. Inside a JSON string every '"' is escaped, so '{"' never occurs there, and
-# no format nests a dict that starts with these keys (messages' turns start with "content").
-_RECORD_BREAKS = {"messages": b'},{"messages":', "chatml": b'},{"text":', "completion": b'},{"text":',
-                  "alpaca": b'},{"input":'}
+if _orjson is not None:
+
+    def _dump_record(record: dict[str, Any]) -> bytes:
+        return _orjson.dumps(record, option=_SORT)
+
+    def _json_bodies(texts: list[str] | tuple[str, ...]) -> list[bytes]:
+        """``[orjson.dumps(t)[1:-1] for t in texts]`` (each string's JSON form without its
+        quotes, exactly as the serializer writes it inside a record), from one dump of the
+        whole list split at its '","' separators.
+
+        The split is exact when no text holds a '"': then every '"' of the dump is a
+        string's delimiter, so each '","' is a separator or starts at an opening delimiter
+        (a text that is exactly ","), and scanning left to right takes the separator, which
+        starts two bytes earlier, first. A '"' in a text shows as '\\"' in the dump (so
+        does a text ending in a backslash); texts with a '"' are then dumped alone.
+        """
+        if not texts:
+            return []
+        dumped = _orjson.dumps(texts)
+        if b'\\"' in dumped:
+            quoted = [i for i, t in enumerate(texts) if '"' in t]
+            if quoted:
+                plain = list(texts)
+                for i in quoted:
+                    plain[i] = ""
+                bodies = _json_bodies(plain)
+                for i in quoted:
+                    bodies[i] = _orjson.dumps(texts[i])[1:-1]
+                return bodies
+        bodies = dumped[2:-2].split(b'","')
+        if len(bodies) != len(texts):  # pragma: no cover - ruled out above
+            raise AssertionError("JSON string split mismatch")
+        return bodies
+
+else:  # pragma: no cover
+
+    def _dump_record(record: dict[str, Any]) -> bytes:
+        return canonical_json(record).encode("utf-8")
+
+    def _json_bodies(texts: list[str] | tuple[str, ...]) -> list[bytes]:
+        return [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in texts]
 
 
-def _dump_records(records: list[dict[str, Any]], fmt: str) -> bytes:
-    """``dump_jsonl(records)``: one orjson call for the whole list, then the separators
-    between records turned into newlines (several times faster than a call per record).
-    Falls back to ``dump_jsonl`` where the break count doesn't prove the split is exact."""
-    brk = _RECORD_BREAKS.get(fmt)
-    if _orjson is None or brk is None or not records:
-        return dump_jsonl(records)
-    body = _orjson.dumps(records, option=_SORT)[1:-1]
-    if body.count(brk) != len(records) - 1:  # pragma: no cover - a record of another shape
-        return dump_jsonl(records)
-    return body.replace(brk, b"}\n{" + brk[3:]) + b"\n"
+# A one-turn example in the messages format, canonical JSON (keys sorted: content < role):
+# _MSG_HEAD + body(prompt) + _MSG_MID + body(answer) + _MSG_TAIL.
+_MSG_HEAD = b'{"messages":[{"content":"'
+_MSG_MID = b'","role":"user"},{"content":"'
+_MSG_TAIL = b'","role":"assistant"}]}'
 
 
-def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules: ExtractionRules, fmt: str) -> BuildResult:
+def _lines(entries: list[tuple], fmt: str, columns: list[tuple], one_turn: bool) -> list[bytes]:
+    """Each entry's record as canonical JSON (``dump_jsonl`` of it, without the newline).
+
+    One-turn examples in the messages format are put together from the JSON forms of their
+    two strings (``_json_bodies``) without building a record; the loop runs in C (map,
+    zip) when every example is one-turn. ``columns``: the entries' fields, ``zip(*entries)``.
+    """
+    if fmt != "messages":  # the same, from each record's strings (keys sorted as shown)
+        records = [format_example(_messages(e), fmt) for e in entries]
+        if fmt == "alpaca":
+            fields = [_json_bodies([r[k] for r in records]) for k in ("input", "instruction", "output")]
+            return list(map(b"".join, zip(repeat(b'{"input":"'), fields[0], repeat(b'","instruction":"'), fields[1],
+                                          repeat(b'","output":"'), fields[2], repeat(b'"}'))))
+        bodies = _json_bodies([r["text"] for r in records])  # chatml, completion: {"text": ...}
+        return list(map(b"".join, zip(repeat(b'{"text":"'), bodies, repeat(b'"}'))))
+    prompts = columns[_PROMPT]
+    if not one_turn:
+        prompts = [p if type(p) is str else "" for p in prompts]
+    pb = _json_bodies(prompts)
+    ab = _json_bodies(columns[_ANSWER])
+    if one_turn:
+        return list(map(b"".join, zip(repeat(_MSG_HEAD), pb, repeat(_MSG_MID), ab, repeat(_MSG_TAIL))))
+    return [
+        b"".join((_MSG_HEAD, p, _MSG_MID, a, _MSG_TAIL)) if type(e[_PROMPT]) is str
+        else _dump_record({"messages": _messages(e)})
+        for e, p, a in zip(entries, pb, ab)
+    ]
+
+
+def _jsonl(lines: list[bytes]) -> bytes:
+    return b"\n".join(lines) + b"\n" if lines else b""
+
+
+def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules: ExtractionRules, fmt: str,
+            shape: tuple[bool, bool, bool] = (False, False, False)) -> BuildResult:
+    """Sort, serialise and describe the entries; ``shape`` as ``_entries`` returns it."""
+    str_ids, fixed_created, one_turn = shape
     # Stable sort by (created_at, id key). When every id is a string the plain id sorts the
     # same as its key, and when every created_at is a string of one length (the store's fixed
     # format) ``created_at + id`` sorts exactly as the pair does: one fresh, compact string
     # per entry compares ~3x faster than tuples of strings scattered over the rows' memory.
-    if all(type(e[_ID]) is str for e in entries):
-        # equal string ids are indistinguishable, so the id lists may be sorted before the
+    window = None
+    if str_ids:
+        # equal string ids are indistinguishable, so the id list may be sorted before the
         # entries: still in input order, which is usually close to id order (fast for timsort)
-        record_ids = sorted([e[_ID] for e in entries])
-        correction_ids = sorted([e[_ID] for e in entries if e[_SOURCE] == CORRECTED])
-        lengths = {len(c) if type(c) is str else -1 for c in map(itemgetter(_CREATED), entries)}
-        if len(lengths) == 1 and -1 not in lengths:
+        record_ids = sorted(map(itemgetter(_ID), entries))
+        if fixed_created and entries:
             entries.sort(key=lambda e: e[_CREATED] + e[_ID])
+            # sorted by created_at, all empty or none: the window is the first and the last
+            first, last = entries[0][_CREATED], entries[-1][_CREATED]
+            window = (first, last) if first else (None, None)
         else:
             entries.sort(key=itemgetter(_CREATED, _ID))
     else:
         entries.sort(key=lambda e: (e[_CREATED], _id_key(e[_ID])))
         record_ids = _sorted_ids(e[_ID] for e in entries)
-        correction_ids = _sorted_ids(e[_ID] for e in entries if e[_SOURCE] == CORRECTED)
-    if fmt == "messages":
-        examples = [{"messages": e[_MESSAGES]} for e in entries]
-    else:
-        examples = [format_example(e[_MESSAGES], fmt) for e in entries]
-    corrections = [ex for ex, e in zip(examples, entries) if e[_SOURCE] == CORRECTED]
-    data = _dump_records(examples, fmt)
-    cdata = _dump_records(corrections, fmt)
-    n_corr = len(corrections)
-    times = [e[_CREATED] for e in entries if e[_CREATED]]
+    # the entries' fields as columns, in one pass (one pass per field costs 3x as much)
+    columns = list(zip(*entries)) if entries else [()] * 6
+    is_correction = list(map(CORRECTED.__eq__, columns[_SOURCE]))
+    correction_ids = _sorted_ids(compress(columns[_ID], is_correction))
+    if window is None:
+        times = [c for c in columns[_CREATED] if c]
+        window = (min(times), max(times)) if times else (None, None)
+    lines = _lines(entries, fmt, columns, one_turn)
+    del columns
+    data = _jsonl(lines)
+    cdata = _jsonl(list(compress(lines, is_correction)))
+    del lines
+    n_corr = len(correction_ids)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
-        "examples": len(examples),
+        "examples": len(entries),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
-        "sources": {KEPT: len(examples) - n_corr, CORRECTED: n_corr},
+        "sources": {KEPT: len(entries) - n_corr, CORRECTED: n_corr},
         "skipped": dict(sorted(skipped.items())),
         "rows_read": rows_read,
-        "window": {"first_created_at": min(times) if times else None, "last_created_at": max(times) if times else None},
+        "window": {"first_created_at": window[0], "last_created_at": window[1]},
         "record_ids": record_ids,
         "corrections": {
             "examples": n_corr,
@@ -526,7 +679,15 @@ def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules
         },
         "rules": {**rules.to_dict(), "format": fmt},
     }
-    return BuildResult(examples=examples, corrections=corrections, manifest=manifest, data=data, corrections_data=cdata)
+
+    def make() -> tuple[list, list]:
+        if fmt == "messages":
+            examples = [{"messages": _messages(e)} for e in entries]
+        else:
+            examples = [format_example(_messages(e), fmt) for e in entries]
+        return examples, list(compress(examples, is_correction))
+
+    return BuildResult._lazy(make, manifest, data, cdata)
 
 
 def build(rows: Iterable[dict[str, Any]], rules: ExtractionRules | None = None, fmt: str | None = None) -> BuildResult:
@@ -537,20 +698,30 @@ def build(rows: Iterable[dict[str, Any]], rules: ExtractionRules | None = None, 
         raise UserError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     skipped: dict[str, int] = {}
     with _gc_paused():
-        entries, n = _entries(rows, rules, skipped)
-        return _finish(entries, skipped, n, rules, fmt)
+        entries, n, shape = _entries(rows, rules, skipped)
+        return _finish(entries, skipped, n, rules, fmt, shape)
 
 
 @contextlib.contextmanager
 def _gc_paused():
     """Pause the cyclic garbage collector: a build allocates millions of small acyclic
-    objects, and the collector rescanning them costs ~20% of a large build."""
+    objects, and the collector rescanning them costs ~20% of a large build.
+
+    On the way out the objects made meanwhile (and any other young ones) are moved to the
+    oldest generation with ``gc.freeze(); gc.unfreeze()``: two list splices, instead of the
+    next young collection walking them all (1-2 s after a million rows). They stay tracked,
+    and a full collection still examines them. Skipped when the caller has frozen objects
+    of its own, which ``unfreeze`` would release.
+    """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -559,18 +730,22 @@ def corrections_only(result: BuildResult) -> BuildResult:
     m = result.manifest
     skipped = dict(m["skipped"])
     skipped["not_a_correction"] = m["sources"][KEPT]
-    corrections = list(result.corrections)
     manifest = {
         **m,
-        "examples": len(corrections),
+        "examples": m["corrections"]["examples"],
         "bytes": len(result.corrections_data),
         "sha256": m["corrections"]["sha256"],
-        "sources": {KEPT: 0, CORRECTED: len(corrections)},
+        "sources": {KEPT: 0, CORRECTED: m["corrections"]["examples"]},
         "skipped": dict(sorted(skipped.items())),
         "record_ids": list(m["corrections"]["record_ids"]),
         "corrections_only": True,
     }
-    return BuildResult(corrections, corrections, manifest, result.corrections_data, result.corrections_data)
+
+    def make() -> tuple[list, list]:
+        corrections = list(result.corrections)
+        return corrections, corrections
+
+    return BuildResult._lazy(make, manifest, result.corrections_data, result.corrections_data)
 
 
 # ---------------------------------------------------------------- time windows
@@ -713,7 +888,7 @@ def build_project(
     off = {"redact_patterns": ()} if redact is False else {}  # --no-redact: no redaction at all
     rules = rules_from_project(project, format=fmt, redact_pii=redact, **off)
     result = build(feedback_rows(project, since=resolve_since(project, since), from_jsonl=from_jsonl), rules)
-    if not result.examples:
+    if not result.manifest["examples"]:
         skipped = ", ".join(f"{k} {v}" for k, v in result.manifest["skipped"].items()) or "no rows"
         raise UserError(
             f"no training examples in the feedback ({skipped})",

@@ -508,6 +508,107 @@ def test_redaction_shortcuts_match_plain_regex():
         assert _redact_phone(text) == PHONE_RE.sub("[PHONE]", text), text
         assert _redact_email(text) == EMAIL_RE.sub("[EMAIL]", text), text
 
+def test_one_turn_rows_match_straightforward_path():
+    # every input a plain string: the messages lines are put together in C (map/zip) from
+    # one JSON dump of all prompts and one of all answers; quotes, backslashes, separators
+    rnd = random.Random(5)
+    pieces = ['"', "\\", '","', '"],["', ",", "", "ü", "🚀", "\n", "\x00", "\u2028", "a", "B", "  ", "555-123-4567", "x@y.io"]
+    rows = []
+    for i in range(3000):
+        text = "q" + "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 6)))
+        answer = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 6))) + "a"
+        rows.append(row(i, input=text, output=answer if i % 7 else "\\", rating=rnd.choice([1, 5, 5]),
+                        correction=rnd.choice(['fix "it"', "fix\\", ","])))
+    for rules in (ExtractionRules(), ExtractionRules(dedupe=False, redact_pii=False)):
+        result = build(rows, rules)
+        data, cdata, ids, cids, skipped, examples = reference_build(rows, rules, "messages")
+        assert result.data == data and result.corrections_data == cdata and result.examples == examples
+        assert result.manifest["skipped"] == skipped and result.manifest["record_ids"] == ids
+
+
+def test_string_ids_with_uneven_created_at_match_straightforward_path():
+    # the middle path of the sort: every id a string, created_at empty, missing or of other lengths
+    rows = varied_rows(3000, seed=4)
+    for i, r in enumerate(rows):
+        if isinstance(r, dict):
+            r["id"] = f"s{i % 2500:05d}"
+            if i % 11 == 0:
+                r["created_at"] = "2026-01-02"
+    for fmt in ("messages", "alpaca"):
+        result = build(rows, ExtractionRules(), fmt)
+        data, cdata, ids, cids, skipped, examples = reference_build(rows, ExtractionRules(), fmt)
+        assert result.data == data and result.corrections_data == cdata and result.examples == examples
+        assert result.manifest["record_ids"] == ids and result.manifest["corrections"]["record_ids"] == cids
+
+
+def test_json_bodies_match_one_dump_per_string():
+    from cl_release.extract import _json_bodies
+
+    rnd = random.Random(8)
+    pieces = ['"', "\\", '","', '"],["', ",", '"]', '["', "", "é", "\x1f", "\n", "\t", "💡", "x"]
+    for _ in range(300):
+        texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 5))) for _ in range(rnd.randrange(0, 30))]
+        expected = [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in texts]
+        assert _json_bodies(texts) == expected, texts
+        # without any '"' (the one-dump split path), and texts that are exactly "," or end in "\"
+        plain = [t.replace('"', "") for t in texts]
+        assert _json_bodies(plain) == [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in plain], plain
+
+
+def test_examples_are_made_on_first_use_and_stay_the_same_objects():
+    rows = [row(1, rating=5), row(2, rating=1, correction="fixed"), row(3, thumbs=-1, correction="again")]
+    result = build(rows)
+    assert "examples=3" in repr(result)
+    examples = result.examples
+    assert result.examples is examples and len(examples) == 3
+    assert [id(c) for c in result.corrections] == [id(examples[1]), id(examples[2])]
+    assert examples[0] == {"messages": [{"role": "user", "content": "question 1"},
+                                        {"role": "assistant", "content": "answer 1"}]}
+    # key order as before: role, then content
+    assert [list(m) for m in examples[0]["messages"]] == [["role", "content"], ["role", "content"]]
+    patch = corrections_only(build(rows))
+    assert patch.examples == result.corrections and patch.corrections is patch.examples
+    assert patch.manifest["examples"] == 2 and patch.data == result.corrections_data
+
+
+def test_rows_missing_fields_and_dict_subclasses():
+    from collections import OrderedDict, defaultdict
+
+    full = [row(1, rating=5), row(2, rating=1, correction="fixed")]
+    sparse = [{"id": "r001", "created_at": full[0]["created_at"], "input": "question 1", "output": "answer 1", "rating": 5},
+              OrderedDict(full[1])]
+    watched = defaultdict(lambda: "added", {"id": "r003", "input": "q", "output": "a", "thumbs": 1,
+                                            "created_at": "2026-12-01T00:00:00.000000Z"})
+    result = build([*sparse, watched])
+    assert result.data.startswith(build(full).data[:-1]) and result.manifest["examples"] == 3
+    assert sorted(watched) == ["created_at", "id", "input", "output", "thumbs"]  # read with .get: nothing added
+
+
+def test_build_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+
+    assert gc.isenabled()
+    result = build([row(1, rating=5)])
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert result.examples and gc.isenabled() and gc.get_freeze_count() == 0  # made with the collector paused too
+    gc.disable()
+    try:
+        build([row(1, rating=5)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # objects the caller froze stay frozen (no freeze/unfreeze then)
+    frozen = [[i] for i in range(10)]
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        build([row(1, rating=5)])
+        assert gc.get_freeze_count() == before and gc.isenabled()
+    finally:
+        gc.unfreeze()
+    del frozen
+
+
 def test_manifest_contents(tmp_path):
     rows = [
         row(3, rating=5, created_at="2026-03-01T00:00:00.000000Z"),
