@@ -483,7 +483,9 @@ def tables(data: dict) -> str:
     ov = data.get("overhead")
     if ov:
         keys = list(dict.fromkeys(k for kind in ("minor", "major") for k in ov[kind].get("phase_medians", {})))
-        lines += ["", f"Release overhead (medians of {ov['reps']} interleaved runs, same config, same machine):", "",
+        load = (ov.get("machine") or {}).get("load_avg_1m")
+        lines += ["", f"Release overhead (medians of {ov['reps']} interleaved runs, same config, same machine"
+                  + (f"; 1-min load average {load} at the end" if load is not None else "") + "):", "",
                   "| what | cl-release release | bare Axolotl | ratio |", "| --- | --- | --- | --- |",
                   f"| minor (train) | {ov['minor']['median_release']} s {ov['minor']['release']} | "
                   f"{ov['minor']['median_bare']} s {ov['minor']['bare_train']} | {ov['minor']['ratio']}× |",
@@ -641,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="project seed (Axolotl and replay sampling)")
     ap.add_argument("--overhead", action="store_true", help="also time cl-release release vs bare Axolotl")
     ap.add_argument("--overhead-reps", type=int, default=3)
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only time the overhead, on <out>'s existing seed repository; add it to <out>/results.json")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md/plots from <out>/results.json")
     ap.add_argument("--gpu", action="store_true", help="GPU throughput check (not implemented; see RESULTS.md)")
     ap.add_argument("--aggregate", nargs="+", type=Path, metavar="OUT",
@@ -676,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
     results_json = out / "results.json"
     if args.report_only:
         data = json.loads(results_json.read_text())
+    elif args.overhead_only:
+        data = json.loads(results_json.read_text())
+        data["overhead"] = run_overhead(out, args.overhead_reps)
+        data["overhead"]["machine"] = machine()
+        results_json.write_text(json.dumps(data, indent=2))
     else:
         t0 = time.perf_counter()
         data = run_benchmark(out, names, tasks)
