@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -642,6 +643,7 @@ class _Alongside:
             import threading
 
             def target() -> None:
+                _lower_thread_priority()
                 try:
                     fn(*args)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
@@ -661,6 +663,20 @@ class _Alongside:
     def result(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _lower_thread_priority() -> None:
+    """Lowest CPU priority for the calling thread (Linux: nice applies per thread), so work
+    done alongside training only takes CPU the training does not use. Elsewhere: no-op."""
+    if sys.platform != "linux":
+        return
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _alongside(fn, *args) -> _Alongside:

@@ -612,3 +612,20 @@ def test_a_failed_preparation_fails_the_release_after_training_and_a_rerun_adopt
     assert [m["version"] for m in Registry(released).models()] == ["1.0.0"]
     r = release(released, "minor")
     assert r.adopted and len(trainer.calls) == before + 1 and r.entry["version"] == "1.1.0"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority") or __import__("sys").platform != "linux",
+                    reason="per-thread nice is Linux behaviour")
+def test_preparation_runs_at_the_lowest_cpu_priority_without_touching_the_caller(released, trainer):
+    import os
+
+    seen = {}
+
+    class NiceProbe(RecordingEvaluator):
+        def prepare(self, project, plan):
+            seen["prepare"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    release(released, "minor", evaluator=NiceProbe(trainer))
+    assert seen["prepare"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
