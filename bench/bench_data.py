@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench_data.py            # 1,000,000 rows, 1 GiB file
     .venv/bin/python bench/bench_data.py --quick    # 20,000 rows, 64 MiB file: seconds
-    .venv/bin/python bench/bench_data.py --only-store --no-hash --store .bench-out/fb-1m.db
-        # the store build alone, filling .bench-out/fb-1m.db on the first run (minutes) only
+    .venv/bin/python bench/bench_data.py --only-store --no-hash --store .bench-out/fb-1m.db [--compare]
+        # the store build alone, filling .bench-out/fb-1m.db on the first run (minutes) only;
+        # --compare also builds from the row dicts (the previous path) and checks the bytes
 
 1. ``extract.build`` over 1,000,000 feedback rows (dedupe and PII redaction on, the
    defaults), from rows in memory and, when ``cl_release.feedback`` is present, streamed
@@ -152,9 +153,11 @@ def load() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
-def bench_store(n: int, scratch: Path, keep: Path | None = None) -> list[dict]:
+def bench_store(n: int, scratch: Path, keep: Path | None = None, compare: bool = False) -> list[dict]:
     """Build from ``FeedbackStore.rows()`` over the same rows. ``keep``: a store file to fill
-    once and reuse on later runs (filling a million rows takes minutes)."""
+    once and reuse on later runs (filling a million rows takes minutes). ``compare``: also
+    build from the same rows read as dicts (the generic path, as before the store build
+    existed) and check that both give the same bytes and manifest."""
     try:
         from cl_release.feedback import FeedbackStore
     except ImportError:
@@ -180,18 +183,34 @@ def bench_store(n: int, scratch: Path, keep: Path | None = None) -> list[dict]:
         store.feedback_many(fb)
         fill = round(time.perf_counter() - t, 1)
         del rows, fb
-    secs, res = timed(lambda: build(store.rows(), ExtractionRules()), gc_after=True)
+    results = []
+    runs = [("from FeedbackStore.rows(): store build, mixed feedback, redaction on", lambda: store.rows())]
+    if compare:  # the previous path: the row dicts, as any iterable of rows is read
+        runs.append(("from FeedbackStore.rows() as dicts (previous path)", lambda: (r for r in store.rows())))
+    first = None
+    for label, rows in runs:
+        gc.collect()
+        load_before = load()
+        secs, res = timed(lambda: build(rows(), ExtractionRules()), gc_after=True)
+        out = {
+            "case": label, "rows": n, "seconds": round(secs, 2),
+            "cpu_seconds": round(CPU_SECONDS[0], 2), "load_before": load_before, "load": load(),
+            "rows_per_s": round(n / secs), "examples": res.manifest["examples"],
+            "duplicates": res.manifest["skipped"].get("duplicate", 0), "bytes": res.manifest["bytes"],
+            "sha256": res.manifest["sha256"], "corrections_sha256": res.manifest["corrections"]["sha256"],
+            "store_fill_seconds": fill,
+        }
+        if first is None:
+            first = res
+        else:  # byte-identical: data, corrections and the whole manifest
+            out["identical_to_store_build"] = (res.data == first.data and res.corrections_data == first.corrections_data
+                                               and res.manifest == first.manifest)
+            assert out["identical_to_store_build"], "the store build and the dict build differ"
+        print(f"  {out}", flush=True)
+        results.append(out)
+        del res
     store.close()
-    out = {
-        "case": "from FeedbackStore.rows(): mixed feedback, redaction on", "rows": n, "seconds": round(secs, 2),
-        "cpu_seconds": round(CPU_SECONDS[0], 2), "load": load(),
-        "rows_per_s": round(n / secs), "examples": res.manifest["examples"],
-        "duplicates": res.manifest["skipped"].get("duplicate", 0), "bytes": res.manifest["bytes"],
-        "sha256": res.manifest["sha256"], "corrections_sha256": res.manifest["corrections"]["sha256"],
-        "store_fill_seconds": fill,
-    }
-    print(f"  {out}", flush=True)
-    return [out]
+    return results
 
 
 def bench_hash(size: int, scratch: Path, repeats: int = 3) -> dict:
@@ -257,6 +276,8 @@ def main() -> None:
     ap.add_argument("--only-store", action="store_true", help="skip the in-memory builds")
     ap.add_argument("--store", type=Path, default=None, metavar="DB",
                     help="fill this feedback store once and reuse it on later runs (default: a scratch store)")
+    ap.add_argument("--compare", action="store_true",
+                    help="store: also build from the row dicts (the previous path) and check the bytes are the same")
     ap.add_argument("--no-hash", action="store_true", help="skip the file hashing benchmark")
     args = ap.parse_args()
     n = args.rows or (20_000 if args.quick else 1_000_000)
@@ -271,7 +292,7 @@ def main() -> None:
         print(f"build, {n:,} rows:", flush=True)
         report["build"] = [] if args.only_store else bench_build(n, args.only_default)
         if not args.no_store:
-            report["build"] += bench_store(n, scratch, args.store)
+            report["build"] += bench_store(n, scratch, args.store, args.compare)
         if not args.no_hash:
             print(f"hash, {size // (1024 * 1024)} MiB:", flush=True)
             report["hash"] = bench_hash(size, scratch)

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import orjson
 import sqlite_utils
@@ -959,13 +959,17 @@ class FeedbackStore:
         has_feedback: bool | None = None,
         after: tuple[str, str] | None = None,
         limit: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> "StoreRows":
         """Each record joined with its latest feedback, oldest first, streamed.
 
         ``since``: records created at or after it, *or* whose feedback arrived at or after it
         (so new feedback on old answers is picked up). ``until``: records created before it.
         ``has_feedback``: only records with (True) or without (False) feedback. ``after`` and
         ``limit`` page through results: ``after`` is the (created_at, id) of the last row seen.
+
+        Returns an iterator of row dicts (the query runs on the first ``next``) that also
+        holds the query: ``extract.build`` reads the same records through
+        :meth:`StoreRows.select` instead, as tuples of the columns it needs.
         """
         where, params = [], []
         if since is not None:
@@ -983,20 +987,7 @@ class FeedbackStore:
         if after is not None:
             where.append("(r.created_at, r.id) > (?, ?)")
             params += list(after)
-        sql = _SELECT_ROWS + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.created_at, r.id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        conn = self.reader()
-        try:
-            cur = conn.execute(sql, params)
-            while True:
-                chunk = cur.fetchmany(1000)
-                if not chunk:
-                    break
-                for t in chunk:
-                    yield _row_dict(t)
-        finally:
-            conn.close()
+        return StoreRows(self, " AND ".join(where), params, None if limit is None else int(limit))
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """One record joined with its latest feedback (keys as in :meth:`rows`), or None."""
@@ -1185,6 +1176,111 @@ class FeedbackStore:
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check``: ``'ok'`` or the problems SQLite found."""
         return "\n".join(r[0] for r in self.conn.execute("PRAGMA integrity_check"))
+
+
+class StoreRows:
+    """What :meth:`FeedbackStore.rows` returns: an iterator over the row dicts (keys
+    :data:`ROW_KEYS`, oldest first), which also holds its query.
+
+    The dicts cost most of a large read (every column, ``input`` and ``metadata`` parsed, a
+    dict per row, and the sort): :meth:`select` reads the same records as tuples of the
+    columns a caller names, unordered, at a fraction of that.
+    """
+
+    def __init__(self, store: FeedbackStore, where: str, params: list[Any], limit: int | None):
+        self.store = store
+        self._where = where  # the filters, joined with AND ("" for none)
+        self._params = params
+        self._limit = limit
+        self._dicts: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._dicts is None:
+            self._dicts = self._read()
+        return self._dicts  # the generator itself: no Python call per row on top
+
+    def __next__(self) -> dict[str, Any]:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """Stop early: closes the read connection (as closing a generator would)."""
+        if self._dicts is None:
+            self._dicts = iter(())
+        else:
+            self._dicts.close()
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        sql = _SELECT_ROWS + (f" WHERE {self._where}" if self._where else "") + " ORDER BY r.created_at, r.id"
+        if self._limit is not None:
+            sql += f" LIMIT {self._limit}"
+        conn = self.store.reader()
+        try:
+            cur = conn.execute(sql, self._params)
+            while True:
+                chunk = cur.fetchmany(1000)
+                if not chunk:
+                    break
+                for t in chunk:
+                    yield _row_dict(t)
+        finally:
+            conn.close()
+
+    def select(
+        self,
+        columns: str,
+        params: Sequence[Any] = (),
+        *,
+        keep: tuple[str, Sequence[Any], Callable[[Any], Any]] | None = None,
+    ) -> Generator[list[tuple], None, None] | None:
+        """The same records as tuples of ``columns``, in chunks, in no particular order.
+
+        ``columns`` is an SQL select list over ``r`` (the ``records`` row) and ``f`` (its
+        latest ``feedback`` row, as in :meth:`FeedbackStore.rows`; all NULL when it has
+        none); ``params`` fill its ``?`` placeholders. Nothing is parsed: ``r.input`` is its
+        JSON text.
+
+        ``keep``: ``(expression, its params, fn)``: only the records for which ``fn`` of the
+        expression's value is true come back. ``fn`` is called exactly once for each record
+        the query selects (the filters are checked first, whatever order SQLite evaluates
+        its WHERE terms in), so it can count what it drops: a Python call costs less than a
+        row sent back.
+
+        None where this would not be the same set of records: with a ``limit`` (which takes
+        the oldest), or once the dicts have been read from. Each call is a read of its own
+        (and leaves the dicts unread).
+        """
+        if self._limit is not None or self._dicts is not None:
+            return None
+        sql = f"SELECT {columns} FROM records r LEFT JOIN {_LATEST}"
+        args = [*params]
+        if self._where:
+            sql += f" WHERE {self._where}"
+            args += self._params
+        if keep is not None:
+            expr, expr_params, fn = keep
+            if self._where:  # fn only sees rows that pass the filters
+                sql += f" AND CASE WHEN {self._where} THEN cl_keep({expr}) END"
+                args += self._params
+            else:
+                sql += f" WHERE cl_keep({expr})"
+            args += expr_params
+        return self._select(sql, args, None if keep is None else keep[2])
+
+    def _select(
+        self, sql: str, params: list[Any], keep: Callable[[Any], Any] | None
+    ) -> Generator[list[tuple], None, None]:
+        conn = self.store.reader()
+        try:
+            if keep is not None:
+                conn.create_function("cl_keep", 1, keep)
+            cur = conn.execute(sql, params)
+            while True:
+                chunk = cur.fetchmany(2000)
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            conn.close()
 
 
 # ---------------------------------------------------------------- helpers

@@ -908,3 +908,201 @@ def test_cli_build_since_release_version(repo, monkeypatch):
     assert res.exit_code == 0, res.output
     # created after the release, or rated after it (new feedback on an old answer)
     assert json.loads(res.output)["record_ids"] == ["r002", "r003"]
+
+
+# ---------------------------------------------------------------- the store build == the dict build
+
+
+def varied_store(path, n=2500, seed=7):
+    """A FeedbackStore with what the store build must classify exactly as the dicts: several
+    feedback rows per record (ties in time, broken by row id), records without feedback,
+    quality-score-only records, Unicode, PII, near-duplicates, chat inputs, blank and missing
+    outputs, whitespace-only corrections, two model versions, and a record without an id."""
+    from cl_release.feedback import FeedbackStore
+
+    rnd = random.Random(seed)
+    words = ["Ammonia", "ÄRGER", "straße", "STRASSE", "ﬁre", "İstanbul", "🚀", "\u00a0", "\t", "\u2028", "valve",
+             "+44 20 7946 0958", "555-123-4567", "jane.doe+ops@example.co.uk", '"q"', "\\", "  ", "\n", "ACME-12345"]
+    times = [f"2026-01-{d:02d}T00:00:00.000000Z" for d in range(1, 29)]
+    store = FeedbackStore(path)
+    records, feedback = [], []
+    for i in range(n):
+        q = " ".join(rnd.choice(words) for _ in range(rnd.randrange(1, 6)))
+        if rnd.random() < 0.3:
+            q = q.upper()
+        p = rnd.random()
+        if p < 0.15:
+            inp = [{"role": "system", "content": rnd.choice(["Be brief.", "BE  brief."])}, {"role": "user", "content": q}]
+            if rnd.random() < 0.5:
+                inp += [{"role": "assistant", "content": "old"}, {"role": "user", "content": q.lower()}]
+        elif p < 0.18:
+            inp = rnd.choice(["   ", [{"role": "wizard", "content": "x"}], [{"role": "assistant", "content": "x"}]])
+        else:
+            inp = q
+        rid = f"r{i:05d}" if rnd.random() < 0.8 else f"Z{rnd.randrange(10**6)}-{i}"
+        records.append({
+            "request_id": rid, "input": inp, "created_at": rnd.choice(times), "model_version": rnd.choice(["1.0.0", "1.1.0"]),
+            "output": rnd.choice(["answer 1", "Answer  1", "  ", "", "call 555-123-4567 or bob@corp.example", "ünï 🚀", q]),
+            "quality_score": rnd.choice([None, None, None, 0.5, 0.8, 0.95]),
+        })
+        for _ in range(rnd.choice([0, 0, 1, 1, 1, 2, 3])):
+            fb = {"request_id": rid, "created_at": rnd.choice(times[:4] + times[20:]),
+                  "rating": rnd.choice([None, 1, 2, 3, 4, 5]), "thumbs": rnd.choice([None, None, -1, 0, 1]),
+                  "hallucinated": rnd.choice([None, None, True, False]),
+                  "correction": rnd.choice([None, None, "", "  ", "\u2028", "Fixed  answer", "fixed ANSWER", "mail a.b@c.de"])}
+            if all(fb[k] is None for k in ("rating", "thumbs", "hallucinated", "correction")):
+                fb["notes"] = "seen"
+            feedback.append(fb)
+    store.log_many(records)
+    store.feedback_many(feedback)
+    with store.conn:  # what the API refuses but the schema allows: no output, no id
+        store.conn.execute("INSERT INTO records (id, created_at, input, output, quality_score)"
+                           " VALUES ('no-output', ?, '\"q\"', NULL, 0.9), (NULL, ?, '\"q\"', 'a', 0.9)", (times[0], times[1]))
+    return store
+
+
+def dict_rows(rows):
+    """The same rows, as a plain iterator of dicts: build() takes its generic path."""
+    return (r for r in rows)
+
+
+STORE_RULES = [
+    (ExtractionRules(), "messages"),
+    (ExtractionRules(), "alpaca"),
+    (ExtractionRules(dedupe=False, redact_pii=False), "chatml"),
+    (ExtractionRules(min_rating=5, max_negative_rating=3, quality_threshold=None), "messages"),
+    (ExtractionRules(min_rating=3.5, max_negative_rating=1, quality_threshold=0.95, redact_patterns=["ACME-\\d+"]),
+     "completion"),
+]
+
+
+@pytest.mark.parametrize("rules,fmt", STORE_RULES, ids=["default", "alpaca", "plain", "strict", "float-thresholds"])
+def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt):
+    import cl_release.extract as extract
+
+    store = varied_store(tmp_path / "f.db")
+    expected = build(dict_rows(store.rows()), rules, fmt)
+    data, cdata, ids, cids, skipped, examples = reference_build(list(store.rows()), rules, fmt)
+    monkeypatch.setattr(extract, "_entries", None)  # the store path must not fall back
+    result = build(store.rows(), rules, fmt)
+    assert result.data == expected.data == data and result.corrections_data == expected.corrections_data == cdata
+    assert result.manifest == expected.manifest
+    m = result.manifest
+    assert m["record_ids"] == ids and m["corrections"]["record_ids"] == cids and m["skipped"] == skipped
+    assert result.examples == expected.examples == examples
+    assert m["rows_read"] == store.count()
+    # the store really has every case
+    assert {"invalid_row", "no_feedback", "neutral", "negative_without_correction", "empty_output",
+            "empty_input", "invalid_input"} <= set(m["skipped"]) and m["sources"]["corrected"]
+    assert "unrated_correction" in skipped and ("duplicate" in skipped) == rules.dedupe
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"since": "2026-01-20"},
+        {"until": "2026-01-10"},
+        {"since": "2026-01-03", "until": "2026-01-15T12:00:00+02:00"},
+        {"model_version": "1.1.0"},
+        {"model_version": "none"},
+        {"has_feedback": True},
+        {"has_feedback": False},
+        {"after": ("2026-01-14T00:00:00.000000Z", "r01000")},
+    ],
+)
+def test_store_build_matches_dict_build_with_filters(tmp_path, monkeypatch, query):
+    import cl_release.extract as extract
+
+    store = varied_store(tmp_path / "f.db", n=1200)
+    expected = build(dict_rows(store.rows(**query)))
+    monkeypatch.setattr(extract, "_entries", None)
+    result = build(store.rows(**query))
+    assert result.data == expected.data and result.corrections_data == expected.corrections_data
+    assert result.manifest == expected.manifest and result.manifest["rows_read"] == len(list(store.rows(**query)))
+    store.close()
+
+
+def test_store_build_takes_the_latest_feedback_ties_by_row_id(tmp_path):
+    from cl_release.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "f.db")
+    t = "2026-01-05T00:00:00Z"
+    a = store.log("tie, corrected last", "bad", request_id="a", created_at="2026-01-01")
+    store.feedback(a, rating=5, created_at=t)
+    store.feedback(a, rating=1, correction="good", created_at=t)  # same time, later row: counts
+    b = store.log("tie, praised last", "fine", request_id="b", created_at="2026-01-01")
+    store.feedback(b, rating=1, correction="x", created_at=t)
+    store.feedback(b, thumbs=1, created_at=t)
+    c = store.log("older feedback written later", "meh", request_id="c", created_at="2026-01-01")
+    store.feedback(c, rating=5, created_at="2026-01-09")
+    store.feedback(c, thumbs=-1, created_at="2026-01-08")  # older: does not count
+    d = store.log("no feedback, a quality score", "scored", request_id="d", created_at="2026-01-02", quality_score=0.9)
+    result = build(store.rows())
+    assert result.manifest == build(dict_rows(store.rows())).manifest
+    assert result.manifest["record_ids"] == [a, b, c, d] == ["a", "b", "c", "d"]
+    assert [e["messages"][-1]["content"] for e in result.examples] == ["good", "fine", "meh", "scored"]
+    assert result.manifest["sources"] == {"kept": 3, "corrected": 1}
+    store.close()
+
+
+def test_store_build_falls_back_to_dicts_on_values_the_schema_refuses(tmp_path):
+    store = varied_store(tmp_path / "f.db", n=300)
+    odd = store.log("odd", "praised", created_at="2026-01-03")
+    store.feedback(odd, rating=5)  # decides before the score is compared
+    hallucinated = store.log("hallucinated 2", "wrong", created_at="2026-01-03")
+    store.feedback(hallucinated, correction="right")
+    store.conn.execute("PRAGMA ignore_check_constraints = ON")
+    with store.conn:
+        store.conn.execute("UPDATE records SET quality_score = 'high' WHERE id = ?", (odd,))
+        store.conn.execute("UPDATE feedback SET hallucinated = 2 WHERE request_id = ?", (hallucinated,))
+    result = build(store.rows())
+    expected = build(dict_rows(store.rows()))
+    assert result.data == expected.data and result.manifest == expected.manifest
+    assert {odd, hallucinated} <= set(result.manifest["record_ids"])  # bool(2) is True: a negative signal
+    # a text score reached by the comparison fails the same way on both paths
+    with store.conn:
+        store.conn.execute("UPDATE records SET quality_score = 'high' WHERE rowid = 1")
+        store.conn.execute("DELETE FROM feedback WHERE request_id = (SELECT id FROM records WHERE rowid = 1)")
+    with pytest.raises(TypeError):
+        build(dict_rows(store.rows()))
+    with pytest.raises(TypeError):
+        build(store.rows())
+    with store.conn:
+        store.conn.execute("UPDATE records SET quality_score = NULL WHERE rowid = 1")
+        store.conn.execute("UPDATE feedback SET rating = X'01' WHERE id = (SELECT max(id) FROM feedback)")
+    with pytest.raises(TypeError):
+        build(dict_rows(store.rows()))
+    with pytest.raises(TypeError):
+        build(store.rows())
+    store.close()
+
+
+def test_store_build_with_limit_started_rows_or_odd_rules_reads_dicts(tmp_path, monkeypatch):
+    from fractions import Fraction
+
+    import cl_release.extract as extract
+
+    store = varied_store(tmp_path / "f.db", n=400)
+    calls = []
+    monkeypatch.setattr(extract, "_store_entries", lambda *a: calls.append(a))  # must not be used
+    assert build(store.rows(limit=150)).manifest == build(dict_rows(store.rows(limit=150))).manifest
+    rows = store.rows()
+    next(rows)
+    started = build(rows)
+    rest = store.rows()
+    next(rest)
+    assert started.manifest == build(dict_rows(rest)).manifest and started.manifest["rows_read"] == store.count() - 1
+    odd = ExtractionRules(min_rating=Fraction(9, 2), quality_threshold=float("nan"))
+    assert build(store.rows(), odd).manifest == build(dict_rows(store.rows()), odd).manifest
+    assert calls == []
+    store.close()
+
+
+def test_store_build_of_an_empty_store(tmp_path):
+    from cl_release.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "f.db")
+    result = build(store.rows())
+    assert result.data == b"" and result.manifest == build([]).manifest
+    store.close()

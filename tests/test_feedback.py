@@ -309,6 +309,73 @@ def test_rows_filters(store):
         list(store.rows(since="last tuesday"))
 
 
+
+def test_rows_select_reads_the_same_records_as_tuples(store):
+    store.log("q", "a", request_id="a", created_at="2026-01-01", model_version="1.0.0", quality_score=0.5)
+    store.log([{"role": "user", "content": "ünï"}], "b", request_id="b", created_at="2026-01-02", model_version="1.1.0")
+    store.log("q", "c", request_id="c", created_at="2026-01-03", model_version="1.1.0")
+    store.feedback("a", rating=5, created_at="2026-01-04")
+    store.feedback("a", rating=1, correction="fixed", created_at="2026-01-04")  # same time, later row: latest
+    store.feedback("b", thumbs=1, created_at="2026-01-06")
+    store.feedback("b", thumbs=-1, created_at="2026-01-05")  # older, though written later
+    columns = "r.id, r.input, r.quality_score, f.rating, f.thumbs, f.correction, f.created_at, ?"
+    wanted = lambda d: (d["id"], json.dumps(d["input"], ensure_ascii=False, separators=(",", ":")), d["quality_score"],  # noqa: E731
+                        d["rating"], d["thumbs"], d["correction"], d["feedback_at"], "x")
+    for query in ({}, {"since": "2026-01-03"}, {"until": "2026-01-02"}, {"model_version": "1.1.0"},
+                  {"has_feedback": False}, {"after": ("2026-01-01T00:00:00.000000Z", "a")}):
+        rows = store.rows(**query)
+        chunks = list(rows.select(columns, ["x"]))
+        assert all(isinstance(c, list) for c in chunks)
+        got = sorted(t for c in chunks for t in c)
+        assert got == sorted(wanted(d) for d in rows), query  # select leaves the dicts unread
+    (a,) = [t for c in store.rows(until="2026-01-02").select(columns, ["x"]) for t in c]
+    assert a[3:6] == (1, None, "fixed")
+
+
+def test_rows_select_keep_sees_each_selected_record_once(store):
+    for i in range(6):
+        store.log("q", f"a{i}", request_id=f"r{i}", created_at=f"2026-01-0{i + 1}", model_version=f"{i % 2}")
+        store.feedback(f"r{i}", rating=1 + i % 5, created_at=f"2026-01-0{i + 1}")
+    store.feedback("r0", rating=5, created_at="2026-01-09")  # a second row: still one record
+    for query in ({}, {"since": "2026-01-04"}, {"since": "2026-01-08"}, {"until": "2026-01-03"},
+                  {"model_version": "1", "has_feedback": True}):
+        seen = []
+
+        def keep(rating):
+            seen.append(rating)
+            return rating >= 4
+
+        got = [t for c in store.rows(**query).select("r.id, f.rating", keep=("f.rating * ?", [1], keep)) for t in c]
+        rows = list(store.rows(**query))
+        assert sorted(seen) == sorted(r["rating"] for r in rows), query
+        assert sorted(got) == sorted((r["id"], r["rating"]) for r in rows if r["rating"] >= 4), query
+
+
+def test_rows_select_refuses_a_limit_or_started_rows(store):
+    for i in range(3):
+        store.log("q", "a", request_id=f"r{i}")
+    assert store.rows(limit=2).select("r.id") is None
+    rows = store.rows()
+    assert next(rows)["id"] == "r0"
+    assert rows.select("r.id") is None
+    assert [r["id"] for r in rows] == ["r1", "r2"]
+    rows = store.rows()
+    rows.select("r.id").close()
+    assert len(list(rows)) == 3
+    rows = store.rows()
+    next(rows)
+    rows.close()
+    assert list(rows) == []  # closed like a generator
+    rows = store.rows()
+    rows.close()
+    assert list(rows) == [] and rows.select("r.id") is None
+
+
+def test_rows_checks_its_bounds_when_called(store):
+    with pytest.raises(UserError, match="--until"):
+        store.rows(until="someday")
+
+
 # ---------------------------------------------------------------- stats, usage, prune
 
 
