@@ -296,7 +296,7 @@ def phase_times(log_path: Path) -> dict[str, float]:
     return {}
 
 
-def run_overhead(out: Path, reps: int) -> dict:
+def run_overhead(out: Path, reps: int, kinds: tuple[str, ...] = ("minor", "major")) -> dict:
     """``cl-release release`` (CLI subprocess) vs the bare Axolotl commands it runs, interleaved.
 
     minor: ``release minor --from 1.0.0`` vs ``accelerate launch -m axolotl.cli.train`` on the
@@ -333,14 +333,18 @@ def run_overhead(out: Path, reps: int) -> dict:
 
     parent = json.loads((root / "registry/model_registry.json").read_text())["models"][0]
     for i in range(reps):
-        log(f"overhead rep {i + 1}/{reps}: release minor")
-        res["minor"]["release"].append(_timed(cli + ["release", "minor", "--from", "1.0.0", *FORCE], root,
-                                              out / "overhead-logs" / f"release-minor-{i}.log"))
-        res["minor"]["phases"].append(phase_times(out / "overhead-logs" / f"release-minor-{i}.log"))
-        cfg = bare_config(latest(), f"train-{i}")
-        log(f"overhead rep {i + 1}/{reps}: bare train")
-        res["minor"]["bare_train"].append(_timed(launch_argv(cfg, launch), root, out / "overhead-logs" / f"bare-train-{i}.log"))
+        if "minor" in kinds:
+            log(f"overhead rep {i + 1}/{reps}: release minor")
+            res["minor"]["release"].append(_timed(cli + ["release", "minor", "--from", "1.0.0", *FORCE], root,
+                                                  out / "overhead-logs" / f"release-minor-{i}.log"))
+            res["minor"]["phases"].append(phase_times(out / "overhead-logs" / f"release-minor-{i}.log"))
+            cfg = bare_config(latest(), f"train-{i}")
+            log(f"overhead rep {i + 1}/{reps}: bare train")
+            res["minor"]["bare_train"].append(_timed(launch_argv(cfg, launch), root,
+                                                     out / "overhead-logs" / f"bare-train-{i}.log"))
 
+        if "major" not in kinds:
+            continue
         merged = root / "outputs/v1.0.0/merged"
         shutil.rmtree(merged, ignore_errors=True)
         log(f"overhead rep {i + 1}/{reps}: release major (merge + train)")
@@ -356,6 +360,9 @@ def run_overhead(out: Path, reps: int) -> dict:
     for _ in range(5):
         res["help"].append(_timed(cli[:1] + ["--help"], root, out / "overhead-logs" / "help.log"))
     for kind, (a, b) in (("minor", ("release", "bare_train")), ("major", ("release", "bare_merge_train"))):
+        if kind not in kinds:
+            del res[kind]
+            continue
         r = res[kind]
         r[a] = [round(x, 2) for x in r[a]]
         r[b] = [round(x, 2) for x in r[b]]
@@ -643,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="project seed (Axolotl and replay sampling)")
     ap.add_argument("--overhead", action="store_true", help="also time cl-release release vs bare Axolotl")
     ap.add_argument("--overhead-reps", type=int, default=3)
+    ap.add_argument("--overhead-kinds", default="minor,major", help="with --overhead-only: minor, major or both")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only time the overhead, on <out>'s existing seed repository; add it to <out>/results.json")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md/plots from <out>/results.json")
@@ -682,8 +690,16 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(results_json.read_text())
     elif args.overhead_only:
         data = json.loads(results_json.read_text())
-        data["overhead"] = run_overhead(out, args.overhead_reps)
-        data["overhead"]["machine"] = machine()
+        kinds = tuple(k.strip() for k in args.overhead_kinds.split(","))
+        new = run_overhead(out, args.overhead_reps, kinds)
+        new["machine"] = machine()
+        if set(kinds) != {"minor", "major"}:  # one kind re-measured: keep the other's last figures
+            path = out / f"overhead-{'-'.join(kinds)}.json"
+            path.write_text(json.dumps(new, indent=2))
+            log(f"{'/'.join(kinds)} overhead written to {path}; RESULTS.md keeps the last full measurement")
+            print(json.dumps({k: {x: v for x, v in new[k].items() if x != 'phases'} for k in kinds}, indent=2))
+            return 0
+        data["overhead"] = new
         results_json.write_text(json.dumps(data, indent=2))
     else:
         t0 = time.perf_counter()
