@@ -625,15 +625,8 @@ BEGIN, END = "<!-- BEGIN GENERATED (bench/continual/run.py) -->", "<!-- END GENE
 
 
 def write_results(path: Path, data: dict) -> None:
-    block = f"{BEGIN}\n{tables(data)}\n\n![accuracy per task](accuracy_per_task.png)\n\n" \
-            f"![retention vs compute](retention_vs_compute.png)\n{END}"
-    text = path.read_text() if path.is_file() else "# Continual-learning benchmark\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, f"{tables(data)}\n\n![accuracy per task](accuracy_per_task.png)\n\n"
+                                  "![retention vs compute](retention_vs_compute.png)")
 
 
 # ---------------------------------------------------------------- main
