@@ -124,16 +124,18 @@ def data() -> None:
               help="Replace emails, phone numbers and extraction.redact_patterns (default: on).")
 @click.option("--from-jsonl", type=click.Path(dir_okay=False, path_type=Path),
               help="Read feedback rows from a JSONL file instead of the feedback store.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes reading a large feedback store (default: one per core from 100,000 records).")
 @json_option
 @pass_ctx
 @handle_errors
-def data_build(ctx: Context, since, out, fmt, redact, from_jsonl, as_json) -> None:
+def data_build(ctx: Context, since, out, fmt, redact, from_jsonl, workers, as_json) -> None:
     """Turn rated and corrected feedback into a deduplicated, hashed training set."""
     from .extract import build_project
 
     project = ctx.project()
     result, paths = build_project(project, since=since, out=_in_root(ctx, out), fmt=fmt,
-                                  redact=redact, from_jsonl=_in_root(ctx, from_jsonl))
+                                  redact=redact, from_jsonl=_in_root(ctx, from_jsonl), workers=workers)
     m = result.manifest
     if as_json:
         echo_json({**m, "files": {k: project.rel(p) for k, p in paths.items()}})
@@ -484,14 +486,16 @@ def feedback() -> None:
 
 @feedback.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes parsing the file (default: one per core for files of 16 MB or more, on 4+ cores).")
 @pass_ctx
 @handle_errors
-def feedback_import(ctx: Context, file: Path) -> None:
+def feedback_import(ctx: Context, file: Path, workers: int | None) -> None:
     """Import logged answers (and user feedback) from a JSONL file; all or nothing."""
     store, path = _store(ctx), _at_root(ctx, file)
     size = path.stat().st_size if path.is_file() else 0
     with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        result = store.import_jsonl(path, progress=bar.update)
+        result = store.import_jsonl(path, progress=bar.update, workers=workers)
     click.echo(f"{file}: {result.lines} lines, {result.records} new records, "
                f"{result.duplicates} already stored, {result.feedback} feedback rows "
                f"({result.per_second:,.0f} lines/s)")

@@ -35,7 +35,7 @@ from functools import cached_property
 from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable, Sequence
 
 from .datasets import FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
 from .errors import DataError, UserError
@@ -435,6 +435,14 @@ _FIELDS = ("id", "rating", "thumbs", "correction", "hallucinated", "quality_scor
            "feedback_at")
 
 
+class _BadValue(Exception):
+    """A row's feedback value of a type no rule can compare (a text rating, say)."""
+
+    def __init__(self, rid: Any, field: str, value: Any):
+        super().__init__(rid, field, value)
+        self.rid, self.field, self.value = rid, field, value
+
+
 def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: dict[str, int]) -> tuple[list[tuple], int, tuple]:
     """The usable rows as entries, deduplicated (newest wins), in first-seen order of their
     dedupe key; ``skipped`` counts the rest. ``classify`` and ``_prompt``, inlined: the same
@@ -457,79 +465,86 @@ def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: di
     id_types: set[type] = set()
     created_lengths: set[int] = set()
     one_turn = True
-    for row in rows:
-        n += 1
-        if type(row) is dict:
-            try:  # every field at once (FeedbackStore rows have them all)
-                rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = fields(row)
-            except KeyError:
+    rid = rating = thumbs = score = hallucinated = None
+    try:
+        for row in rows:
+            n += 1
+            if type(row) is dict:
+                try:  # every field at once (FeedbackStore rows have them all)
+                    rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = fields(row)
+                except KeyError:
+                    rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = map(row.get, _FIELDS)
+            elif isinstance(row, dict):  # a subclass: only .get (a defaultdict's [] would add keys)
                 rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = map(row.get, _FIELDS)
-        elif isinstance(row, dict):  # a subclass: only .get (a defaultdict's [] would add keys)
-            rid, rating, thumbs, correction, hallucinated, score, output, prompt, created, rated = map(row.get, _FIELDS)
-        else:
-            counts["invalid_row"] += 1
-            continue
-        if rid is None:
-            counts["invalid_row"] += 1
-            continue
-        if (rating is not None and rating <= max_negative) or thumbs == -1 or hallucinated is True:
-            if not (isinstance(correction, str) and correction.strip()):
-                counts["negative_without_correction"] += 1
-                continue
-            source = CORRECTED
-            answer = correction
-        else:
-            if (
-                (rating is not None and rating >= min_rating)
-                or thumbs == 1
-                or (score is not None and threshold is not None and score >= threshold)
-            ):
-                answer = output
-                if not (isinstance(answer, str) and answer.strip()):
-                    counts["empty_output"] += 1
-                    continue
-                source = KEPT
             else:
-                if isinstance(correction, str) and correction.strip():
-                    counts["unrated_correction"] += 1
-                elif rating is None and thumbs is None and score is None and hallucinated is None:
-                    counts["no_feedback"] += 1
+                counts["invalid_row"] += 1
+                continue
+            if rid is None:
+                counts["invalid_row"] += 1
+                continue
+            if (rating is not None and rating <= max_negative) or thumbs == -1 or hallucinated is True:
+                if not (isinstance(correction, str) and correction.strip()):
+                    counts["negative_without_correction"] += 1
+                    continue
+                source = CORRECTED
+                answer = correction
+            else:
+                if (
+                    (rating is not None and rating >= min_rating)
+                    or thumbs == 1
+                    or (score is not None and threshold is not None and score >= threshold)
+                ):
+                    answer = output
+                    if not (isinstance(answer, str) and answer.strip()):
+                        counts["empty_output"] += 1
+                        continue
+                    source = KEPT
                 else:
-                    counts["neutral"] += 1
+                    if isinstance(correction, str) and correction.strip():
+                        counts["unrated_correction"] += 1
+                    elif rating is None and thumbs is None and score is None and hallucinated is None:
+                        counts["no_feedback"] += 1
+                    else:
+                        counts["neutral"] += 1
+                    continue
+            if type(prompt) is str:  # the common case: one user turn
+                if not prompt.strip():
+                    counts["empty_input"] += 1
+                    continue
+                if red is not None:
+                    prompt = red(prompt)
+                    answer = red(answer)
+                key = fold_text(f"user\x1f{prompt}\x1eassistant\x1f{answer}") if dedupe else None
+            else:
+                prompt = _prompt(prompt)
+                if type(prompt) is str:
+                    counts[prompt] += 1
+                    continue
+                one_turn = False
+                if red is not None:
+                    for m in prompt:
+                        m["content"] = red(m["content"])
+                    answer = red(answer)
+                key = normalized_text({"messages": [*prompt, {"role": "assistant", "content": answer}]}) if dedupe else None
+            created = created or ""
+            id_types.add(type(rid))
+            created_lengths.add(len(created) if type(created) is str else -1)
+            entry = (created, rid, rated or created, source, prompt, answer)
+            if key is None:
+                append(entry)
                 continue
-        if type(prompt) is str:  # the common case: one user turn
-            if not prompt.strip():
-                counts["empty_input"] += 1
-                continue
-            if red is not None:
-                prompt = red(prompt)
-                answer = red(answer)
-            key = fold_text(f"user\x1f{prompt}\x1eassistant\x1f{answer}") if dedupe else None
-        else:
-            prompt = _prompt(prompt)
-            if type(prompt) is str:
-                counts[prompt] += 1
-                continue
-            one_turn = False
-            if red is not None:
-                for m in prompt:
-                    m["content"] = red(m["content"])
-                answer = red(answer)
-            key = normalized_text({"messages": [*prompt, {"role": "assistant", "content": answer}]}) if dedupe else None
-        created = created or ""
-        id_types.add(type(rid))
-        created_lengths.add(len(created) if type(created) is str else -1)
-        entry = (created, rid, rated or created, source, prompt, answer)
-        if key is None:
-            append(entry)
-            continue
-        # the folded text itself is the dedupe identity (equal texts <=> equal
-        # datasets.normalized_key hashes): no hashing per row
-        other = setdefault(key, entry)
-        if other is not entry:
-            counts["duplicate"] += 1
-            if _newest(entry) > _newest(other):
-                seen[key] = entry
+            # the folded text itself is the dedupe identity (equal texts <=> equal
+            # datasets.normalized_key hashes): no hashing per row
+            other = setdefault(key, entry)
+            if other is not entry:
+                counts["duplicate"] += 1
+                if _newest(entry) > _newest(other):
+                    seen[key] = entry
+    except TypeError:  # a rating, score or flag of the wrong type, where Python compares it
+        for name, value in (("rating", rating), ("quality_score", score), ("thumbs", thumbs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise _BadValue(rid, name, value) from None
+        raise
     for reason, count in counts.items():
         if count:
             skipped[reason] = skipped.get(reason, 0) + count
@@ -574,17 +589,24 @@ def _sql_number(value: Any) -> bool:
     return type(value) is float and value == value
 
 
-def _store_rows(rows: Any, rules: ExtractionRules) -> tuple[Generator[list[tuple], None, None], list[int]] | None:
+def _store_readable(rows: Any, rules: ExtractionRules) -> bool:
+    """``rows`` is ``FeedbackStore.rows()`` (not yet read from, without a limit) and the
+    rules' thresholds are numbers SQL compares as Python does."""
+    feedback = sys.modules.get(__package__ + ".feedback")  # loaded if rows come from a store
+    if feedback is None or type(rows) is not feedback.StoreRows or not rows.selectable:
+        return False
+    threshold = rules.quality_threshold
+    return (_sql_number(rules.min_rating) and _sql_number(rules.max_negative_rating)
+            and (threshold is None or _sql_number(threshold)))
+
+
+def _store_rows(rows: Any, rules: ExtractionRules, created: tuple[str | None, str | None] = (None, None),
+                ) -> tuple[Generator[list[tuple], None, None], list[int]] | None:
     """When ``rows`` is ``FeedbackStore.rows()`` (not yet read from, without a limit) and the
     rules' thresholds are numbers: the chunks of ``_STORE_COLUMNS`` tuples of the rows that
-    need Python, and the counts of the settled rows (by code; complete once the chunks are
-    read). Else None."""
-    feedback = sys.modules.get(__package__ + ".feedback")  # loaded if rows come from a store
-    if feedback is None or type(rows) is not feedback.StoreRows:
-        return None
-    threshold = rules.quality_threshold
-    if not (_sql_number(rules.min_rating) and _sql_number(rules.max_negative_rating)
-            and (threshold is None or _sql_number(threshold))):
+    need Python (of those ``created`` in a range, see ``StoreRows.select``), and the counts
+    of the settled rows (by code; complete once the chunks are read). Else None."""
+    if not _store_readable(rows, rules):
         return None
     settled = [0] * len(_SETTLED)
 
@@ -594,8 +616,8 @@ def _store_rows(rows: Any, rules: ExtractionRules) -> tuple[Generator[list[tuple
             return 0
         return 1
 
-    params = [rules.max_negative_rating, rules.min_rating, threshold]
-    chunks = rows.select(_STORE_COLUMNS, params, keep=(_CODE, params, keep))
+    params = [rules.max_negative_rating, rules.min_rating, rules.quality_threshold]
+    chunks = rows.select(_STORE_COLUMNS, params, keep=(_CODE, params, keep), created=created, ordered=True)
     return None if chunks is None else (chunks, settled)
 
 
@@ -603,8 +625,28 @@ class _OddRow(Exception):
     """A store row the SQL classification cannot settle exactly (code 99)."""
 
 
-def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: ExtractionRules,
-                   skipped: dict[str, int]) -> tuple[list[tuple], int, tuple]:
+@dataclass
+class _Part:
+    """What ``_store_entries`` read from (a shard of) the store: the entries after dedupe
+    within the part, their dedupe keys (same order; None without dedupe), rows read, skip
+    counts, and what ``_finish``'s shape is made of (every id a str, the set of created_at
+    lengths, -1 for a non-string, every prompt one string)."""
+
+    entries: list[tuple]
+    keys: list[str] | None
+    rows: int
+    skipped: dict[str, int]
+    str_ids: bool
+    created_lengths: set[int]
+    one_turn: bool
+
+    @property
+    def shape(self) -> tuple[bool, bool, bool]:
+        lengths = self.created_lengths
+        return self.str_ids, len(lengths) == 1 and -1 not in lengths, self.one_turn
+
+
+def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: ExtractionRules) -> _Part:
     """``_entries`` for what ``_store_rows`` returns: the same entries, counts and shape.
 
     The rows SQL settled are only counted (``settled``, filled while the chunks are read);
@@ -685,22 +727,23 @@ def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: Ext
             if other is not entry:
                 counts["duplicate"] += 1
                 if _newest(entry) > _newest(other):
+                    # to the end: the rows come in output order, so the kept entries stay in it
+                    del seen[key]
                     seen[key] = entry
     n += sum(settled)  # the rows SQL kept back
     for reason, count in zip(_SETTLED, settled):
         counts[reason] += count
-    for reason, count in counts.items():
-        if count:
-            skipped[reason] = skipped.get(reason, 0) + count
+    keys = None
     if dedupe:
         out = list(seen.values())
-    shape = (id_types <= {str}, len(created_lengths) == 1 and -1 not in created_lengths, one_turn)
-    return out, n, shape
+        keys = list(seen)
+    skipped = {reason: count for reason, count in counts.items() if count}
+    return _Part(out, keys, n, skipped, id_types <= {str}, created_lengths, one_turn)
 
 
 def _sorted_ids(ids: Iterable[Any]) -> list[Any]:
     ids = list(ids)
-    if all(type(i) is str for i in ids):
+    if set(map(type, ids)) <= {str}:
         return sorted(ids)
     return sorted(ids, key=_id_key)
 
@@ -788,6 +831,38 @@ def _jsonl(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n" if lines else b""
 
 
+def _manifest(fmt: str, rules: ExtractionRules, data: bytes, cdata: bytes, examples: int, skipped: dict[str, int],
+              rows_read: int, window: tuple, record_ids: list, correction_ids: list) -> dict[str, Any]:
+    n_corr = len(correction_ids)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "format": fmt,
+        "examples": examples,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "sources": {KEPT: examples - n_corr, CORRECTED: n_corr},
+        "skipped": dict(sorted(skipped.items())),
+        "rows_read": rows_read,
+        "window": {"first_created_at": window[0], "last_created_at": window[1]},
+        "record_ids": record_ids,
+        "corrections": {
+            "examples": n_corr,
+            "sha256": hashlib.sha256(cdata).hexdigest(),
+            "record_ids": correction_ids,
+        },
+        "rules": {**rules.to_dict(), "format": fmt},
+    }
+
+
+def _make(entries: list[tuple], fmt: str, is_correction: list[bool]) -> tuple[list, list]:
+    """The examples (as dicts) of sorted entries, and those that are corrections."""
+    if fmt == "messages":
+        examples = [{"messages": _messages(e)} for e in entries]
+    else:
+        examples = [format_example(_messages(e), fmt) for e in entries]
+    return examples, list(compress(examples, is_correction))
+
+
 def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules: ExtractionRules, fmt: str,
             shape: tuple[bool, bool, bool] = (False, False, False)) -> BuildResult:
     """Sort, serialise and describe the entries; ``shape`` as ``_entries`` returns it."""
@@ -823,65 +898,389 @@ def _finish(entries: list[tuple], skipped: dict[str, int], rows_read: int, rules
     data = _jsonl(lines)
     cdata = _jsonl(list(compress(lines, is_correction)))
     del lines
-    n_corr = len(correction_ids)
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "format": fmt,
-        "examples": len(entries),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "sources": {KEPT: len(entries) - n_corr, CORRECTED: n_corr},
-        "skipped": dict(sorted(skipped.items())),
-        "rows_read": rows_read,
-        "window": {"first_created_at": window[0], "last_created_at": window[1]},
-        "record_ids": record_ids,
-        "corrections": {
-            "examples": n_corr,
-            "sha256": hashlib.sha256(cdata).hexdigest(),
-            "record_ids": correction_ids,
-        },
-        "rules": {**rules.to_dict(), "format": fmt},
-    }
+    manifest = _manifest(fmt, rules, data, cdata, len(entries), skipped, rows_read, window, record_ids, correction_ids)
 
-    def make() -> tuple[list, list]:
-        if fmt == "messages":
-            examples = [{"messages": _messages(e)} for e in entries]
-        else:
-            examples = [format_example(_messages(e), fmt) for e in entries]
-        return examples, list(compress(examples, is_correction))
-
-    return BuildResult._lazy(make, manifest, data, cdata)
+    return BuildResult._lazy(lambda: _make(entries, fmt, is_correction), manifest, data, cdata)
 
 
-def build(rows: Iterable[dict[str, Any]], rules: ExtractionRules | None = None, fmt: str | None = None) -> BuildResult:
+def build(rows: Iterable[dict[str, Any]], rules: ExtractionRules | None = None, fmt: str | None = None, *,
+          workers: int | None = None) -> BuildResult:
     """Extract, redact, dedupe, sort and format ``rows``; deterministic to the byte.
 
     ``rows`` from ``FeedbackStore.rows(...)`` (unread, without ``limit``) are read through
-    the store's SQL, with the same result (1M rows: 12-14 s instead of 35-36 s for the row
-    dicts; bench/RESULTS-data.md). The store
-    build does not parse ``metadata`` (the build never uses it), nor the ``input`` of rows
-    the rules skip.
+    the store's SQL, with the same result (bench/RESULTS-data.md). The store build does not
+    parse ``metadata`` (the build never uses it), nor the ``input`` of rows the rules skip.
+    It reads a large store (:data:`PARALLEL_BUILD_RECORDS` records or more) in ``workers``
+    processes at once, each taking one shard of the records (default: one per core, at
+    most :data:`MAX_BUILD_WORKERS`; 1: none), with the same result to the byte.
     """
     rules = rules or ExtractionRules()
     fmt = fmt or rules.format
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    if workers is not None and workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}")
     with _gc_paused():
-        store = _store_rows(rows, rules)
-        if store is not None:  # FeedbackStore.rows(): SQL classifies, tuples instead of dicts
-            chunks, settled = store
-            skipped: dict[str, int] = {}
-            try:
-                entries, n, shape = _store_entries(chunks, settled, rules, skipped)
-            except _OddRow:  # data the schema should have refused: read the dicts instead
-                entries = None
-            finally:
-                chunks.close()
-            if entries is not None:
-                return _finish(entries, skipped, n, rules, fmt, shape)
-        skipped = {}
-        entries, n, shape = _entries(rows, rules, skipped)
+        result = _store_build(rows, rules, fmt, workers)
+        if result is not None:
+            return result
+        skipped: dict[str, int] = {}
+        try:
+            entries, n, shape = _entries(rows, rules, skipped)
+        except _BadValue as e:
+            store = getattr(rows, "store", None)
+            raise DataError(
+                getattr(store, "path", "feedback rows"), f"record {e.rid!r}: {e.value!r} is not a number",
+                field=e.field, hint="fix or delete the record's feedback; cl-release only stores numbers there",
+            ) from None
         return _finish(entries, skipped, n, rules, fmt, shape)
+
+
+def _store_build(rows: Any, rules: ExtractionRules, fmt: str, workers: int | None) -> BuildResult | None:
+    """``build`` of ``FeedbackStore.rows()`` through SQL (in shards, by forked processes,
+    when ``_build_workers`` says so). None: read the dicts instead (not a store's rows, or
+    a value SQL cannot classify exactly)."""
+    if not _store_readable(rows, rules):
+        return None
+    shards = _build_workers(rows, workers)
+    try:
+        if shards > 1:
+            with _sharded(rows, rules, fmt, shards) as parts:
+                if parts is not None:
+                    with contextlib.suppress(_WorkerLost):
+                        return _combine(parts, rules, fmt)
+        # one process (or a worker could not finish): read it all here
+        return _combine([_shard(rows, rules, fmt, (None, None))], rules, fmt)
+    except _OddRow:  # data the schema should have refused: read the dicts instead
+        return None
+
+
+# ---------------------------------------------------------------- the store build in shards
+#
+# A large store is read in n shards, consecutive ranges of created_at (about equal counts;
+# ``StoreRows.created_bounds``): shard 0 by this process, the others by forked workers.
+# Each does what one process does for its records (classify, redact, fold, dedupe within
+# the shard), sorts its examples and serialises them (``_Shard``), so that the output is
+# the shards' data one after the other: output order is (created_at, id). What is left
+# for this process is the dedupe groups that span shards (the newest row stays, as in one
+# process: ids are unique, so every group has one newest row; each merge is one more
+# duplicate), found through the keys' hashes, then checked on the keys themselves. A
+# worker sends its shard as bytes (no pickle). One process goes through the same steps
+# with one shard. Same bytes either way: tests/test_extract.py.
+
+PARALLEL_BUILD_RECORDS = 100_000  # smaller stores are read by one process
+MAX_BUILD_WORKERS = 8
+
+
+@dataclass
+class _Shard:
+    """One shard's examples in output order: ``data`` (their JSON lines; line ``i`` starts
+    at ``offsets[i]``, n + 1 offsets), ``corrected`` (one byte per example, 1 for a
+    correction), ``created`` (created_at per example), ``hashes`` (of the dedupe keys; None
+    without dedupe); all ids and the correction ids, sorted; rows read and skip counts.
+    ``plain``: every id and time is a string (a shard that is not stays in one process).
+
+    ``candidates(hashes)``: ``[i, key, time, created_at, id]`` of each example whose key
+    hash is in ``hashes``: what a dedupe group spanning shards is decided on. A worker's
+    shard asks the worker (see ``_shard_worker``), which sends only those examples."""
+
+    data: bytes
+    offsets: Any  # array('q')
+    corrected: bytes
+    created: list
+    hashes: list[int] | None
+    ids: list
+    correction_ids: list
+    rows: int
+    skipped: dict[str, int]
+    candidates: Callable[[set[int]], list[list]]
+    plain: bool = True
+
+    def __len__(self) -> int:
+        return len(self.corrected)
+
+    def to_messages(self) -> list[bytes]:
+        """The shard as bytes messages, for a pipe (no pickle), ``candidates`` left out."""
+        head = _orjson.dumps({"created": self.created, "ids": self.ids, "correction_ids": self.correction_ids,
+                              "rows": self.rows, "skipped": self.skipped, "dedupe": self.hashes is not None})
+        hashes = b"" if self.hashes is None else _array("q", self.hashes).tobytes()
+        return [head, self.data, self.offsets.tobytes(), self.corrected, hashes]
+
+    @classmethod
+    def from_messages(cls, messages: list[bytes], candidates: Callable[[set[int]], list[list]]) -> "_Shard":
+        head, data, offsets, corrected, hashes = messages
+        h = _orjson.loads(head)
+        return cls(data, _array("q", offsets), corrected, h["created"],
+                   _array("q", hashes).tolist() if h["dedupe"] else None, h["ids"], h["correction_ids"], h["rows"],
+                   h["skipped"], candidates)
+
+
+def _array(code: str, raw: Any) -> Any:
+    """``array(code)`` of bytes (``frombytes``) or of an iterable of numbers."""
+    from array import array
+
+    if isinstance(raw, (bytes, bytearray)):
+        a = array(code)
+        a.frombytes(raw)
+        return a
+    return array(code, raw)
+
+
+def _shard(rows: Any, rules: ExtractionRules, fmt: str, created: tuple[str | None, str | None]) -> _Shard:
+    """Read, classify, dedupe, sort and serialise the records created in ``created``."""
+    from itertools import accumulate
+
+    store = _store_rows(rows, rules, created)
+    assert store is not None  # checked by _store_build
+    chunks, settled = store
+    try:
+        part = _store_entries(chunks, settled, rules)
+    finally:
+        chunks.close()
+    entries, keys = part.entries, part.keys
+    # SQL sent the rows in output order, (created_at, id), and the entries kept that order
+    # (``_store_entries``). Python compares strings as SQLite does (code points, UTF-8 bytes);
+    # other types (only outside cl-release: blobs) are sorted here.
+    plain = part.str_ids and -1 not in part.created_lengths
+    if not plain:
+        key = _sort_key(part.str_ids, part.shape[1])
+        if keys is None:
+            entries.sort(key=key)
+        elif entries:  # sort the keys along
+            pairs = list(zip(entries, keys))
+            pairs.sort(key=lambda pair: key(pair[0]))
+            entries, keys = map(list, zip(*pairs))
+            del pairs
+    columns = list(zip(*entries)) if entries else [()] * 6
+    lines = _lines(entries, fmt, columns, part.one_turn)
+    corrected = bytes(map(CORRECTED.__eq__, columns[_SOURCE]))
+    out_ids, times, created_at = columns[_ID], columns[_TIME], list(columns[_CREATED])
+    hashes = None if keys is None else list(map(hash, keys))
+
+    def candidates(wanted: set[int]) -> list[list]:
+        assert keys is not None and hashes is not None
+        return [[i, keys[i], times[i], created_at[i], out_ids[i]]
+                for i in compress(range(len(hashes)), map(wanted.__contains__, hashes))]
+
+    return _Shard(
+        _jsonl(lines), _array("q", accumulate(map((1).__add__, map(len, lines)), initial=0)), corrected,
+        created_at, hashes, _sorted_ids(out_ids), _sorted_ids(compress(out_ids, corrected)), part.rows,
+        part.skipped, candidates, plain and set(map(type, times)) <= {str},
+    )
+
+
+def _sort_key(str_ids: bool, fixed_created: bool) -> Callable[[tuple], Any]:
+    """Output order: (created_at, id key). With string ids the plain id sorts as its key,
+    and with created_at strings of one length ``created_at + id`` sorts as the pair does:
+    one compact string per entry compares ~3x faster than a tuple."""
+    if str_ids:
+        if fixed_created:
+            return lambda e: e[_CREATED] + e[_ID]
+        return itemgetter(_CREATED, _ID)
+    return lambda e: (e[_CREATED], _id_key(e[_ID]))
+
+
+def _build_workers(rows: Any, workers: int | None) -> int:
+    feedback = sys.modules[__package__ + ".feedback"]  # loaded: rows is its StoreRows
+    if workers is None:
+        cores = feedback._cores()
+        workers = min(cores, MAX_BUILD_WORKERS) if cores > 1 and rows.size_hint() >= PARALLEL_BUILD_RECORDS else 1
+    return workers if workers > 1 and feedback._can_fork() else 1
+
+
+class _WorkerLost(Exception):
+    """A build worker stopped answering: read in one process instead."""
+
+
+@contextlib.contextmanager
+def _sharded(rows: Any, rules: ExtractionRules, fmt: str, shards: int) -> Generator[list[_Shard] | None, None, None]:
+    """Each shard; shards 1.. read by forked workers, which stay (answering
+    ``_Shard.candidates``) until the block ends. None if a worker failed (the caller then
+    reads in one process, and meets the same error, if any, itself)."""
+    import multiprocessing
+
+    bounds = rows.created_bounds(shards)
+    ranges = list(zip([None, *bounds], [*bounds, None]))
+    ctx = multiprocessing.get_context("fork")  # the keys' hashes are compared across processes
+    procs, pipes = [], []
+    try:
+        for k in range(1, len(ranges)):
+            here, there = ctx.Pipe()
+            # the worker closes its copies of this process's ends, or it would never see EOF
+            proc = ctx.Process(target=_shard_worker, args=(there, [here, *pipes], rows, rules, fmt, ranges[k]),
+                               name=f"cl-release-build-{k}")
+            proc.start()
+            there.close()
+            procs.append(proc)
+            pipes.append(here)
+        yield _gather(pipes, _shard(rows, rules, fmt, ranges[0]))
+    finally:
+        for pipe in pipes:
+            pipe.close()  # the worker's recv ends: it exits
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def _gather(pipes: list, own: _Shard) -> list[_Shard] | None:
+    """This process's shard and the workers' (raises _OddRow if one met an odd row)."""
+    parts, odd = [own], False
+    for pipe in pipes:
+        try:
+            status = pipe.recv_bytes()
+        except EOFError:  # the worker died before sending its part
+            return None
+        if status.startswith(b"ok "):
+            try:
+                messages = [pipe.recv_bytes() for _ in range(int(status[3:]))]
+            except EOFError:
+                return None
+            parts.append(_Shard.from_messages(messages, _ask(pipe)))
+        elif status == b"odd":
+            odd = True
+        else:
+            return None
+    if odd:
+        raise _OddRow(None)
+    return parts if own.plain else None
+
+
+def _ask(pipe: Any) -> Callable[[set[int]], list[list]]:
+    def candidates(wanted: set[int]) -> list[list]:
+        try:
+            pipe.send_bytes(_array("q", wanted).tobytes())
+            return _orjson.loads(pipe.recv_bytes())
+        except (EOFError, OSError):
+            raise _WorkerLost() from None
+
+    return candidates
+
+
+def _shard_worker(pipe: Any, others: list, rows: Any, rules: ExtractionRules, fmt: str, created: tuple) -> None:
+    """A forked worker: read one shard, send b"ok N" and the shard in N messages, b"odd"
+    (see _OddRow), or b"failed: why" (the parent then reads everything itself). Then answer
+    ``candidates`` requests (a set of hashes in, JSON out) until the pipe closes.
+    ``others``: the parent's pipe ends, closed here at once."""
+    for end in others:
+        end.close()
+    try:
+        try:
+            shard = _shard(rows, rules, fmt, created)
+        except _OddRow:
+            pipe.send_bytes(b"odd")
+            return
+        if not shard.plain:  # values only found outside cl-release (blobs): one process reads them
+            pipe.send_bytes(b"failed: not plain")
+            return
+        messages = shard.to_messages()
+        pipe.send_bytes(b"ok %d" % len(messages))
+        for m in messages:
+            pipe.send_bytes(m)
+        del messages
+        while True:
+            try:
+                wanted = pipe.recv_bytes()
+            except EOFError:
+                return
+            pipe.send_bytes(_orjson.dumps(shard.candidates(set(_array("q", wanted)))))
+    except BaseException as e:  # never a traceback from a child: the parent reads it itself
+        with contextlib.suppress(OSError):
+            pipe.send_bytes(b"failed: " + f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
+    finally:
+        pipe.close()
+
+
+def _combine(shards: list[_Shard], rules: ExtractionRules, fmt: str) -> BuildResult:
+    """One build from the shards (in created_at order): dedupe groups merged across shards,
+    then the shards' data one after the other, manifest made."""
+    from itertools import filterfalse
+
+    skipped: dict[str, int] = {}
+    for shard in shards:
+        for reason, count in shard.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    dropped: list[list[int]] = [[] for _ in shards]
+    gone: list[set] = [set() for _ in shards]  # the ids of dropped examples
+    if rules.dedupe and len(shards) > 1:
+        # key hashes seen in more than one shard; then the examples with those hashes,
+        # grouped by their exact key (equal hashes but different keys: two groups)
+        seen: set[int] = set()
+        repeated: set[int] = set()
+        for shard in shards:
+            hashes = set(shard.hashes)
+            repeated |= seen & hashes
+            seen |= hashes
+        del seen
+        groups: dict[str, list[tuple]] = {}
+        for k, shard in enumerate(shards):
+            for i, key, time, created, rid in shard.candidates(repeated) if repeated else ():
+                groups.setdefault(key, []).append(((time, created, rid), k, i))
+        for group in groups.values():
+            if len(group) > 1:
+                newest = max(group, key=itemgetter(0))  # plain shards: string ids, no two equal
+                for member in group:
+                    if member is not newest:
+                        dropped[member[1]].append(member[2])
+                        gone[member[1]].add(member[0][2])
+        duplicates = sum(map(len, dropped))
+        if duplicates:
+            skipped["duplicate"] = skipped.get("duplicate", 0) + duplicates
+    pieces: list[bytes] = []
+    cpieces: list[bytes] = []
+    flags: list[bytes] = []
+    record_ids: list = []
+    correction_ids: list = []
+    created_at: list = []
+    for shard, drop, ids_gone in zip(shards, dropped, gone):
+        n, offsets = len(shard), shard.offsets
+        if not drop:
+            pieces.append(shard.data)
+            kept: Any = shard.corrected
+            flags.append(shard.corrected)
+            created_at += shard.created
+        else:  # the runs of lines between dropped ones
+            drop.sort()
+            start = 0
+            for i in drop:
+                pieces.append(shard.data[offsets[start]:offsets[i]])
+                start = i + 1
+            pieces.append(shard.data[offsets[start]:offsets[n]])
+            mask = bytearray(b"\x01") * n
+            for i in drop:
+                mask[i] = 0
+            flags.append(bytes(compress(shard.corrected, mask)))
+            kept = bytes(map(int.__and__, shard.corrected, mask))  # the corrections kept
+            created_at += compress(shard.created, mask)
+        cpieces += map(shard.data.__getitem__, map(slice, compress(offsets, kept), compress(offsets[1:], kept)))
+        record_ids += filterfalse(ids_gone.__contains__, shard.ids) if ids_gone else shard.ids
+        correction_ids += filterfalse(ids_gone.__contains__, shard.correction_ids) if ids_gone else shard.correction_ids
+    if len(shards) > 1:  # sorted runs, one per shard: timsort merges them
+        record_ids, correction_ids = _sorted_ids(record_ids), _sorted_ids(correction_ids)
+    # created_at window: output order is created_at order ('' first)
+    first = next(filter(None, created_at), None)
+    window = (first, created_at[-1]) if first is not None else (None, None)
+    data = b"".join(pieces)
+    del pieces
+    cdata = b"".join(cpieces)
+    corrected = b"".join(flags)
+    manifest = _manifest(fmt, rules, data, cdata, len(corrected), skipped, sum(s.rows for s in shards),
+                         window, record_ids, correction_ids)
+    return BuildResult._lazy(lambda: _examples_of(data, corrected, fmt), manifest, data, cdata)
+
+
+def _examples_of(data: bytes, corrected: bytes, fmt: str) -> tuple[list, list]:
+    """``_make``'s examples, from the output lines (same dicts, keys in the same order)."""
+    records = list(map(_orjson.loads, data.split(b"\n")[:-1]))
+    if fmt == "messages":
+        examples = [{"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+                    for r in records]
+    elif fmt == "alpaca":
+        examples = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in records]
+    else:
+        examples = records  # {"text": ...}
+    return examples, list(compress(examples, corrected))
 
 
 @contextlib.contextmanager
@@ -1062,14 +1461,17 @@ def build_project(
     fmt: str | None = None,
     redact: bool | None = None,
     from_jsonl: Path | None = None,
+    workers: int | None = None,
 ) -> tuple[BuildResult, dict[str, Path]]:
     """``cl-release data build``: rules from cl-release.yaml, rows from the store, files written.
+    ``workers``: processes reading a large store (see :func:`build`).
 
     Default output: ``datasets/feedback/<sha256>.jsonl`` (content-addressed like snapshots).
     """
     off = {"redact_patterns": ()} if redact is False else {}  # --no-redact: no redaction at all
     rules = rules_from_project(project, format=fmt, redact_pii=redact, **off)
-    result = build(feedback_rows(project, since=resolve_since(project, since), from_jsonl=from_jsonl), rules)
+    result = build(feedback_rows(project, since=resolve_since(project, since), from_jsonl=from_jsonl), rules,
+                   workers=workers)
     if not result.manifest["examples"]:
         skipped = ", ".join(f"{k} {v}" for k, v in result.manifest["skipped"].items()) or "no rows"
         raise UserError(

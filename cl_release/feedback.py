@@ -972,13 +972,15 @@ class FeedbackStore:
         :meth:`StoreRows.select` instead, as tuples of the columns it needs.
         """
         where, params = [], []
+        s = u = None
         if since is not None:
             s = _bound(since, "since")
             where.append("(r.created_at >= ? OR r.id IN (SELECT request_id FROM feedback WHERE created_at >= ?))")
             params += [s, s]
         if until is not None:
+            u = _bound(until, "until")
             where.append("r.created_at < ?")
-            params.append(_bound(until, "until"))
+            params.append(u)
         if model_version is not None:
             where.append("r.model_version = ?")
             params.append(model_version)
@@ -987,7 +989,7 @@ class FeedbackStore:
         if after is not None:
             where.append("(r.created_at, r.id) > (?, ?)")
             params += list(after)
-        return StoreRows(self, " AND ".join(where), params, None if limit is None else int(limit))
+        return StoreRows(self, " AND ".join(where), params, None if limit is None else int(limit), (s, u))
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """One record joined with its latest feedback (keys as in :meth:`rows`), or None."""
@@ -1187,8 +1189,10 @@ class StoreRows:
     columns a caller names, unordered, at a fraction of that.
     """
 
-    def __init__(self, store: FeedbackStore, where: str, params: list[Any], limit: int | None):
+    def __init__(self, store: FeedbackStore, where: str, params: list[Any], limit: int | None,
+                 window: tuple[str | None, str | None] = (None, None)):
         self.store = store
+        self._window = window  # (since, until) as given to rows(), normalized
         self._where = where  # the filters, joined with AND ("" for none)
         self._params = params
         self._limit = limit
@@ -1231,6 +1235,8 @@ class StoreRows:
         params: Sequence[Any] = (),
         *,
         keep: tuple[str, Sequence[Any], Callable[[Any], Any]] | None = None,
+        created: tuple[str | None, str | None] = (None, None),
+        ordered: bool = False,
     ) -> Generator[list[tuple], None, None] | None:
         """The same records as tuples of ``columns``, in chunks, in no particular order.
 
@@ -1245,26 +1251,68 @@ class StoreRows:
         its WHERE terms in), so it can count what it drops: a Python call costs less than a
         row sent back.
 
+        ``created``: ``(low, high)``: only the records created at or after ``low`` and
+        before ``high`` (None: no bound). Consecutive ranges (see :meth:`created_bounds`)
+        split a selection into disjoint parts that several processes can read at once
+        (``extract.build`` does). ``ordered``: in ``rows()``'s order, (created_at, id), sorted
+        by SQLite after the filters (a sort of what comes back, not a walk of an index).
+
         None where this would not be the same set of records: with a ``limit`` (which takes
         the oldest), or once the dicts have been read from. Each call is a read of its own
         (and leaves the dicts unread).
         """
-        if self._limit is not None or self._dicts is not None:
+        if not self.selectable:
             return None
+        where, where_params = self._where, list(self._params)
+        low, high = created
+        if high is not None:  # unary +: still a scan of the table, not of created_at's index
+            where, where_params = "+r.created_at < ?" + (f" AND {where}" if where else ""), [high, *where_params]
+        if low is not None:
+            where, where_params = "+r.created_at >= ?" + (f" AND {where}" if where else ""), [low, *where_params]
         sql = f"SELECT {columns} FROM records r LEFT JOIN {_LATEST}"
         args = [*params]
-        if self._where:
-            sql += f" WHERE {self._where}"
-            args += self._params
+        if where:
+            sql += f" WHERE {where}"
+            args += where_params
         if keep is not None:
             expr, expr_params, fn = keep
-            if self._where:  # fn only sees rows that pass the filters
-                sql += f" AND CASE WHEN {self._where} THEN cl_keep({expr}) END"
-                args += self._params
+            if where:  # fn only sees rows that pass the filters
+                sql += f" AND CASE WHEN {where} THEN cl_keep({expr}) END"
+                args += where_params
             else:
                 sql += f" WHERE cl_keep({expr})"
             args += expr_params
+        if ordered:  # unary +: SQLite sorts the rows it selected instead of walking an index
+            sql += " ORDER BY +r.created_at, r.id"
         return self._select(sql, args, None if keep is None else keep[2])
+
+    @property
+    def selectable(self) -> bool:
+        """Whether :meth:`select` reads the same records (no ``limit``, dicts not read)."""
+        return self._limit is None and self._dicts is None
+
+    def size_hint(self) -> int:
+        """At most how many records the selection holds (the table's largest rowid; instant)."""
+        return self.store.conn.execute("SELECT max(rowid) FROM records").fetchone()[0] or 0
+
+    def created_bounds(self, parts: int) -> list[str]:
+        """``parts - 1`` created_at values that split the records created in the selection's
+        ``since``/``until`` window into ``parts`` ranges of about equal size (ascending; equal
+        values where many records share one time). From created_at's index: milliseconds."""
+        since, until = self._window
+        where = " AND ".join(c for c, v in (("created_at >= ?", since), ("created_at < ?", until)) if v is not None)
+        args = [v for v in (since, until) if v is not None]
+        where = f" WHERE {where}" if where else ""
+        conn = self.store.conn
+        total = conn.execute(f"SELECT count(*) FROM records{where}", args).fetchone()[0]
+        bounds = []
+        for k in range(1, parts):
+            row = conn.execute(f"SELECT created_at FROM records{where} ORDER BY created_at LIMIT 1 OFFSET ?",
+                               [*args, total * k // parts]).fetchone()
+            if row is None:
+                break
+            bounds.append(row[0])
+        return bounds
 
     def _select(
         self, sql: str, params: list[Any], keep: Callable[[Any], Any] | None

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -817,6 +818,11 @@ def test_cli_build_from_store(repo):
     m = json.loads(res.output)
     assert m["record_ids"] == [rid]
     assert "[PHONE]" in (repo / m["files"]["data"]).read_text()
+    res = run(repo, "data", "build", "--json", "--workers", "2")  # two processes: the same set
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["sha256"] == m["sha256"]
+    res = run(repo, "data", "build", "--workers", "0")
+    assert res.exit_code == 2 and "--workers" in res.stderr
 
 
 @pytest.mark.parametrize(
@@ -979,20 +985,48 @@ STORE_RULES = [
 ]
 
 
+def shards_used(monkeypatch):
+    """The number of shards each store build combined (1: read in one process). Forking
+    allowed: threads other tests left behind (idle) would otherwise turn it off."""
+    import cl_release.extract as extract
+    import cl_release.feedback as feedback
+
+    monkeypatch.setattr(feedback, "_can_fork", lambda: True)
+
+    used = []
+    combine = extract._combine
+
+    def counting(shards, *args):
+        used.append(len(shards))
+        return combine(shards, *args)
+
+    monkeypatch.setattr(extract, "_combine", counting)
+    return used
+
+
+def same_examples(a, b):
+    """Equal, and with keys in the same order (what json.dumps without sort_keys writes)."""
+    return a == b and json.dumps(a) == json.dumps(b)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("rules,fmt", STORE_RULES, ids=["default", "alpaca", "plain", "strict", "float-thresholds"])
-def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt):
+def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt, workers):
     import cl_release.extract as extract
 
     store = varied_store(tmp_path / "f.db")
     expected = build(dict_rows(store.rows()), rules, fmt)
     data, cdata, ids, cids, skipped, examples = reference_build(list(store.rows()), rules, fmt)
     monkeypatch.setattr(extract, "_entries", None)  # the store path must not fall back
-    result = build(store.rows(), rules, fmt)
+    used = shards_used(monkeypatch)
+    result = build(store.rows(), rules, fmt, workers=workers)
+    assert used == [workers]  # forked workers really read the shards
     assert result.data == expected.data == data and result.corrections_data == expected.corrections_data == cdata
     assert result.manifest == expected.manifest
     m = result.manifest
     assert m["record_ids"] == ids and m["corrections"]["record_ids"] == cids and m["skipped"] == skipped
-    assert result.examples == expected.examples == examples
+    assert same_examples(result.examples, expected.examples) and result.examples == examples
+    assert same_examples(result.corrections, expected.corrections)
     assert m["rows_read"] == store.count()
     # the store really has every case
     assert {"invalid_row", "no_feedback", "neutral", "negative_without_correction", "empty_output",
@@ -1020,9 +1054,128 @@ def test_store_build_matches_dict_build_with_filters(tmp_path, monkeypatch, quer
     store = varied_store(tmp_path / "f.db", n=1200)
     expected = build(dict_rows(store.rows(**query)))
     monkeypatch.setattr(extract, "_entries", None)
-    result = build(store.rows(**query))
-    assert result.data == expected.data and result.corrections_data == expected.corrections_data
-    assert result.manifest == expected.manifest and result.manifest["rows_read"] == len(list(store.rows(**query)))
+    used = shards_used(monkeypatch)
+    for workers in (1, 2):
+        result = build(store.rows(**query), workers=workers)
+        assert used[-1] == workers
+        assert result.data == expected.data and result.corrections_data == expected.corrections_data
+        assert result.manifest == expected.manifest and result.manifest["rows_read"] == len(list(store.rows(**query)))
+    store.close()
+
+
+def sharded_store(tmp_path, n=600):
+    """A store whose records straddle any split by time: the same few questions (so dedupe
+    groups span shards) asked every day, rated, some corrected, some rated after later ones."""
+    from cl_release.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "s.db")
+    rnd = random.Random(3)
+    records, feedback = [], []
+    for i in range(n):
+        rid = f"{rnd.getrandbits(64):016x}"
+        q = rnd.choice(["What is the IDLH?", "what is the  IDLH?", "Mail ops@example.com", "Valve 7?"])
+        records.append({"request_id": rid, "input": q, "output": rnd.choice(["300 ppm", "300  PPM", "no idea"]),
+                        "created_at": f"2026-01-{1 + i * 28 // n:02d}T{i % 24:02d}:00:00Z"})
+        rating = rnd.choice([1, 4, 5, 5])
+        feedback.append({"request_id": rid, "rating": rating, "correction": "300 ppm" if rating == 1 else None,
+                         "created_at": f"2026-02-{1 + rnd.randrange(28):02d}T00:00:00Z"})
+    store.log_many(records)
+    store.feedback_many(feedback)
+    return store
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_sharded_store_build_merges_dedupe_groups_across_shards(tmp_path, monkeypatch, workers):
+    store = sharded_store(tmp_path)
+    one = build(store.rows(), workers=1)
+    used = shards_used(monkeypatch)
+    result = build(store.rows(), workers=workers)
+    assert used == [workers]
+    assert result.data == one.data and result.manifest == one.manifest
+    assert result.manifest == build(dict_rows(store.rows())).manifest
+    assert result.manifest["skipped"]["duplicate"] > 500  # the groups span every shard
+    assert same_examples(result.examples, one.examples)
+    store.close()
+
+
+def test_sharded_store_build_with_one_created_at(tmp_path, monkeypatch):
+    store = sharded_store(tmp_path, n=200)
+    with store.conn:
+        store.conn.execute("UPDATE records SET created_at = '2026-01-01T00:00:00.000000Z'")
+    used = shards_used(monkeypatch)
+    result = build(store.rows(), workers=3)
+    assert used == [3]  # all in the last shard, the others empty
+    assert result.data == build(dict_rows(store.rows())).data
+    store.close()
+
+
+def test_sharded_store_build_reads_in_one_process_when_a_worker_fails(tmp_path, monkeypatch):
+    import os
+
+    import cl_release.extract as extract
+
+    store = sharded_store(tmp_path, n=300)
+    expected = build(store.rows(), workers=1)
+    shard = extract._shard
+    for failure in ("raise", "exit", "exit after sending"):
+        def failing(rows, rules, fmt, created, failure=failure):
+            if created[0] is None:  # this process's shard
+                return shard(rows, rules, fmt, created)
+            if failure == "raise":
+                raise sqlite3.OperationalError("disk I/O error")
+            if failure == "exit":
+                os._exit(3)
+            part = shard(rows, rules, fmt, created)
+            part.candidates = lambda wanted: os._exit(4)
+            return part
+
+        monkeypatch.setattr(extract, "_shard", failing)
+        used = shards_used(monkeypatch)
+        result = build(store.rows(), workers=2)
+        assert used[-1] == 1, failure  # read again in one process
+        assert result.data == expected.data and result.manifest == expected.manifest, failure
+    store.close()
+
+
+def test_sharded_store_build_of_odd_values_reads_dicts_or_one_process(tmp_path, monkeypatch):
+    store = sharded_store(tmp_path, n=300)
+    with store.conn:  # a blob id (only possible outside cl-release): not a plain shard
+        store.conn.execute("INSERT INTO records (id, created_at, input, output, quality_score)"
+                           " VALUES (X'0102', '2026-01-27T00:00:00.000000Z', '\"q\"', 'a', 0.9)")
+    used = shards_used(monkeypatch)
+    result = build(store.rows(), workers=2)
+    assert used == [1]
+    assert result.manifest == build(dict_rows(store.rows())).manifest
+    store.conn.execute("PRAGMA ignore_check_constraints = ON")
+    with store.conn:  # a text rating in the last shard: the dicts are read
+        store.conn.execute("UPDATE feedback SET rating = 'high' WHERE request_id = "
+                           "(SELECT id FROM records ORDER BY created_at DESC LIMIT 1)")
+    used.clear()
+    with pytest.raises(DataError, match="rating: record .*: 'high' is not a number"):
+        build(store.rows(), workers=2)  # from the dicts, as one process reads them
+    assert used == []
+    with pytest.raises(DataError, match="rating: record .*: 'high' is not a number"):
+        build(dict_rows(store.rows()))
+    store.close()
+
+
+def test_build_workers_default_and_checks(tmp_path, monkeypatch):
+    import cl_release.extract as extract
+    import cl_release.feedback as feedback
+
+    store = sharded_store(tmp_path, n=50)
+    monkeypatch.setattr(feedback, "_can_fork", lambda: True)
+    monkeypatch.setattr(feedback, "_cores", lambda: 4)
+    assert extract._build_workers(store.rows(), None) == 1  # a small store: one process
+    monkeypatch.setattr(extract, "PARALLEL_BUILD_RECORDS", 10)
+    assert extract._build_workers(store.rows(), None) == 4
+    monkeypatch.setattr(feedback, "_cores", lambda: 1)
+    assert extract._build_workers(store.rows(), None) == 1
+    assert extract._build_workers(store.rows(), 3) == 3
+    monkeypatch.setattr(feedback, "_can_fork", lambda: False)  # threads running, or no fork
+    assert extract._build_workers(store.rows(), 3) == 1
+    with pytest.raises(UserError, match="workers"):
+        build(store.rows(), workers=0)
     store.close()
 
 
@@ -1067,16 +1220,18 @@ def test_store_build_falls_back_to_dicts_on_values_the_schema_refuses(tmp_path):
     with store.conn:
         store.conn.execute("UPDATE records SET quality_score = 'high' WHERE rowid = 1")
         store.conn.execute("DELETE FROM feedback WHERE request_id = (SELECT id FROM records WHERE rowid = 1)")
-    with pytest.raises(TypeError):
+    first = store.conn.execute("SELECT id FROM records WHERE rowid = 1").fetchone()[0]
+    with pytest.raises(DataError, match=f"feedback rows: quality_score: record '{first}': 'high' is not a number"):
         build(dict_rows(store.rows()))
-    with pytest.raises(TypeError):
+    with pytest.raises(DataError, match=f"f.db: quality_score: record '{first}': 'high' is not a number") as e:
         build(store.rows())
+    assert "fix or delete" in e.value.hint
     with store.conn:
         store.conn.execute("UPDATE records SET quality_score = NULL WHERE rowid = 1")
         store.conn.execute("UPDATE feedback SET rating = X'01' WHERE id = (SELECT max(id) FROM feedback)")
-    with pytest.raises(TypeError):
+    with pytest.raises(DataError, match=r"rating: record .*: b'\\x01' is not a number"):
         build(dict_rows(store.rows()))
-    with pytest.raises(TypeError):
+    with pytest.raises(DataError, match=r"rating: record .*: b'\\x01' is not a number"):
         build(store.rows())
     store.close()
 

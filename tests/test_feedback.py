@@ -351,6 +351,28 @@ def test_rows_select_keep_sees_each_selected_record_once(store):
         assert sorted(got) == sorted((r["id"], r["rating"]) for r in rows if r["rating"] >= 4), query
 
 
+def test_rows_select_by_created_range_in_order(store):
+    for i in range(9):  # created out of id order, two records per day, one with new feedback
+        store.log("q", "a", request_id=f"r{8 - i}", created_at=f"2026-01-0{1 + i // 2}")
+    store.feedback("r8", rating=5, created_at="2026-01-09")
+    rows = store.rows()
+    every = [r["id"] for r in rows]
+    bounds = store.rows().created_bounds(3)
+    assert bounds == sorted(bounds) and len(bounds) == 2
+    ranges = list(zip([None, *bounds], [*bounds, None]))
+    parts = [[t[0] for c in store.rows().select("r.id", created=r, ordered=True) for t in c] for r in ranges]
+    assert sum(parts, []) == every  # disjoint, in order, nothing left out
+    assert all(2 <= len(p) <= 4 for p in parts)
+    # a window: bounds from inside it, the records selected as rows() selects them
+    since = store.rows(since="2026-01-03")
+    assert all(b >= "2026-01-03" for b in since.created_bounds(2))
+    got = [t[0] for r in [(None, since.created_bounds(2)[0]), (since.created_bounds(2)[0], None)]
+           for c in store.rows(since="2026-01-03").select("r.id", created=r, ordered=True) for t in c]
+    assert got == [r["id"] for r in store.rows(since="2026-01-03")] and "r8" in got  # rated since
+    assert store.rows().size_hint() == 9
+    assert store.rows(until="2026-01-01").created_bounds(4) == []  # nothing in the window
+
+
 def test_rows_select_refuses_a_limit_or_started_rows(store):
     for i in range(3):
         store.log("q", "a", request_id=f"r{i}")
@@ -567,6 +589,12 @@ def test_cli_import_export_prune(repo):
     r = cli(repo, "feedback", "import", str(bad))
     assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON" in r.output
     assert FeedbackStore(repo / ".cl-release" / "feedback.db").count() == 7
+    r = cli(repo, "feedback", "import", "--workers", "2", str(bad))  # forked parsers: the same line
+    assert r.exit_code == 2 and "bad.jsonl:2: invalid JSON" in r.output
+    r = cli(repo, "feedback", "import", "--workers", "2", str(f))
+    assert r.exit_code == 0 and "10 lines, 3 new records, 7 already stored" in r.output
+    r = cli(repo, "feedback", "import", "--workers", "0", str(f))
+    assert r.exit_code == 2 and "--workers" in r.output
 
 
 def test_cli_uses_the_configured_store_path(repo):
