@@ -487,7 +487,7 @@ def feedback() -> None:
 @feedback.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Processes parsing the file (default: one per core for files of 16 MB or more, on 4+ cores).")
+              help="Processes parsing the file (default: one per core for files of 16 MB or more).")
 @pass_ctx
 @handle_errors
 def feedback_import(ctx: Context, file: Path, workers: int | None) -> None:

@@ -59,8 +59,16 @@ SKIP_REASONS = (
     "unrated_correction",  # a correction without a negative signal: not trusted on its own
     "negative_without_correction",  # a bad answer nobody corrected: nothing to learn from
     "empty_output",  # a positive row whose logged answer is blank
+    "control_tokens",  # prompt or answer holds a chat template's control token (see CONTROL_TOKEN)
     "duplicate",  # same normalized content as a newer row
 )
+
+# What a chat template's control tokens look like (ChatML's <|im_start|> and <|im_end|>,
+# Llama 3's <|eot_id|> and <|start_header_id|>, <|endoftext|>, ...). Tokenizers read them
+# in plain text as the tokens themselves, so a logged prompt holding "<|im_end|>
+# <|im_start|>assistant" would train fake turns: such rows are skipped, not escaped.
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+_control = CONTROL_TOKEN.search
 
 
 # ---------------------------------------------------------------- rules
@@ -511,6 +519,9 @@ def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: di
                 if not prompt.strip():
                     counts["empty_input"] += 1
                     continue
+                if ("<|" in prompt or "<|" in answer) and (_control(prompt) or _control(answer)):
+                    counts["control_tokens"] += 1
+                    continue
                 if red is not None:
                     prompt = red(prompt)
                     answer = red(answer)
@@ -519,6 +530,9 @@ def _entries(rows: Iterable[dict[str, Any]], rules: ExtractionRules, skipped: di
                 prompt = _prompt(prompt)
                 if type(prompt) is str:
                     counts[prompt] += 1
+                    continue
+                if _control(answer) or any(_control(m["content"]) for m in prompt):
+                    counts["control_tokens"] += 1
                     continue
                 one_turn = False
                 if red is not None:
@@ -701,6 +715,9 @@ def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: Ext
                 if not prompt.strip():
                     counts["empty_input"] += 1
                     continue
+                if ("<|" in prompt or "<|" in answer) and (_control(prompt) or _control(answer)):
+                    counts["control_tokens"] += 1
+                    continue
                 if red is not None:
                     prompt = red(prompt)
                     answer = red(answer)
@@ -709,6 +726,9 @@ def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: Ext
                 prompt = _prompt(prompt)
                 if type(prompt) is str:
                     counts[prompt] += 1
+                    continue
+                if _control(answer) or any(_control(m["content"]) for m in prompt):
+                    counts["control_tokens"] += 1
                     continue
                 one_turn = False
                 if red is not None:
@@ -719,6 +739,8 @@ def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: Ext
             created = created or ""
             id_types.add(type(rid))
             created_lengths.add(len(created) if type(created) is str else -1)
+            if rated is not None and type(rated) is not str:
+                created_lengths.add(-1)  # a feedback time that is not a string: not plain either
             entry = (created, rid, rated or created, source, prompt, answer)
             if key is None:
                 append(entry)
@@ -975,44 +997,50 @@ MAX_BUILD_WORKERS = 8
 @dataclass
 class _Shard:
     """One shard's examples in output order: ``data`` (their JSON lines; line ``i`` starts
-    at ``offsets[i]``, n + 1 offsets), ``corrected`` (one byte per example, 1 for a
-    correction), ``created`` (created_at per example), ``hashes`` (of the dedupe keys; None
-    without dedupe); all ids and the correction ids, sorted; rows read and skip counts.
-    ``plain``: every id and time is a string (a shard that is not stays in one process).
+    at ``offsets[i]``, n + 1 offsets), the corrections among them (``cdata``, line ``j`` at
+    ``coffsets[j]``, example ``cindex[j]``), ``created`` (created_at per example),
+    ``hashes`` (of the dedupe keys; None without dedupe), all ids and the correction ids,
+    sorted; rows read and skip counts. ``plain``: every id and time is a string (a shard
+    that is not stays in one process, so shards that are combined are all plain).
 
-    ``candidates(hashes)``: ``[i, key, time, created_at, id]`` of each example whose key
-    hash is in ``hashes``: what a dedupe group spanning shards is decided on. A worker's
-    shard asks the worker (see ``_shard_worker``), which sends only those examples."""
+    ``ask(hashes)`` starts a request for ``[i, key, time, created_at, id]`` of each example
+    whose key hash is in ``hashes`` (what a dedupe group spanning shards is decided on) and
+    returns the function that waits for the answer: a worker computes its answer while this
+    process computes its own (see ``_shard_worker``)."""
 
     data: bytes
     offsets: Any  # array('q')
-    corrected: bytes
+    cdata: bytes
+    coffsets: Any  # array('q')
+    cindex: Any  # array('q')
     created: list
     hashes: list[int] | None
     ids: list
     correction_ids: list
     rows: int
     skipped: dict[str, int]
-    candidates: Callable[[set[int]], list[list]]
+    ask: Callable[[set[int]], Callable[[], list[list]]]
     plain: bool = True
 
     def __len__(self) -> int:
-        return len(self.corrected)
+        return len(self.offsets) - 1
+
+    _ARRAYS = ("offsets", "coffsets", "cindex")
 
     def to_messages(self) -> list[bytes]:
-        """The shard as bytes messages, for a pipe (no pickle), ``candidates`` left out."""
+        """The shard as bytes messages, for a pipe (no pickle), ``ask`` left out."""
         head = _orjson.dumps({"created": self.created, "ids": self.ids, "correction_ids": self.correction_ids,
                               "rows": self.rows, "skipped": self.skipped, "dedupe": self.hashes is not None})
         hashes = b"" if self.hashes is None else _array("q", self.hashes).tobytes()
-        return [head, self.data, self.offsets.tobytes(), self.corrected, hashes]
+        return [head, self.data, self.cdata, hashes, *(getattr(self, k).tobytes() for k in self._ARRAYS)]
 
     @classmethod
-    def from_messages(cls, messages: list[bytes], candidates: Callable[[set[int]], list[list]]) -> "_Shard":
-        head, data, offsets, corrected, hashes = messages
+    def from_messages(cls, messages: list[bytes], ask: Callable[[set[int]], Callable[[], list[list]]]) -> "_Shard":
+        head, data, cdata, hashes, offsets, coffsets, cindex = messages
         h = _orjson.loads(head)
-        return cls(data, _array("q", offsets), corrected, h["created"],
+        return cls(data, _array("q", offsets), cdata, _array("q", coffsets), _array("q", cindex), h["created"],
                    _array("q", hashes).tolist() if h["dedupe"] else None, h["ids"], h["correction_ids"], h["rows"],
-                   h["skipped"], candidates)
+                   h["skipped"], ask)
 
 
 def _array(code: str, raw: Any) -> Any:
@@ -1026,10 +1054,15 @@ def _array(code: str, raw: Any) -> Any:
     return array(code, raw)
 
 
-def _shard(rows: Any, rules: ExtractionRules, fmt: str, created: tuple[str | None, str | None]) -> _Shard:
-    """Read, classify, dedupe, sort and serialise the records created in ``created``."""
+def _line_offsets(lines: list[bytes]) -> Any:
+    """Where each of ``_jsonl(lines)``'s lines starts, and its end."""
     from itertools import accumulate
 
+    return _array("q", accumulate(map((1).__add__, map(len, lines)), initial=0))
+
+
+def _shard(rows: Any, rules: ExtractionRules, fmt: str, created: tuple[str | None, str | None]) -> _Shard:
+    """Read, classify, dedupe, sort and serialise the records created in ``created``."""
     store = _store_rows(rows, rules, created)
     assert store is not None  # checked by _store_build
     chunks, settled = store
@@ -1053,19 +1086,22 @@ def _shard(rows: Any, rules: ExtractionRules, fmt: str, created: tuple[str | Non
             del pairs
     columns = list(zip(*entries)) if entries else [()] * 6
     lines = _lines(entries, fmt, columns, part.one_turn)
-    corrected = bytes(map(CORRECTED.__eq__, columns[_SOURCE]))
+    is_correction = list(map(CORRECTED.__eq__, columns[_SOURCE]))
+    clines = list(compress(lines, is_correction))
     out_ids, times, created_at = columns[_ID], columns[_TIME], list(columns[_CREATED])
     hashes = None if keys is None else list(map(hash, keys))
 
-    def candidates(wanted: set[int]) -> list[list]:
+    def ask(wanted: set[int]) -> Callable[[], list[list]]:
         assert keys is not None and hashes is not None
-        return [[i, keys[i], times[i], created_at[i], out_ids[i]]
-                for i in compress(range(len(hashes)), map(wanted.__contains__, hashes))]
+        found = [[i, keys[i], times[i], created_at[i], out_ids[i]]
+                 for i in compress(range(len(hashes)), map(wanted.__contains__, hashes))]
+        return lambda: found
 
+    order = sorted if plain else _sorted_ids  # plain: every id a string
     return _Shard(
-        _jsonl(lines), _array("q", accumulate(map((1).__add__, map(len, lines)), initial=0)), corrected,
-        created_at, hashes, _sorted_ids(out_ids), _sorted_ids(compress(out_ids, corrected)), part.rows,
-        part.skipped, candidates, plain and set(map(type, times)) <= {str},
+        _jsonl(lines), _line_offsets(lines), _jsonl(clines), _line_offsets(clines),
+        _array("q", compress(range(len(lines)), is_correction)), created_at, hashes,
+        order(out_ids), order(compress(out_ids, is_correction)), part.rows, part.skipped, ask, plain,
     )
 
 
@@ -1095,7 +1131,7 @@ class _WorkerLost(Exception):
 @contextlib.contextmanager
 def _sharded(rows: Any, rules: ExtractionRules, fmt: str, shards: int) -> Generator[list[_Shard] | None, None, None]:
     """Each shard; shards 1.. read by forked workers, which stay (answering
-    ``_Shard.candidates``) until the block ends. None if a worker failed (the caller then
+    ``_Shard.ask``) until the block ends. None if a worker failed (the caller then
     reads in one process, and meets the same error, if any, itself)."""
     import multiprocessing
 
@@ -1147,21 +1183,31 @@ def _gather(pipes: list, own: _Shard) -> list[_Shard] | None:
     return parts if own.plain else None
 
 
-def _ask(pipe: Any) -> Callable[[set[int]], list[list]]:
-    def candidates(wanted: set[int]) -> list[list]:
+def _ask(pipe: Any) -> Callable[[set[int]], Callable[[], list[list]]]:
+    """``_Shard.ask`` of a worker's shard: the request goes out at once, the answer is read
+    when waited for."""
+
+    def ask(wanted: set[int]) -> Callable[[], list[list]]:
         try:
             pipe.send_bytes(_array("q", wanted).tobytes())
-            return _orjson.loads(pipe.recv_bytes())
-        except (EOFError, OSError):
+        except OSError:
             raise _WorkerLost() from None
 
-    return candidates
+        def answer() -> list[list]:
+            try:
+                return _orjson.loads(pipe.recv_bytes())
+            except (EOFError, OSError):
+                raise _WorkerLost() from None
+
+        return answer
+
+    return ask
 
 
 def _shard_worker(pipe: Any, others: list, rows: Any, rules: ExtractionRules, fmt: str, created: tuple) -> None:
     """A forked worker: read one shard, send b"ok N" and the shard in N messages, b"odd"
     (see _OddRow), or b"failed: why" (the parent then reads everything itself). Then answer
-    ``candidates`` requests (a set of hashes in, JSON out) until the pipe closes.
+    ``ask`` requests (a set of hashes in, JSON out) until the pipe closes.
     ``others``: the parent's pipe ends, closed here at once."""
     for end in others:
         end.close()
@@ -1184,7 +1230,7 @@ def _shard_worker(pipe: Any, others: list, rows: Any, rules: ExtractionRules, fm
                 wanted = pipe.recv_bytes()
             except EOFError:
                 return
-            pipe.send_bytes(_orjson.dumps(shard.candidates(set(_array("q", wanted)))))
+            pipe.send_bytes(_orjson.dumps(shard.ask(set(_array("q", wanted)))()))
     except BaseException as e:  # never a traceback from a child: the parent reads it itself
         with contextlib.suppress(OSError):
             pipe.send_bytes(b"failed: " + f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
@@ -1192,9 +1238,21 @@ def _shard_worker(pipe: Any, others: list, rows: Any, rules: ExtractionRules, fm
         pipe.close()
 
 
+def _runs(blob: bytes, offsets: Any, dropped: list[int]) -> list[bytes]:
+    """``blob`` (lines at ``offsets``) without the lines ``dropped`` (ascending): the runs
+    of lines between them."""
+    runs, start = [], 0
+    for i in dropped:
+        runs.append(blob[offsets[start]:offsets[i]])
+        start = i + 1
+    runs.append(blob[offsets[start]:offsets[-1]])
+    return runs
+
+
 def _combine(shards: list[_Shard], rules: ExtractionRules, fmt: str) -> BuildResult:
     """One build from the shards (in created_at order): dedupe groups merged across shards,
     then the shards' data one after the other, manifest made."""
+    from bisect import bisect_left
     from itertools import filterfalse
 
     skipped: dict[str, int] = {}
@@ -1206,68 +1264,75 @@ def _combine(shards: list[_Shard], rules: ExtractionRules, fmt: str) -> BuildRes
     if rules.dedupe and len(shards) > 1:
         # key hashes seen in more than one shard; then the examples with those hashes,
         # grouped by their exact key (equal hashes but different keys: two groups)
-        seen: set[int] = set()
+        seen: set[int] = set(shards[0].hashes)
         repeated: set[int] = set()
-        for shard in shards:
-            hashes = set(shard.hashes)
-            repeated |= seen & hashes
-            seen |= hashes
+        for shard in shards[1:]:
+            repeated.update(seen.intersection(shard.hashes))
+            if shard is not shards[-1]:
+                seen.update(shard.hashes)
         del seen
-        groups: dict[str, list[tuple]] = {}
-        for k, shard in enumerate(shards):
-            for i, key, time, created, rid in shard.candidates(repeated) if repeated else ():
-                groups.setdefault(key, []).append(((time, created, rid), k, i))
-        for group in groups.values():
-            if len(group) > 1:
-                newest = max(group, key=itemgetter(0))  # plain shards: string ids, no two equal
-                for member in group:
-                    if member is not newest:
-                        dropped[member[1]].append(member[2])
-                        gone[member[1]].add(member[0][2])
+        if repeated:
+            answers = [shard.ask(repeated) for shard in reversed(shards)]  # workers first
+            answers.reverse()
+            best: dict[str, tuple] = {}  # key -> (newest, shard, index) of the newest so far
+            for k, answer in enumerate(answers):
+                for i, key, time, created, rid in answer():
+                    mine = ((time, created, rid), k, i)  # plain shards: string ids, no two equal
+                    other = best.setdefault(key, mine)
+                    if other is not mine:
+                        if mine[0] > other[0]:
+                            best[key], mine = mine, other
+                        dropped[mine[1]].append(mine[2])
+                        gone[mine[1]].add(mine[0][2])
         duplicates = sum(map(len, dropped))
         if duplicates:
             skipped["duplicate"] = skipped.get("duplicate", 0) + duplicates
     pieces: list[bytes] = []
     cpieces: list[bytes] = []
-    flags: list[bytes] = []
     record_ids: list = []
     correction_ids: list = []
-    created_at: list = []
+    examples = 0
+    first = last = None
+    marks = []  # (examples, correction indexes, dropped indexes) per shard: which examples are corrections
     for shard, drop, ids_gone in zip(shards, dropped, gone):
-        n, offsets = len(shard), shard.offsets
-        if not drop:
-            pieces.append(shard.data)
-            kept: Any = shard.corrected
-            flags.append(shard.corrected)
-            created_at += shard.created
-        else:  # the runs of lines between dropped ones
-            drop.sort()
-            start = 0
-            for i in drop:
-                pieces.append(shard.data[offsets[start]:offsets[i]])
-                start = i + 1
-            pieces.append(shard.data[offsets[start]:offsets[n]])
-            mask = bytearray(b"\x01") * n
-            for i in drop:
-                mask[i] = 0
-            flags.append(bytes(compress(shard.corrected, mask)))
-            kept = bytes(map(int.__and__, shard.corrected, mask))  # the corrections kept
-            created_at += compress(shard.created, mask)
-        cpieces += map(shard.data.__getitem__, map(slice, compress(offsets, kept), compress(offsets[1:], kept)))
+        drop.sort()
+        skip = set(drop)
+        n = len(shard)
+        pieces += _runs(shard.data, shard.offsets, drop) if drop else [shard.data]
+        cindex = shard.cindex
+        cdrop = [j for j in (bisect_left(cindex, i) for i in drop) if j < len(cindex) and cindex[j] in skip]
+        cpieces += _runs(shard.cdata, shard.coffsets, cdrop) if cdrop else [shard.cdata]
+        examples += n - len(drop)
+        marks.append((n, cindex, drop))
         record_ids += filterfalse(ids_gone.__contains__, shard.ids) if ids_gone else shard.ids
         correction_ids += filterfalse(ids_gone.__contains__, shard.correction_ids) if ids_gone else shard.correction_ids
-    if len(shards) > 1:  # sorted runs, one per shard: timsort merges them
-        record_ids, correction_ids = _sorted_ids(record_ids), _sorted_ids(correction_ids)
-    # created_at window: output order is created_at order ('' first)
-    first = next(filter(None, created_at), None)
-    window = (first, created_at[-1]) if first is not None else (None, None)
+        # created_at window: output order is created_at order ('' first)
+        created = shard.created
+        head = next((c for i, c in enumerate(created) if c and i not in skip), None)
+        if head is not None:
+            first = head if first is None else first
+            last = next(created[i] for i in range(n - 1, -1, -1) if i not in skip)
+    if len(shards) > 1:  # sorted runs of strings (plain shards), one per shard: timsort merges them
+        record_ids, correction_ids = sorted(record_ids), sorted(correction_ids)
     data = b"".join(pieces)
     del pieces
     cdata = b"".join(cpieces)
-    corrected = b"".join(flags)
-    manifest = _manifest(fmt, rules, data, cdata, len(corrected), skipped, sum(s.rows for s in shards),
-                         window, record_ids, correction_ids)
-    return BuildResult._lazy(lambda: _examples_of(data, corrected, fmt), manifest, data, cdata)
+    manifest = _manifest(fmt, rules, data, cdata, examples, skipped, sum(s.rows for s in shards),
+                         (first, last), record_ids, correction_ids)
+
+    def make() -> tuple[list, list]:
+        corrected = bytearray()
+        for n, cindex, drop in marks:
+            mark = bytearray(n)
+            for i in cindex:
+                mark[i] = 1
+            if drop:
+                skip = set(drop)
+                mark = bytearray(b for i, b in enumerate(mark) if i not in skip)
+            corrected += mark
+        return _examples_of(data, corrected, fmt)
+
+    return BuildResult._lazy(make, manifest, data, cdata)
 
 
 def _examples_of(data: bytes, corrected: bytes, fmt: str) -> tuple[list, list]:

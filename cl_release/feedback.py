@@ -48,7 +48,7 @@ BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
 IMPORT_CACHE_KIB = -131072
 IMPORT_PARALLEL_BYTES = 16 << 20  # smaller files are parsed in the importing process
-IMPORT_PARALLEL_CORES = 4  # fewer cores: parsed in the importing process (see import_jsonl)
+IMPORT_PARALLEL_CORES = 2  # one core: parsed in the importing process (see import_jsonl)
 IMPORT_MAX_WORKERS = 8  # at most SQLite's default limit of 10 attached databases
 WAL_SIZE_LIMIT = 64 << 20  # a checkpointed WAL is cut back to this (PRAGMA journal_size_limit)
 SEVERITIES = ("low", "high", "critical", "safety")
@@ -1071,8 +1071,9 @@ class FeedbackStore:
         taking one contiguous byte range of the file, or by this process (``workers=1``). The
         default forks one worker per core (up to :data:`IMPORT_MAX_WORKERS`) for a file of at
         least :data:`IMPORT_PARALLEL_BYTES` on a machine with at least
-        :data:`IMPORT_PARALLEL_CORES` cores; on 2 shared cores two workers were measured no
-        faster than one process (bench/RESULTS-feedback.md). Then one ``BEGIN IMMEDIATE`` transaction copies the staged
+        :data:`IMPORT_PARALLEL_CORES` cores (on 2 cores, 1M records: parsing 10.5 s instead
+        of 21 s when the cores are free, no slower when they are busy; bench/RESULTS-feedback.md).
+        Then one ``BEGIN IMMEDIATE`` transaction copies the staged
         rows into the store in request-id order, each statement run by SQLite itself; other
         writers wait only for this second phase. The scratch files go to the system temporary
         folder (``TMPDIR``), about twice the size of the rows staged, and are removed at the end.

@@ -936,7 +936,9 @@ def test_import_workers_choice(monkeypatch):
     assert fbmod._import_workers(1000, None) == 1  # a small file is parsed in this process
     assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 4
     monkeypatch.setattr(fbmod, "_cores", lambda: 2)
-    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 1  # two cores: no faster, measured
+    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 2
+    monkeypatch.setattr(fbmod, "_cores", lambda: 1)
+    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 1  # one core: no workers
     assert fbmod._import_workers(10, 3) == 3 and fbmod._import_workers(10, 99) == fbmod.IMPORT_MAX_WORKERS
     with pytest.raises(UserError, match="at least 1"):
         fbmod._import_workers(10, 0)
