@@ -1478,7 +1478,8 @@ def write_build(result: BuildResult, out_path: str | Path, *, write_corrections:
     paths = {"data": out, "manifest": manifest_path(out)}
     manifest = dict(result.manifest)
     manifest["path"] = out.name
-    if write_corrections and result.corrections and not manifest.get("corrections_only"):
+    # the count, not ``result.corrections``: that would build every example's dict (seconds at 1M)
+    if write_corrections and manifest["corrections"]["examples"] and not manifest.get("corrections_only"):
         cpath = corrections_path(out)
         atomic_write_bytes(cpath, result.corrections_data)
         manifest["corrections"] = {**manifest["corrections"], "path": cpath.name}

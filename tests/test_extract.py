@@ -227,6 +227,7 @@ def test_redaction_before_writing(tmp_path):
     result = build([row(1, **PII_ROW), row(2, input="ask bob@corp.example", output="ok", rating=5)], rules)
     paths = write_build(result, tmp_path / "out.jsonl")
     assert set(paths) == {"data", "manifest", "corrections"}
+    assert result._make is not None  # writing did not build every example's dict
     for p in paths.values():
         blob = p.read_text(encoding="utf-8")
         for secret in [*SECRETS, "bob@corp.example"]:
