@@ -18,7 +18,8 @@ bytes whatever order they arrive in; the manifest records the SHA-256 of those b
 Rows are plain dicts as ``FeedbackStore.rows()`` yields them; any iterable works. Given
 ``FeedbackStore.rows()`` itself, ``build`` reads the store directly instead (see "reading a
 FeedbackStore" below): SQLite picks out the rows that can become examples, and only those
-come back, as tuples; the result is the same to the byte.
+come back, as tuples, in output order; a large store is read in created_at ranges by one
+process per core ("the store build in shards"). The result is the same to the byte.
 """
 
 from __future__ import annotations
