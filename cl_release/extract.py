@@ -645,7 +645,7 @@ class _Part:
     """What ``_store_entries`` read from (a shard of) the store: the entries after dedupe
     within the part, their dedupe keys (same order; None without dedupe), rows read, skip
     counts, and what ``_finish``'s shape is made of (every id a str, the set of created_at
-    lengths, -1 for a non-string, every prompt one string)."""
+    lengths, -1 for a non-string created_at or feedback time, every prompt one string)."""
 
     entries: list[tuple]
     keys: list[str] | None
@@ -666,8 +666,10 @@ def _store_entries(chunks: Iterable[list[tuple]], settled: list[int], rules: Ext
 
     The rows SQL settled are only counted (``settled``, filled while the chunks are read);
     the others go through ``_entries``'s code from the string tests on (kept in step with
-    it; tests/test_extract.py compares the two on varied stores). Raises :class:`_OddRow` on
-    a row SQL could not classify exactly.
+    it; tests/test_extract.py compares the two on varied stores). One difference: a newer
+    duplicate moves its group to the end, so entries stay in the order the rows came in
+    (SQL's output order, see ``_shard``). Raises :class:`_OddRow` on a row SQL could not
+    classify exactly.
     """
     from orjson import loads  # the store parses ``input`` with orjson: the same values
 

@@ -1239,7 +1239,7 @@ class StoreRows:
         created: tuple[str | None, str | None] = (None, None),
         ordered: bool = False,
     ) -> Generator[list[tuple], None, None] | None:
-        """The same records as tuples of ``columns``, in chunks, in no particular order.
+        """The same records as tuples of ``columns``, in chunks, in no particular order (unless ``ordered``).
 
         ``columns`` is an SQL select list over ``r`` (the ``records`` row) and ``f`` (its
         latest ``feedback`` row, as in :meth:`FeedbackStore.rows`; all NULL when it has
