@@ -296,6 +296,31 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
         sys.exit(1)
 
 
+class ByteProgress:
+    """A rich progress bar on stderr over a byte count (``advance(n)``); nothing when not a
+    terminal. It is gone (transient) before the command prints its result."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        self.progress = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                                 console=console, transient=True, disable=not console.is_terminal)
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
 class TrainingProgress:
     """A rich progress bar on stderr for training steps; plain lines when not a terminal."""
 
@@ -488,17 +513,47 @@ def feedback() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1),
               help="Processes parsing the file (default: one per core for files of 16 MB or more).")
+@click.option("--timezone", "tz", metavar="ZONE",
+              help="How to read timestamps without a UTC offset: an IANA name (Europe/Athens), "
+                   "'local' or 'UTC' (the default, with a warning when there are any).")
+@json_option
 @pass_ctx
 @handle_errors
-def feedback_import(ctx: Context, file: Path, workers: int | None) -> None:
-    """Import logged answers (and user feedback) from a JSONL file; all or nothing."""
+def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | None, as_json: bool) -> None:
+    """Import logged answers (and user feedback) from a JSONL file; all or nothing.
+
+    Known fields that collectors log inside ``metadata`` (model_version, latency_ms, tokens,
+    quality_score, hallucinated, error_tag, severity) are used when the line has none of its
+    own; version strings such as v1.0 are stored as the release they name."""
     store, path = _store(ctx), _at_root(ctx, file)
     size = path.stat().st_size if path.is_file() else 0
-    with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        result = store.import_jsonl(path, progress=bar.update, workers=workers)
-    click.echo(f"{file}: {result.lines} lines, {result.records} new records, "
-               f"{result.duplicates} already stored, {result.feedback} feedback rows "
-               f"({result.per_second:,.0f} lines/s)")
+    registry = ctx.registry()
+    releases = [m["version"] for m in registry.models()] if registry.path.is_file() else None
+    with ByteProgress("importing", size) as bar:
+        result = store.import_jsonl(path, progress=bar.advance, workers=workers, timezone=tz, releases=releases)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        click.echo(f"{file}: {result.lines} lines, {result.records} new records, "
+                   f"{result.duplicates} already stored, {result.feedback} feedback rows "
+                   f"({result.per_second:,.0f} lines/s)")
+        click.echo("  by model version: " + (", ".join(f"{v} {n}" for v, n in result.by_model_version.items())
+                                              or "none"))
+        if result.lifted:
+            click.echo("  from metadata: " + ", ".join(f"{k} {n}" for k, n in result.lifted.items()))
+        if result.conflicts:
+            click.echo("  top level and metadata disagree (top level kept): "
+                       + ", ".join(f"{k} {n}" for k, n in result.conflicts.items()))
+        if result.mapped_versions:
+            click.echo(f"  {result.mapped_versions} version strings mapped to releases (as given: logged_version)")
+        if result.unmatched_versions:
+            click.echo(f"  {result.unmatched_versions} records name a version that matches no release")
+        if result.naive_timestamps:
+            click.echo(f"  {result.naive_timestamps} timestamps without a UTC offset, read as {result.timezone}")
+    if result.naive_timestamps and tz is None:
+        click.secho(f"Warning: {result.naive_timestamps} timestamps in {file} have no UTC offset and were read as "
+                    "UTC; if they are local times, import with --timezone ZONE (e.g. Europe/Athens or local).",
+                    fg="yellow", err=True)
 
 
 @feedback.command("add")

@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import IO, Any, Callable, Generator, Iterable, Iterator, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import sqlite_utils
@@ -43,6 +44,7 @@ from sqlite_utils.migrations import Migrations
 
 from .errors import ClReleaseError, DataError, UserError
 from .files import locked
+from .registry import match_release
 
 BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
@@ -59,8 +61,12 @@ _FEEDBACK_FIELDS = (
 )
 ROW_KEYS = (
     "id", "created_at", "input", "output", "model_version", "latency_ms", "tokens",
-    "quality_score", "metadata", *_FEEDBACK_FIELDS, "feedback_at",
+    "quality_score", "metadata", *_FEEDBACK_FIELDS, "feedback_at", "logged_version",
 )
+# Import: known fields that collectors put in ``metadata`` (see ``import_jsonl``).
+LIFTED_RECORD_FIELDS = ("model_version", "latency_ms", "tokens", "quality_score")
+LIFTED_FEEDBACK_FIELDS = ("hallucinated", "error_tag", "severity")
+_LIFTED = frozenset(LIFTED_RECORD_FIELDS + LIFTED_FEEDBACK_FIELDS)
 
 
 # ---------------------------------------------------------------- schema migrations
@@ -113,10 +119,16 @@ def _m002_release_usage(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX release_usage_version ON release_usage (version)")
 
 
+def _m003_logged_version(db: sqlite_utils.Database) -> None:
+    # The model version as another tool logged it ("v1.0"), when import mapped it to a release.
+    db.execute("ALTER TABLE records ADD COLUMN logged_version TEXT")
+
+
 # Ordered; append new steps, never rename or reorder applied ones.
 MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m001_records_and_feedback", _m001_records_and_feedback),
     ("m002_release_usage", _m002_release_usage),
+    ("m003_logged_version", _m003_logged_version),
 ]
 
 
@@ -139,7 +151,7 @@ class Invalid(ValueError):
         self.field = field
 
 
-_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?(?:Z|\+00:00)?", re.ASCII).fullmatch
+_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?(Z|\+00:00)?", re.ASCII).fullmatch
 _fromisoformat = datetime.fromisoformat
 _dumps = orjson.dumps
 
@@ -148,23 +160,29 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def timestamp(value: Any, *, field: str = "created_at") -> str:
+def timestamp(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> str:
     """Normalize a datetime, date, ISO-8601 string or epoch seconds to ``...ffffffZ`` UTC.
 
-    Naive datetimes and strings without an offset are taken as UTC. ``None`` means now.
+    Naive datetimes, dates and strings without an offset are read in ``tz`` (None: UTC); a
+    value with an offset is converted exactly. ``None`` means now.
     """
+    return utc_time(value, field=field, tz=tz)[0]
+
+
+def utc_time(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> tuple[str, bool]:
+    """:func:`timestamp`, and whether ``value`` was naive (a time without a UTC offset)."""
     if value is None:
-        return utc_now()
+        return utc_now(), False
     if isinstance(value, str):
         # Fast path for the canonical UTC shapes (YYYY-MM-DDTHH:MM:SS[.ffffff][Z|+00:00]): the
         # string already is the result; fromisoformat still validates the field ranges.
         m = _CANONICAL_TS(value)
-        if m is not None:
+        if m is not None and (tz is None or m[2]):
             try:
                 _fromisoformat(value)
             except ValueError:
                 raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-            return value[:19] + (m[1] or ".000000") + "Z"
+            return value[:19] + (m[1] or ".000000") + "Z", not m[2]
         try:
             value = datetime.fromisoformat(value)
         except ValueError:
@@ -178,9 +196,48 @@ def timestamp(value: Any, *, field: str = "created_at") -> str:
         value = datetime(value.year, value.month, value.day)
     if not isinstance(value, datetime):
         raise Invalid(f"expected a timestamp, got {type(value).__name__}", field)
+    naive = value.tzinfo is None
+    if naive and tz is not None:
+        value = value.replace(tzinfo=tz)
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value.isoformat(timespec="microseconds") + "Z"
+        try:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:
+            raise Invalid(f"out of range in UTC: {value.isoformat()}", field) from None
+    return value.isoformat(timespec="microseconds") + "Z", naive
+
+
+def time_zone(name: str | None) -> tzinfo | None:
+    """How to read naive times: ``None``/``"UTC"`` (None), ``"local"`` (this machine's zone)
+    or an IANA name such as ``Europe/Athens``. An unknown name is a :class:`UserError`."""
+    if name is None or name.upper() in ("UTC", "Z"):
+        return None
+    if name == "local":
+        return _LocalZone()
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UserError(f"unknown time zone {name!r}",
+                        hint="use an IANA name such as Europe/Athens, 'local' or 'UTC'") from None
+
+
+class _LocalZone(tzinfo):
+    """This machine's time zone, with its daylight-saving rules (what ``datetime.now()`` wrote)."""
+
+    def _offset(self, dt: datetime) -> timedelta:
+        return dt.replace(tzinfo=None).astimezone().utcoffset()  # naive.astimezone(): local rules
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        return self._offset(dt) if dt is not None else datetime.now().astimezone().utcoffset()
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "local"
+
+    def __repr__(self) -> str:
+        return "local"
 
 
 def _check_input(value: Any) -> str:
@@ -225,6 +282,7 @@ def record_row(
     quality_score: Any = None,
     metadata: Any = None,
     created_at: Any = None,
+    logged_version: Any = None,
 ) -> tuple:
     """Check one record and return its ``records`` row tuple (column order of the table)."""
     if request_id is None:
@@ -249,6 +307,7 @@ def record_row(
         _opt_num(tokens, "tokens", int),
         _opt_num(quality_score, "quality_score"),
         meta,
+        _opt_str(logged_version, "logged_version"),
     )
 
 
@@ -300,101 +359,266 @@ def feedback_values(
 # ---------------------------------------------------------------- JSONL import shapes
 
 
-def _import_row(obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
-    """One parsed JSONL line → (records row, feedback row or None). See ``import_jsonl``.
+@dataclass
+class ImportCounts:
+    """What the rows of an import carried (summed over the parse workers)."""
+
+    naive: int = 0  # timestamps without a UTC offset (read in the import's time zone)
+    lifted: dict[str, int] = field(default_factory=dict)  # field -> lines that took it from metadata
+    conflicts: dict[str, int] = field(default_factory=dict)  # field -> top level and metadata disagree
+    versions: dict[str | None, int] = field(default_factory=dict)  # stored model version -> lines
+    mapped: int = 0  # lines whose version string was mapped to a release ("v1.0" -> "1.0.0")
+
+    def add(self, other: "ImportCounts") -> None:
+        self.naive += other.naive
+        self.mapped += other.mapped
+        for mine, theirs in ((self.lifted, other.lifted), (self.conflicts, other.conflicts),
+                             (self.versions, other.versions)):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
+
+
+def _bump(counts: dict, key: Any) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+class ImportReader:
+    """Turns one parsed JSONL line into (records row, feedback row or None); see ``import_jsonl``.
+
+    ``tz``: how naive timestamps are read (None: UTC). ``releases``: the registry's versions;
+    a version string naming one of them after normalization (``v1.0`` -> ``1.0.0``, see
+    :func:`registry.match_release`) is stored as that release, the string as given in
+    ``logged_version``. ``counts`` collects what the lines carried.
 
     Shape (a) is checked inline (the hot path of a large import); the checks, their order and
     their messages are those of :func:`record_row`, which shape (b) still goes through.
     """
-    if not isinstance(obj, dict):
-        raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
-    get = obj.get
-    if "output" in obj or "input" in obj:  # shape (a): structured request log
-        request_id = obj["request_id"] if "request_id" in obj else get("id")
-        if request_id is None:
-            raise Invalid("missing 'request_id'", "request_id")
-        if "input" not in obj:
-            raise Invalid("missing 'input'", "input")
-        if not isinstance(request_id, str) or not request_id:
-            raise Invalid("request id must be a non-empty string", "request_id")
-        output = get("output")
-        if not isinstance(output, str):
-            raise Invalid("expected the model output as a string", "output")
-        metadata = get("metadata")
-        if metadata is None:
-            meta = "{}"
-        elif isinstance(metadata, dict):
-            meta = _dumps(metadata).decode() if metadata else "{}"
+
+    def __init__(self, tz: tzinfo | None = None, releases: Iterable[str] | None = None):
+        self.tz = tz
+        self.releases = None if releases is None else frozenset(releases)
+        self.counts = ImportCounts()
+        self._stored_version: dict[str, str] = {}
+
+    def __call__(self, obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
+        if not isinstance(obj, dict):
+            raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
+        get = obj.get
+        counts = self.counts
+        if "output" in obj or "input" in obj:  # shape (a): structured request log
+            request_id = obj["request_id"] if "request_id" in obj else get("id")
+            if request_id is None:
+                raise Invalid("missing 'request_id'", "request_id")
+            if "input" not in obj:
+                raise Invalid("missing 'input'", "input")
+            if not isinstance(request_id, str) or not request_id:
+                raise Invalid("request id must be a non-empty string", "request_id")
+            output = get("output")
+            if not isinstance(output, str):
+                raise Invalid("expected the model output as a string", "output")
+            metadata = get("metadata")
+            if metadata is None:
+                meta = "{}"
+            elif isinstance(metadata, dict):
+                meta = _dumps(metadata).decode() if metadata else "{}"
+            else:
+                raise Invalid("expected a JSON object", "metadata")
+            created_at = obj["timestamp"] if "timestamp" in obj else get("created_at")
+            created, naive = utc_time(created_at, tz=self.tz)
+            if naive:
+                counts.naive += 1
+            input_ = _check_input(obj["input"])
+            model_version = get("model_version")
+            if model_version is not None and not isinstance(model_version, str):
+                raise Invalid(f"expected a string, got {type(model_version).__name__}", "model_version")
+            latency_ms = get("latency_ms")
+            if latency_ms is not None:
+                if type(latency_ms) is not float:
+                    latency_ms = _opt_num(latency_ms, "latency_ms")
+            tokens = get("tokens")
+            if tokens is not None:
+                tokens = _opt_num(tokens, "tokens", int)
+            quality_score = get("quality_score")
+            if quality_score is not None:
+                quality_score = _opt_num(quality_score, "quality_score")
+            lift = metadata and not _LIFTED.isdisjoint(metadata)
+            if lift:
+                model_version, latency_ms, tokens, quality_score = self._lift_record(
+                    metadata, model_version, latency_ms, tokens, quality_score)
+            logged = get("logged_version")
+            if logged is not None and not isinstance(logged, str):
+                raise Invalid(f"expected a string, got {type(logged).__name__}", "logged_version")
+            if model_version is not None and self.releases is not None:
+                stored = self._stored_version.get(model_version) or self._release_of(model_version)
+                if stored != model_version:
+                    logged, model_version = logged or model_version, stored
+                    counts.mapped += 1
+            record = (request_id, created, input_, output, model_version, latency_ms, tokens, quality_score, meta,
+                      logged)
+        elif "query" in obj:  # shape (b): flat rows; the id is a hash of the line
+            metadata = get("metadata")
+            created_at = get("timestamp")
+            record = record_row(
+                obj["query"],
+                get("response"),
+                request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
+                model_version=get("model", get("model_version")),
+                quality_score=get("quality_score"),
+                latency_ms=get("latency_ms"),
+                metadata=metadata,
+                created_at=None if created_at is None else self._time(created_at, "created_at"),
+            )
+            lift = isinstance(metadata, dict) and not _LIFTED.isdisjoint(metadata)
+            if lift:
+                record = record[:4] + self._lift_record(metadata, *record[4:8]) + record[8:]
+            model_version = record[4]
+            if model_version is not None and self.releases is not None:
+                stored = self._release_of(model_version)
+                if stored != model_version:
+                    record = record[:4] + (stored,) + record[5:9] + (model_version,)
+                    counts.mapped += 1
         else:
-            raise Invalid("expected a JSON object", "metadata")
-        created_at = obj["timestamp"] if "timestamp" in obj else get("created_at")
-        created = timestamp(created_at)
-        input_ = _check_input(obj["input"])
-        model_version = get("model_version")
-        if model_version is not None and not isinstance(model_version, str):
-            raise Invalid(f"expected a string, got {type(model_version).__name__}", "model_version")
-        latency_ms = get("latency_ms")
-        if latency_ms is not None:
-            if type(latency_ms) is not float:
-                latency_ms = _opt_num(latency_ms, "latency_ms")
-        tokens = get("tokens")
-        if tokens is not None:
-            tokens = _opt_num(tokens, "tokens", int)
-        quality_score = get("quality_score")
-        if quality_score is not None:
-            quality_score = _opt_num(quality_score, "quality_score")
-        record = (request_id, created, input_, output, model_version, latency_ms, tokens, quality_score, meta)
-    elif "query" in obj:  # shape (b): flat rows; the id is a hash of the line
-        record = record_row(
-            obj["query"],
-            get("response"),
-            request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
-            model_version=get("model", get("model_version")),
-            quality_score=get("quality_score"),
-            latency_ms=get("latency_ms"),
-            metadata=get("metadata"),
-            created_at=get("timestamp"),
-        )
-    else:
-        raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
-    uf = get("user_feedback")
-    if uf is None:
-        return record, None
-    if isinstance(uf, (int, float)) and not isinstance(uf, bool):
-        uf = {"rating": uf}
-    if not isinstance(uf, dict):
-        raise Invalid("expected a rating number or an object", "user_feedback")
-    fields = {k: uf.get(k) for k in _FEEDBACK_FIELDS}
-    if all(v is None for v in fields.values()):
-        return record, None
+            raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
+        versions, version = counts.versions, record[4]
+        versions[version] = versions.get(version, 0) + 1
+        uf = get("user_feedback")
+        if uf is None:
+            if not lift:
+                return record, None
+            uf = {}
+        elif isinstance(uf, (int, float)) and not isinstance(uf, bool):
+            uf = {"rating": uf}
+        elif not isinstance(uf, dict):
+            raise Invalid("expected a rating number or an object", "user_feedback")
+        fields = {k: uf.get(k) for k in _FEEDBACK_FIELDS}
+        if lift:
+            self._lift_feedback(metadata, fields)
+        if all(v is None for v in fields.values()):
+            return record, None
+        try:
+            fb = feedback_values(**fields)
+            fb_time = uf.get("timestamp", uf.get("created_at"))
+            fb_at = self._time(fb_time, "user_feedback.timestamp") if fb_time else record[1]
+        except Invalid as e:
+            raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
+        return record, (record[0], fb_at, *fb.values())
+
+    def _time(self, value: Any, field: str) -> str:
+        """A timestamp of a line, read in the import's time zone; naive ones are counted."""
+        ts, naive = utc_time(value, field=field, tz=self.tz)
+        if naive:
+            self.counts.naive += 1
+        return ts
+
+    def _release_of(self, version: str) -> str:
+        stored = self._stored_version.get(version)
+        if stored is None:
+            stored = self._stored_version[version] = match_release(version, self.releases) or version
+        return stored
+
+    def _lift_record(self, metadata: dict, *values: Any) -> tuple:
+        """Fill absent top-level record fields from ``metadata``; count disagreements."""
+        out = list(values)
+        for k, name in enumerate(LIFTED_RECORD_FIELDS):
+            m = metadata.get(name)
+            if m is None:
+                continue
+            where = f"metadata.{name}"
+            if name == "model_version":
+                if isinstance(m, (int, float)) and not isinstance(m, bool):
+                    m = str(m)  # a collector wrote 1.0 for "1.0"
+                m = _opt_str(m, where)
+            else:
+                m = _opt_num(m, where, int if name == "tokens" else float)
+            top = out[k]
+            if top is None:
+                out[k] = m
+                _bump(self.counts.lifted, name)
+            elif top != m and not (name == "model_version" and self.releases is not None
+                                   and self._release_of(top) == self._release_of(m)):
+                _bump(self.counts.conflicts, name)
+        return tuple(out)
+
+    def _lift_feedback(self, metadata: dict, fields: dict[str, Any]) -> None:
+        """Fill absent feedback flags from ``metadata``. ``hallucinated: false`` alone makes no
+        feedback row (a collector may write it on every answer); true, a tag or a severity do."""
+        for name in LIFTED_FEEDBACK_FIELDS:
+            m = metadata.get(name)
+            if m is None:
+                continue
+            try:
+                m = feedback_values(**{name: m})[name]
+            except Invalid as e:
+                raise Invalid(str(e), f"metadata.{name}") from None
+            top = fields[name]
+            if top is None:
+                if name == "hallucinated" and not m and all(v is None for v in fields.values()):
+                    continue
+                fields[name] = m
+                _bump(self.counts.lifted, name)
+            elif _stored_feedback(name, top) != m:
+                _bump(self.counts.conflicts, name)
+
+
+def _stored_feedback(name: str, value: Any) -> Any:
+    """A feedback field as stored; an invalid value stays as given (its own check reports it)."""
     try:
-        fb = feedback_values(**fields)
-        fb_at = timestamp(uf.get("timestamp", uf.get("created_at")) or record[1], field="user_feedback.timestamp")
-    except Invalid as e:
-        raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
-    return record, (record[0], fb_at, *fb.values())
+        return feedback_values(**{name: value})[name]
+    except Invalid:
+        return value
+
+
+def _import_row(obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
+    """One line read as UTC with no releases known (what :class:`ImportReader` does by default)."""
+    return ImportReader()(obj, raw)
 
 
 @dataclass
 class ImportResult:
-    """What ``import_jsonl`` did: lines read, new records, records already present, feedback rows."""
+    """What ``import_jsonl`` did: lines read, new records, records already present, feedback
+    rows, and what the lines carried: records per model version (as stored; ``"unknown"``
+    for none), fields lifted from ``metadata`` and disagreements with the top level (per
+    field), naive timestamps and the zone they were read in, version strings mapped to a
+    release, and records whose version names no release (None when no releases were given)."""
 
     lines: int = 0
     records: int = 0
     duplicates: int = 0
     feedback: int = 0
     seconds: float = 0.0
+    by_model_version: dict[str, int] = field(default_factory=dict)
+    lifted: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, int] = field(default_factory=dict)
+    naive_timestamps: int = 0
+    timezone: str = "UTC"
+    mapped_versions: int = 0
+    unmatched_versions: int | None = None
 
     @property
     def per_second(self) -> float:
         return self.lines / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["per_second"] = self.per_second
+        return out
+
+    def _count(self, counts: ImportCounts, releases: frozenset[str] | None) -> None:
+        self.by_model_version = {("unknown" if v is None else v): n for v, n in
+                                 sorted(counts.versions.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))}
+        self.lifted = dict(sorted(counts.lifted.items()))
+        self.conflicts = dict(sorted(counts.conflicts.items()))
+        self.naive_timestamps = counts.naive
+        self.mapped_versions = counts.mapped
+        if releases is not None:
+            self.unmatched_versions = sum(n for v, n in counts.versions.items() if v is not None and v not in releases)
 
 
 # ---------------------------------------------------------------- the store
 
 _INSERT_RECORD = (
     "INSERT INTO records (id, created_at, input, output, model_version, latency_ms, tokens,"
-    " quality_score, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+    " quality_score, metadata, logged_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
 _INSERT_FEEDBACK = (
     "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
@@ -422,7 +646,9 @@ _INSERT_FEEDBACK_ONCE = (
 # them into the store with two INSERT ... SELECT statements. A scratch file holds the records
 # (r) and the feedback rows (f) of its range in file order (plain appends); the copy numbers
 # them ``part << 40 | rowid``, which is file order across parts.
-_RECORD_COLUMNS = "id, created_at, input, output, model_version, latency_ms, tokens, quality_score, metadata"
+_RECORD_COLUMNS = (
+    "id, created_at, input, output, model_version, latency_ms, tokens, quality_score, metadata, logged_version"
+)
 _FEEDBACK_MATCH = ("request_id", "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag",
                    "severity", "annotator")  # what makes two feedback rows "identical" (not created_at)
 _FEEDBACK_COLUMNS = "request_id, created_at, " + ", ".join(_FEEDBACK_MATCH[1:])
@@ -470,6 +696,7 @@ class _Staged:
     records: int = 0
     feedback: int = 0
     error: tuple[int, str, str | None] | None = None
+    counts: ImportCounts | None = None
 
 
 def _import_workers(size: int, workers: int | None) -> int:
@@ -510,14 +737,15 @@ def _split_lines(f: IO[bytes], size: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _stage_chunk(
-    path: Path, start: int, end: int, scratch: Path, batch: int, progress: Callable[[int], None] | None = None
+    path: Path, start: int, end: int, scratch: Path, batch: int, reader: ImportReader,
+    progress: Callable[[int], None] | None = None,
 ) -> _Staged:
     """Parse and check the lines in bytes ``[start, end)`` of ``path`` into a new scratch file.
 
     Stops at the first bad line and returns it in ``_Staged.error`` (the scratch file is then
     of no use). ``progress`` gets the bytes read since its previous call, once per batch.
     """
-    staged = _Staged()
+    staged = _Staged(counts=reader.counts)
     c = sqlite3.connect(str(scratch), isolation_level=None)
     try:
         c.execute("PRAGMA journal_mode = OFF")  # a scratch file: any failure throws it away
@@ -528,8 +756,8 @@ def _stage_chunk(
         records: list[tuple] = []
         feedback: list[tuple] = []
         append_r, append_f = records.append, feedback.append
-        loads, JSONDecodeError, import_row = orjson.loads, orjson.JSONDecodeError, _import_row
-        insert_r = f"INSERT INTO r VALUES ({', '.join('?' * 9)})"
+        loads, JSONDecodeError, import_row = orjson.loads, orjson.JSONDecodeError, reader
+        insert_r = f"INSERT INTO r VALUES ({', '.join('?' * 10)})"
         insert_f = f"INSERT INTO f VALUES ({', '.join('?' * 10)})"
 
         def flush() -> None:
@@ -593,7 +821,7 @@ def _stage_worker(send: Any, done: Any, part: int, args: tuple) -> None:
 
 def _stage_forked(
     path: Path, ranges: Sequence[tuple[int, int]], scratch: Sequence[Path], batch: int,
-    progress: Callable[[int], None] | None,
+    reader: Callable[[], ImportReader], progress: Callable[[int], None] | None,
 ) -> list[_Staged]:
     """Stage each range in its own forked process. Once a range reports a bad line, the later
     ranges are stopped (the earlier ones still run: their line counts number the bad line).
@@ -614,7 +842,8 @@ def _stage_forked(
     try:
         for k, (start, end) in enumerate(ranges):
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_stage_worker, args=(send, done, k, (path, start, end, scratch[k], batch)),
+            args = (path, start, end, scratch[k], batch, reader())
+            proc = ctx.Process(target=_stage_worker, args=(send, done, k, args),
                                name=f"cl-release-import-{k}")
             proc.start()
             send.close()
@@ -665,7 +894,7 @@ _LATEST = (
 _SELECT_ROWS = (
     "SELECT r.id, r.created_at, r.input, r.output, r.model_version, r.latency_ms, r.tokens,"
     " r.quality_score, r.metadata, f.rating, f.thumbs, f.correction, f.notes, f.hallucinated,"
-    " f.error_tag, f.severity, f.annotator, f.created_at FROM records r LEFT JOIN " + _LATEST
+    " f.error_tag, f.severity, f.annotator, f.created_at, r.logged_version FROM records r LEFT JOIN " + _LATEST
 )
 
 
@@ -1048,6 +1277,8 @@ class FeedbackStore:
         progress: Callable[[int], None] | None = None,
         batch: int = BATCH,
         workers: int | None = None,
+        timezone: str | None = None,
+        releases: Iterable[str] | None = None,
     ) -> ImportResult:
         """Import logged answers (and their user feedback) from a JSONL file, all or nothing.
 
@@ -1061,10 +1292,22 @@ class FeedbackStore:
         of the line. Importing the same file twice stores each answer once (the first line
         with an id wins), and identical feedback on one answer once.
 
+        Collectors often log known fields inside ``metadata`` (``{"model_version": "v1.0",
+        "latency_ms": 342, "hallucinated": true}``). A field of :data:`LIFTED_RECORD_FIELDS`
+        or :data:`LIFTED_FEEDBACK_FIELDS` found there is used when the line has no value of
+        its own (a top-level value wins; a disagreement is counted per field); ``metadata``
+        itself is stored as it was. ``hallucinated: false`` alone adds no feedback row.
+
+        ``releases``: the registry's versions. A version string that names one of them after
+        normalization (``v1.0``, ``1.0`` -> ``1.0.0``) is stored as that release, with the
+        string as given in ``logged_version``; any other is stored as given.
+
         A line without ``timestamp`` is stored at the import time. User feedback is stored at
-        its own ``timestamp`` or the answer's. The whole file is one transaction: a bad line
-        raises :class:`DataError` with its line number and nothing is written. ``progress``
-        is called with the number of bytes read since its previous call.
+        its own ``timestamp`` or the answer's. A timestamp without a UTC offset is read in
+        ``timezone`` (an IANA name, ``local`` or ``UTC``, the default) and counted; one with
+        an offset is converted exactly. The whole file is one transaction: a bad line raises
+        :class:`DataError` with its line number and nothing is written. ``progress`` is called
+        with the number of bytes read since its previous call.
 
         Two phases. First the lines are parsed and checked into scratch SQLite files in a
         temporary folder, without touching the store: by ``workers`` forked processes, each
@@ -1079,7 +1322,13 @@ class FeedbackStore:
         folder (``TMPDIR``), about twice the size of the rows staged, and are removed at the end.
         """
         path = Path(path)
-        result = ImportResult()
+        result = ImportResult(timezone=timezone or "UTC")
+        tz = time_zone(timezone)
+        releases = None if releases is None else frozenset(releases)
+
+        def reader() -> ImportReader:
+            return ImportReader(tz, releases)
+
         started = time.perf_counter()
         try:
             with open(path, "rb") as f:
@@ -1091,15 +1340,18 @@ class FeedbackStore:
         with tempfile.TemporaryDirectory(prefix="cl-release-import-") as tmp:
             scratch = [Path(tmp, f"part-{k}.db") for k in range(len(ranges))]
             if len(ranges) > 1:
-                staged = _stage_forked(path, ranges, scratch, batch, progress)
+                staged = _stage_forked(path, ranges, scratch, batch, reader, progress)
             else:
-                staged = [_stage_chunk(path, *ranges[0], scratch[0], batch, progress)] if ranges else []
+                staged = [_stage_chunk(path, *ranges[0], scratch[0], batch, reader(), progress)] if ranges else []
             line_base = 0
+            counts = ImportCounts()
             for part in staged:
                 if part.error is not None:
-                    line, message, field = part.error
-                    raise DataError(path, message, line=line_base + line, field=field)
+                    line, message, where = part.error
+                    raise DataError(path, message, line=line_base + line, field=where)
                 line_base += part.lines
+                counts.add(part.counts)
+            result._count(counts, releases)
             result.lines = sum(part.records for part in staged)
             if result.lines:
                 self._copy_staged(scratch, sum(part.feedback for part in staged), result)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jsonschema
 
@@ -44,6 +44,22 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 def normalize_version(text: str) -> str:
     return "%d.%d.%d" % parse_version(text)
+
+
+_LOOSE_VERSION_RE = re.compile(r"[vV]?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+def match_release(text: str, versions: Iterable[str]) -> str | None:
+    """The release among ``versions`` that another tool's version string names, or None.
+
+    Other tools write ``v1.0``, ``1.0`` or ``v2``: a missing MINOR or PATCH is 0, so those
+    name ``1.0.0`` and ``2.0.0``. A string of any other shape, or naming no release, is None.
+    """
+    m = _LOOSE_VERSION_RE.fullmatch(text.strip())
+    if m is None:
+        return None
+    version = "%d.%d.%d" % (int(m[1]), int(m[2] or 0), int(m[3] or 0))
+    return version if version in versions else None
 
 
 def bump_version(parent: str | None, bump: str, taken: set[str]) -> str:

@@ -48,7 +48,7 @@ def test_fresh_database_has_the_contract_schema(store):
     assert store.path.is_file()
     t = tables(store.path)
     assert t["records"] == ["id", "created_at", "input", "output", "model_version", "latency_ms",
-                            "tokens", "quality_score", "metadata"]
+                            "tokens", "quality_score", "metadata", "logged_version"]
     assert t["feedback"] == ["id", "request_id", "created_at", "rating", "thumbs", "correction", "notes",
                              "hallucinated", "error_tag", "severity", "annotator"]
     assert t["release_usage"] == ["request_id", "version", "role"]
@@ -81,7 +81,8 @@ def test_upgrading_an_old_schema_keeps_the_data(tmp_path):
     assert [r["id"] for r in s.rows()] == ["old"]
     s.mark_used(["old"], "1.0.0", "new")
     assert s.used_by("1.0.0") == {"old": "new"}
-    assert applied(path) == ["m001_records_and_feedback", "m002_release_usage"]
+    assert applied(path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    assert s.get("old")["logged_version"] is None
 
 
 def test_failing_migration_rolls_back_and_reruns_once_fixed(tmp_path, monkeypatch):
@@ -94,22 +95,22 @@ def test_failing_migration_rolls_back_and_reruns_once_fixed(tmp_path, monkeypatc
         db.execute("ALTER TABLE records ADD COLUMN half INTEGER")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS, ("m003_next", broken)])
+    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS, ("m099_next", broken)])
     with pytest.raises(DataError, match="upgrading the feedback database schema failed: boom"):
         FeedbackStore(path).count()
     t = tables(path)
     assert "half_done" not in t and "half" not in t["records"]
-    assert "m003_next" not in applied(path)
+    assert "m099_next" not in applied(path)
 
     def fixed(db):
         calls.append(1)
         db.execute("CREATE TABLE half_done (x)")
 
-    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS[:-1], ("m003_next", fixed)])
+    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS[:-1], ("m099_next", fixed)])
     FeedbackStore(path).count()
     FeedbackStore(path).count()
     assert calls == [1]
-    assert applied(path)[-1] == "m003_next" and "half_done" in tables(path)
+    assert applied(path)[-1] == "m099_next" and "half_done" in tables(path)
     assert FeedbackStore(path).count() == 1
 
 
@@ -209,7 +210,7 @@ def test_log_stores_and_decodes_every_field(store):
         "model_version": "1.1.0", "latency_ms": 12.5, "tokens": 7, "quality_score": 0.25,
         "metadata": {"site": "a", "n": [1]}, "rating": None, "thumbs": None, "correction": None,
         "notes": None, "hallucinated": None, "error_tag": None, "severity": None, "annotator": None,
-        "feedback_at": None,
+        "feedback_at": None, "logged_version": None,
     }
     assert store.get("r1") == row and store.get("nope") is None
 
