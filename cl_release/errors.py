@@ -63,6 +63,14 @@ class DataError(InputFileError):
     """A dataset file is malformed."""
 
 
+class ConflictError(UserError):
+    """The request would contradict what is stored (e.g. a request id logged with other content)."""
+
+
+class UnknownRequest(UserError):
+    """No logged answer has this request id."""
+
+
 class RenderError(ClReleaseError):
     """A template failed to render, or the rendered Axolotl config is invalid."""
 

@@ -23,6 +23,7 @@ in its own transaction together with its bookkeeping row.
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -42,7 +43,7 @@ import orjson
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from .errors import ClReleaseError, DataError, UserError
+from .errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
 from .files import locked
 from .registry import match_release
 
@@ -55,6 +56,8 @@ IMPORT_MAX_WORKERS = 8  # at most SQLite's default limit of 10 attached database
 WAL_SIZE_LIMIT = 64 << 20  # a checkpointed WAL is cut back to this (PRAGMA journal_size_limit)
 SEVERITIES = ("low", "high", "critical", "safety")
 MIGRATION_SET = "cl_release.feedback"
+APPLICATION_ID = 0x636C7266  # "clrf" in the SQLite header: this file is a cl-release feedback store
+MAX_TOKENS = 2**53  # whole numbers above this lose precision as JSON numbers
 
 _FEEDBACK_FIELDS = (
     "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag", "severity", "annotator",
@@ -124,11 +127,17 @@ def _m003_logged_version(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE records ADD COLUMN logged_version TEXT")
 
 
+def _m004_application_id(db: sqlite_utils.Database) -> None:
+    # Marks the file as ours: a store path pointing at another program's database is refused.
+    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
 # Ordered; append new steps, never rename or reorder applied ones.
 MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m001_records_and_feedback", _m001_records_and_feedback),
     ("m002_release_usage", _m002_release_usage),
     ("m003_logged_version", _m003_logged_version),
+    ("m004_application_id", _m004_application_id),
 ]
 
 
@@ -253,16 +262,31 @@ def _check_input(value: Any) -> str:
     raise Invalid("expected a string or a non-empty list of chat messages", "input")
 
 
+_NUMBER_RANGES: dict[str, tuple[float, float]] = {  # by field name (also as "metadata.<name>")
+    "latency_ms": (0.0, 1e12),
+    "tokens": (0, MAX_TOKENS),
+    "quality_score": (0.0, 1.0),
+}
+_LATENCY_MAX = _NUMBER_RANGES["latency_ms"][1]
+
+
 def _opt_num(value: Any, field: str, kind: type = float) -> Any:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Invalid(f"expected a number, got {value!r}", field)
+    if not math.isfinite(value):
+        raise Invalid(f"expected a finite number, got {value!r}", field)
     if kind is int:
         if value != int(value):
             raise Invalid(f"expected a whole number, got {value!r}", field)
-        return int(value)
-    return float(value)
+        value = int(value)
+    else:
+        value = float(value)
+    low, high = _NUMBER_RANGES.get(field.rpartition(".")[2], (-math.inf, math.inf))
+    if not low <= value <= high:
+        raise Invalid(f"must be from {low:g} to {high:g}, got {value!r}", field)
+    return value
 
 
 def _opt_str(value: Any, field: str) -> str | None:
@@ -433,7 +457,7 @@ class ImportReader:
                 raise Invalid(f"expected a string, got {type(model_version).__name__}", "model_version")
             latency_ms = get("latency_ms")
             if latency_ms is not None:
-                if type(latency_ms) is not float:
+                if type(latency_ms) is not float or not 0.0 <= latency_ms <= _LATENCY_MAX:  # else: checked
                     latency_ms = _opt_num(latency_ms, "latency_ms")
             tokens = get("tokens")
             if tokens is not None:
@@ -653,7 +677,7 @@ _FEEDBACK_MATCH = ("request_id", "rating", "thumbs", "correction", "notes", "hal
                    "severity", "annotator")  # what makes two feedback rows "identical" (not created_at)
 _FEEDBACK_COLUMNS = "request_id, created_at, " + ", ".join(_FEEDBACK_MATCH[1:])
 _SCRATCH_SCHEMA = (
-    f"CREATE TABLE r ({_RECORD_COLUMNS})",
+    f"CREATE TABLE r ({_RECORD_COLUMNS}, line)",  # line: in the range, for a conflict's message
     f"CREATE TABLE f ({_FEEDBACK_COLUMNS})",
 )
 _SEQ_SHIFT = 40
@@ -757,7 +781,7 @@ def _stage_chunk(
         feedback: list[tuple] = []
         append_r, append_f = records.append, feedback.append
         loads, JSONDecodeError, import_row = orjson.loads, orjson.JSONDecodeError, reader
-        insert_r = f"INSERT INTO r VALUES ({', '.join('?' * 10)})"
+        insert_r = f"INSERT INTO r VALUES ({', '.join('?' * 11)})"
         insert_f = f"INSERT INTO f VALUES ({', '.join('?' * 10)})"
 
         def flush() -> None:
@@ -785,7 +809,7 @@ def _stage_chunk(
                     staged.error = (n, str(e), e.field)
                     return staged
                 if rec is not None:
-                    append_r(rec)
+                    append_r((*rec, n))
                     if fb is not None:
                         append_f(fb)
                     if len(records) >= batch:
@@ -917,25 +941,48 @@ class FeedbackStore:
     def _open(self) -> sqlite3.Connection:
         if self.path.exists() and self.path.is_dir():
             raise DataError(self.path, "is a folder, not a feedback database")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None)
+        except OSError as e:
+            raise DataError(self.path.parent, f"cannot create the feedback store's folder: {e.strerror}",
+                            hint="check its permissions") from None
+        except sqlite3.Error as e:
+            raise self.error(e) from e
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             conn.close()
-            raise self._corrupt(e) from e
+            raise self.error(e) from e
         return conn
 
-    def _corrupt(self, e: Exception) -> DataError:
-        return DataError(
-            self.path,
-            f"cannot read the feedback database ({e})",
-            hint="restore it from a backup or move it aside; cl-release never replaces it with an empty one",
-        )
+    def error(self, e: sqlite3.Error) -> DataError:
+        """A one-line error for what SQLite said about this store (by its result code)."""
+        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+        where = self.path
+        if code == 8:  # SQLITE_READONLY
+            return DataError(where, "the feedback database is read-only here, and this command writes to it",
+                             hint="check the permissions of the file and of its folder, where SQLite "
+                                  "writes the -wal and -shm files")
+        if code in (3, 14, 23):  # SQLITE_PERM, SQLITE_CANTOPEN, SQLITE_AUTH
+            return DataError(where, f"cannot open the feedback database ({e})",
+                             hint="check that its folder exists and that you may read and write it, "
+                                  "and the -wal and -shm files next to the database")
+        if code == 13:  # SQLITE_FULL
+            return DataError(where, "the disk is full", hint="free some space and run the command again")
+        if code == 5:  # SQLITE_BUSY: waited busy_timeout
+            return DataError(where, f"the feedback database stayed locked for {self.busy_timeout:g} s",
+                             hint="another process holds a long write; try again")
+        if code in (10, 11, 26):  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
+            return DataError(
+                where, f"cannot read the feedback database ({e})",
+                hint="restore it from a backup or move it aside; cl-release never replaces it with an empty one",
+            )
+        return DataError(where, f"feedback database error ({e})")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -962,6 +1009,7 @@ class FeedbackStore:
             migrations = build_migrations()
             known = {name for name, _ in MIGRATION_STEPS}
             try:
+                self._check_owner(conn)
                 if migrations.pending(db):
                     # Serialize first-time setup across processes; migrations run one by one,
                     # each in its own transaction with its bookkeeping row.
@@ -970,8 +1018,8 @@ class FeedbackStore:
                             conn.execute("PRAGMA journal_mode = WAL")
                         migrations.apply(db)
                 applied = {m.name for m in migrations.applied(db)}
-            except sqlite3.DatabaseError as e:
-                raise self._corrupt(e) from e
+            except sqlite3.Error as e:
+                raise self.error(e) from e
             except ClReleaseError:
                 raise
             except Exception as e:
@@ -984,6 +1032,25 @@ class FeedbackStore:
                     hint="upgrade cl-release",
                 )
             self._migrated = True
+
+    def _check_owner(self, conn: sqlite3.Connection) -> None:
+        """Refuse a database cl-release did not create, before anything writes to it: one with
+        another application id, or with tables but no record of our migrations. An empty file
+        is ours to set up; a store from before the application id has our migrations table."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id == APPLICATION_ID:
+            return
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id == 0 and (not tables or ("_sqlite_migrations" in tables and conn.execute(
+                "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1", (MIGRATION_SET,)).fetchone())):
+            return
+        raise DataError(
+            self.path,
+            "is not a cl-release feedback store (an SQLite database of another program"
+            + (f", application id {app_id:#x})" if app_id else ")"),
+            hint="point feedback.path in cl-release.yaml at another file; cl-release never changes a "
+                 "database it did not create",
+        )
 
     def reader(self) -> sqlite3.Connection:
         """A fresh connection for one long read (the caller closes it)."""
@@ -1006,14 +1073,17 @@ class FeedbackStore:
     def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction (rolled back on error)."""
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(conn)
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise self.error(e) from e
         return result
 
     # -- writing
@@ -1033,7 +1103,9 @@ class FeedbackStore:
     ) -> str:
         """Store one answer; returns its request id (a new uuid4 hex when not given).
 
-        Logging the same request id again changes nothing (the first one stays).
+        Logging the same request id again with the same input and output changes nothing (a
+        retried request is stored once); with another input or output it is a
+        :class:`ConflictError` (feedback on that id would attach to the wrong answer).
         """
         try:
             row = record_row(
@@ -1043,7 +1115,12 @@ class FeedbackStore:
             )
         except Invalid as e:
             raise UserError(f"cannot log this answer: {e.field}: {e}" if e.field else str(e)) from None
-        self._write(lambda c: c.execute(_INSERT_RECORD, row))
+
+        def insert(c: sqlite3.Connection) -> None:
+            if c.execute(_INSERT_RECORD, row).rowcount == 0:
+                _check_same(c, [row])
+
+        self._write(insert)
         return row[0]
 
     def log_many(self, rows: Iterable[dict[str, Any]], *, batch: int = BATCH) -> int:
@@ -1055,9 +1132,15 @@ class FeedbackStore:
         inserted = 0
         chunk: list[tuple] = []
 
+        def insert(c: sqlite3.Connection) -> int:
+            n = _count_changes(c, _INSERT_RECORD, chunk)
+            if n < len(chunk):
+                _check_same(c, chunk)
+            return n
+
         def flush() -> None:
             nonlocal inserted
-            inserted += self._write(lambda c: _count_changes(c, _INSERT_RECORD, chunk))
+            inserted += self._write(insert)
             chunk.clear()
 
         for i, r in enumerate(rows):
@@ -1139,7 +1222,7 @@ class FeedbackStore:
         missing = _missing(c, ids)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UserError(
+            raise UnknownRequest(
                 f"no logged answer with request id {missing[0]!r}{more}",
                 hint="log the answer first, or check the id",
             )
@@ -1354,12 +1437,14 @@ class FeedbackStore:
             result._count(counts, releases)
             result.lines = sum(part.records for part in staged)
             if result.lines:
-                self._copy_staged(scratch, sum(part.feedback for part in staged), result)
+                line_bases = [sum(part.lines for part in staged[:k]) for k in range(len(staged))]
+                self._copy_staged(scratch, sum(part.feedback for part in staged), result, path, line_bases)
         result.duplicates = result.lines - result.records
         result.seconds = time.perf_counter() - started
         return result
 
-    def _copy_staged(self, scratch: Sequence[Path], feedback: int, result: ImportResult) -> None:
+    def _copy_staged(self, scratch: Sequence[Path], feedback: int, result: ImportResult, path: Path,
+                     line_bases: Sequence[int]) -> None:
         """Copy the staged rows of ``scratch`` files into the store, in one transaction."""
         conn = self.conn
         names = [f"cl_import_{k}" for k in range(len(scratch))]
@@ -1387,6 +1472,8 @@ class FeedbackStore:
                 before = conn.total_changes
                 conn.execute(_copy_records_sql(names))
                 result.records = conn.total_changes - before
+                if result.records < result.lines:  # ids seen before: each must be an identical repeat
+                    self._refuse_conflicts(conn, names, path, line_bases)
                 if feedback:
                     before = conn.total_changes
                     conn.execute(_copy_feedback_sql(names))
@@ -1402,6 +1489,23 @@ class FeedbackStore:
             conn.execute("PRAGMA main.cache_size = -2000")
             for name in attached:
                 conn.execute(f"DETACH DATABASE {name}")
+
+    def _refuse_conflicts(self, conn: sqlite3.Connection, parts: Sequence[str], path: Path,
+                          line_bases: Sequence[int]) -> None:
+        """After the records copy: the first staged line whose id is stored with another input
+        or output (an earlier line of the file, or an earlier import) is a DataError."""
+        arms = " UNION ALL ".join(f"SELECT {k} AS part, line, id, input, output FROM {p}.r" for k, p in enumerate(parts))
+        row = conn.execute(
+            f"SELECT s.part, s.line, s.id, s.input IS NOT m.input FROM ({arms}) s JOIN main.records m ON m.id = s.id"
+            " WHERE s.input IS NOT m.input OR s.output IS NOT m.output ORDER BY s.part, s.line LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            part, line, rid, other_input = row
+            raise DataError(
+                path, f"request id {rid!r} is already logged with another {'input' if other_input else 'output'}",
+                line=line_bases[part] + line, field="request_id",
+                hint="give each answer its own request id (repeating an identical line is fine); nothing was imported",
+            )
 
     def export(
         self, out: str | Path | IO[str], *, since: str | datetime | date | None = None, fmt: str = "jsonl"
@@ -1591,6 +1695,24 @@ def _count_changes(c: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> in
     before = c.total_changes
     c.executemany(sql, rows)
     return c.total_changes - before
+
+
+def _check_same(c: sqlite3.Connection, rows: Sequence[tuple]) -> None:
+    """Raise :class:`ConflictError` if a stored record has one of ``rows``' ids (records row
+    tuples) with another input or output. Identical repeats are fine (idempotent logging)."""
+    ids = list(dict.fromkeys(r[0] for r in rows))
+    stored: dict[str, tuple[str, str]] = {}
+    for i in range(0, len(ids), 500):
+        part = ids[i : i + 500]
+        q = f"SELECT id, input, output FROM records WHERE id IN ({', '.join('?' * len(part))})"
+        stored.update((rid, (input_, output)) for rid, input_, output in c.execute(q, part))
+    for r in rows:  # two rows of one batch with one id: the first is stored, the second compared
+        have = stored.get(r[0])
+        if have is not None and have != (r[2], r[3]):
+            raise ConflictError(
+                f"request id {r[0]!r} is already logged with another " + ("input" if r[2] != have[0] else "output"),
+                hint="give each answer its own request id (repeating an identical answer is fine)",
+            )
 
 
 def _missing(c: sqlite3.Connection, ids: Sequence[str]) -> list[str]:

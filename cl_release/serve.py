@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from .errors import ClReleaseError, UserError
+from .errors import ClReleaseError, ConflictError, UnknownRequest, UserError
 
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 8765, "token_env": "CL_RELEASE_TOKEN",
                             "max_body_bytes": 65536}
@@ -249,6 +249,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(status, obj)
         except HTTPError as e:
             self._error(e.status, e.message, e.headers)
+        except ConflictError as e:
+            self._error(409, str(e))
+        except UnknownRequest as e:
+            self._error(404, str(e))
         except UserError as e:
             self._error(422, str(e))
         except ClReleaseError as e:

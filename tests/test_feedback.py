@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cl_release import feedback as fbmod
 from cl_release.cli import main
-from cl_release.errors import DataError, UserError
+from cl_release.errors import ConflictError, DataError, UserError
 from cl_release.feedback import FeedbackStore, build_migrations, timestamp
 
 PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
@@ -124,6 +124,89 @@ def test_corrupt_database_is_an_error_not_an_empty_store(tmp_path):
     assert path.read_bytes() == junk
 
 
+def _sha(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: c.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"),
+    lambda c: c.execute("PRAGMA application_id = 1234"),
+    lambda c: (c.execute("CREATE TABLE _sqlite_migrations (migration_set TEXT, name TEXT, applied_at TEXT)"),
+               c.execute("INSERT INTO _sqlite_migrations VALUES ('someone.else', 'm001', 'x')")),
+])
+def test_a_foreign_database_is_refused_and_left_untouched(tmp_path, make):
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as c:
+        make(c)
+    before = _sha(path)
+    for read in (lambda s: s.count(), lambda s: s.stats(), lambda s: list(s.rows())):
+        with pytest.raises(DataError, match="is not a cl-release feedback store") as e:
+            read(FeedbackStore(path))
+        assert str(path) in str(e.value)
+    assert _sha(path) == before and not Path(f"{path}-wal").exists()
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_store_from_before_the_application_id_is_still_ours(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    build_migrations().apply(db, stop_before="m003_logged_version")
+    db.close()
+    s = FeedbackStore(path)
+    s.log("q", "a", request_id="r")
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA application_id").fetchone()[0] == fbmod.APPLICATION_ID
+
+
+def _immutable(path: Path):
+    """``chattr +i``: read-only even for root (tests run as root in CI); skip where it is not allowed."""
+    import contextlib
+    import subprocess
+
+    @contextlib.contextmanager
+    def cm():
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+    return cm()
+
+
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(tmp_path):
+    path = tmp_path / "fb.db"
+    FeedbackStore(path).log("q", "a", request_id="r")
+    with _immutable(path):
+        store = FeedbackStore(path)
+        assert store.count() == 1
+        with pytest.raises(DataError, match="read-only") as e:
+            store.log("q2", "a2")
+        assert "restore" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_read_only_store_folder_says_so_not_restore_from_backup(tmp_path):
+    folder = tmp_path / ".cl-release"
+    folder.mkdir()
+    with _immutable(folder):
+        with pytest.raises(DataError, match="cannot open the feedback database") as e:
+            FeedbackStore(folder / "feedback.db").stats()
+        assert "backup" not in str(e.value) and "write it" in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tokens", 1e29, "must be from 0"), ("tokens", -3, "must be from 0"), ("quality_score", 5, "from 0 to 1"),
+    ("quality_score", float("nan"), "finite"), ("latency_ms", float("inf"), "finite"), ("latency_ms", -1.5, "from 0"),
+])
+def test_numbers_are_bounded(store, field, value, message):
+    with pytest.raises(UserError, match=f"{field}: .*{message}"):
+        store.log("q", "a", **{field: value})
+    assert store.count() == 0
+
+
 def test_database_from_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "f.db"
     FeedbackStore(path).count()
@@ -193,11 +276,26 @@ def test_one_store_many_threads(store):
 
 
 def test_log_is_idempotent_on_request_id(store):
-    assert store.log("q", "first", request_id="r1") == "r1"
-    assert store.log("q", "second", request_id="r1") == "r1"
-    assert [r["output"] for r in store.rows()] == ["first"]
+    assert store.log("q", "first", request_id="r1", latency_ms=5) == "r1"
+    assert store.log("q", "first", request_id="r1", latency_ms=9) == "r1"  # a retry: stored once
+    assert [(r["output"], r["latency_ms"]) for r in store.rows()] == [("first", 5.0)]
     generated = store.log("q", "a")
     assert len(generated) == 32 and store.count() == 2
+
+
+@pytest.mark.parametrize("other", [{"output": "second"}, {"input": "another question"}])
+def test_a_request_id_logged_with_other_content_is_a_conflict(store, other):
+    store.log("q", "first", request_id="r1")
+    with pytest.raises(ConflictError, match="request id 'r1' is already logged with another"):
+        store.log(**{"input": "q", "output": "first", **other}, request_id="r1")
+    with pytest.raises(ConflictError, match="'r1'"):
+        store.log_many([{"input": "q2", "output": "x", "request_id": "r2"},
+                        {"input": "q", "output": "first", "request_id": "r1", **other}])
+    with pytest.raises(ConflictError, match="'r3'"):  # two rows of one batch
+        store.log_many([{"input": "q3", "output": "x", "request_id": "r3"},
+                        {"input": "q3", "output": "y", "request_id": "r3"}])
+    assert [r["id"] for r in store.rows()] == ["r1"]  # the failed batches wrote nothing
+    assert store.log_many([{"input": "q", "output": "first", "request_id": "r1"}]) == 0
 
 
 def test_log_stores_and_decodes_every_field(store):
@@ -513,6 +611,25 @@ def test_malformed_import_line_names_it_and_writes_nothing(store, tmp_path, bad,
     assert store.count() == 0 and store.stats()["feedback"] == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_import_refuses_a_repeated_id_with_other_content(store, tmp_path, workers, forked):
+    store.log("stored question", "stored answer", request_id="old")
+    rows = [{**_BASE, "request_id": f"g{i}", "input": f"q{i}"} for i in range(40)]
+    rows[30] = {**rows[3], "timestamp": "2026-02-01T00:00:00Z"}  # an identical repeat: fine
+    f = write_jsonl(tmp_path / "ok.jsonl", rows)
+    assert store.import_jsonl(f, batch=7, workers=workers).records == 39
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:25], {**rows[4], "output": "changed"}, *rows[26:]])
+    fresh = FeedbackStore(tmp_path / "fresh.db")
+    with pytest.raises(DataError, match=r"bad\.jsonl:26: request_id: request id 'g4' is already logged with another output"):
+        fresh.import_jsonl(bad, batch=7, workers=workers)
+    assert fresh.count() == 0
+    again = write_jsonl(tmp_path / "again.jsonl", [{**_BASE, "request_id": "new"},
+                                                   {**_BASE, "request_id": "old", "input": "stored question"}])
+    with pytest.raises(DataError, match=r"again\.jsonl:2: .*'old' is already logged with another output"):
+        store.import_jsonl(again)
+    assert store.count() == 40 and store.get("new") is None
+
+
 def test_import_missing_file(store, tmp_path):
     with pytest.raises(DataError, match="cannot read"):
         store.import_jsonl(tmp_path / "nope.jsonl")
@@ -752,7 +869,7 @@ def _varied_log(n: int) -> list[dict]:
         if i % 4 == 0:
             row["user_feedback"] = {"rating": 1 + i % 4, "notes": "same time, later line"}
         rows.append(row)
-    rows += [{**rows[5], "output": "a later duplicate id: the first one stays"}, rows[9], rows[12]]
+    rows += [{**rows[5], "latency_ms": 7.0, "model_version": "a later repeat: the first one stays"}, rows[9], rows[12]]
     return rows
 
 

@@ -74,6 +74,19 @@ def test_log_feedback_route_stats_health(server):
     assert row["rating"] == 5 and row["thumbs"] == 1 and row["latency_ms"] == 12.5
 
 
+def test_conflicting_request_id_and_out_of_range_numbers(server):
+    body = {"input": "q", "output": "a", "request_id": "dup"}
+    assert call(server, "POST", "/log", body)[0] == 201
+    assert call(server, "POST", "/log", {**body, "latency_ms": 3})[0] == 201  # an identical retry
+    status, out, _ = call(server, "POST", "/log", {**body, "output": "another answer"})
+    assert status == 409 and "'dup' is already logged with another output" in out["error"]["message"]
+    for field, value in (("tokens", 1e29), ("tokens", -1), ("quality_score", 5), ("latency_ms", -2)):
+        status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "a", field: value})
+        assert status == 422 and field in out["error"]["message"], (field, out)
+    store = FeedbackStore(Project.load(server.root).feedback_path)
+    assert store.count() == 1 and store.get("dup")["output"] == "a"
+
+
 def test_route_follows_the_ab_test(server):
     abtest.start(server.root, "1.1.0", traffic=0.5, now=T0)
     arms = {call(server, "GET", f"/route?key=k{i}")[1]["arm"] for i in range(60)}
