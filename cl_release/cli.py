@@ -550,6 +550,9 @@ def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | Non
             click.echo(f"  {result.unmatched_versions} records name a version that matches no release")
         if result.naive_timestamps:
             click.echo(f"  {result.naive_timestamps} timestamps without a UTC offset, read as {result.timezone}")
+    if result.unknown_fields:
+        click.secho("Warning: ignored fields no line shape knows: "
+                    + ", ".join(f"{k} ({n} lines)" for k, n in result.unknown_fields.items()), fg="yellow", err=True)
     if result.naive_timestamps and tz is None:
         click.secho(f"Warning: {result.naive_timestamps} timestamps in {file} have no UTC offset and were read as "
                     "UTC; if they are local times, import with --timezone ZONE (e.g. Europe/Athens or local).",

@@ -70,6 +70,13 @@ ROW_KEYS = (
 LIFTED_RECORD_FIELDS = ("model_version", "latency_ms", "tokens", "quality_score")
 LIFTED_FEEDBACK_FIELDS = ("hallucinated", "error_tag", "severity")
 _LIFTED = frozenset(LIFTED_RECORD_FIELDS + LIFTED_FEEDBACK_FIELDS)
+# Import: the top-level keys each line shape knows (others are counted and named, not stored).
+# An exported row (``export``) is shape (a) with its latest feedback flat, at ``feedback_at``.
+_EXPORTED_FEEDBACK = frozenset(("rating", "thumbs", "correction", "notes", "hallucinated", "error_tag",
+                                "severity", "annotator"))
+_KNOWN_REQUEST_LOG = frozenset(ROW_KEYS) | {"request_id", "timestamp", "user_feedback"}
+_KNOWN_FLAT = frozenset(("query", "response", "model", "model_version", "quality_score", "latency_ms", "metadata",
+                         "timestamp", "user_feedback"))
 
 
 # ---------------------------------------------------------------- schema migrations
@@ -392,12 +399,13 @@ class ImportCounts:
     conflicts: dict[str, int] = field(default_factory=dict)  # field -> top level and metadata disagree
     versions: dict[str | None, int] = field(default_factory=dict)  # stored model version -> lines
     mapped: int = 0  # lines whose version string was mapped to a release ("v1.0" -> "1.0.0")
+    unknown: dict[str, int] = field(default_factory=dict)  # top-level key no line shape knows -> lines
 
     def add(self, other: "ImportCounts") -> None:
         self.naive += other.naive
         self.mapped += other.mapped
         for mine, theirs in ((self.lifted, other.lifted), (self.conflicts, other.conflicts),
-                             (self.versions, other.versions)):
+                             (self.versions, other.versions), (self.unknown, other.unknown)):
             for k, n in theirs.items():
                 mine[k] = mine.get(k, 0) + n
 
@@ -505,11 +513,19 @@ class ImportReader:
             raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
         versions, version = counts.versions, record[4]
         versions[version] = versions.get(version, 0) + 1
+        unknown = obj.keys() - (_KNOWN_REQUEST_LOG if "query" not in obj else _KNOWN_FLAT)
+        if unknown:
+            for name in unknown:
+                _bump(counts.unknown, name)
         uf = get("user_feedback")
+        prefix, time_key = "user_feedback.", "timestamp"
         if uf is None:
-            if not lift:
+            if not _EXPORTED_FEEDBACK.isdisjoint(obj):  # cl-release's export: the latest feedback, flat
+                uf, prefix, time_key = obj, "", "feedback_at"
+            elif not lift:
                 return record, None
-            uf = {}
+            else:
+                uf = {}
         elif isinstance(uf, (int, float)) and not isinstance(uf, bool):
             uf = {"rating": uf}
         elif not isinstance(uf, dict):
@@ -521,10 +537,10 @@ class ImportReader:
             return record, None
         try:
             fb = feedback_values(**fields)
-            fb_time = uf.get("timestamp", uf.get("created_at"))
-            fb_at = self._time(fb_time, "user_feedback.timestamp") if fb_time else record[1]
+            fb_time = uf.get(time_key, uf.get("created_at")) if prefix else uf.get(time_key)
+            fb_at = self._time(fb_time, prefix + time_key) if fb_time else record[1]
         except Invalid as e:
-            raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
+            raise Invalid(str(e), f"{prefix}{e.field}" if e.field and "." not in e.field else e.field) from None
         return record, (record[0], fb_at, *fb.values())
 
     def _time(self, value: Any, field: str) -> str:
@@ -603,7 +619,8 @@ class ImportResult:
     rows, and what the lines carried: records per model version (as stored; ``"unknown"``
     for none), fields lifted from ``metadata`` and disagreements with the top level (per
     field), naive timestamps and the zone they were read in, version strings mapped to a
-    release, and records whose version names no release (None when no releases were given)."""
+    release, records whose version names no release (None when no releases were given), and
+    top-level keys no line shape knows (ignored; per key, the lines that had it)."""
 
     lines: int = 0
     records: int = 0
@@ -617,6 +634,7 @@ class ImportResult:
     timezone: str = "UTC"
     mapped_versions: int = 0
     unmatched_versions: int | None = None
+    unknown_fields: dict[str, int] = field(default_factory=dict)
 
     @property
     def per_second(self) -> float:
@@ -634,6 +652,7 @@ class ImportResult:
         self.conflicts = dict(sorted(counts.conflicts.items()))
         self.naive_timestamps = counts.naive
         self.mapped_versions = counts.mapped
+        self.unknown_fields = dict(sorted(counts.unknown.items()))
         if releases is not None:
             self.unmatched_versions = sum(n for v, n in counts.versions.items() if v is not None and v not in releases)
 
@@ -1372,7 +1391,9 @@ class FeedbackStore:
         hallucinated?, error_tag?, severity?}}``;
         (b) ``{query, response, model?, quality_score?, timestamp?, user_feedback?}`` where
         ``user_feedback`` is a rating number or an object as above; the request id is a hash
-        of the line. Importing the same file twice stores each answer once (the first line
+        of the line. A row of :meth:`export` is shape (a) with its latest feedback as flat
+        fields at ``feedback_at``: export, import and export again give the same bytes. Other
+        top-level keys are ignored and counted (``ImportResult.unknown_fields``). Importing the same file twice stores each answer once (the first line
         with an id wins), and identical feedback on one answer once.
 
         Collectors often log known fields inside ``metadata`` (``{"model_version": "v1.0",

@@ -148,6 +148,42 @@ def test_export_then_import_keeps_the_logged_version(store, tmp_path):
     assert list(again.rows()) == list(store.rows())
 
 
+def test_export_import_export_is_byte_identical(tmp_path):
+    """An export, imported into a fresh store, exports to the same bytes: feedback included."""
+    root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0)])
+    lines = [
+        {**collector_line(0, hallucinated=True), "user_feedback": {"rating": 2, "correction": "fixed", "notes": "n",
+                                                                   "severity": "safety", "error_tag": "unit",
+                                                                   "timestamp": "2026-01-06T00:00:00Z"}},
+        {**collector_line(1), "user_feedback": {"thumbs": True, "annotator": "ops"}},
+        {**collector_line(2, model_version="canary", tokens=4, quality_score=0.5)},
+        {"request_id": "m", "input": [{"role": "system", "content": "s"}, {"role": "user", "content": "é"}],
+         "output": "o", "timestamp": "2026-01-07T00:00:00.123456Z"},
+    ]
+    write_jsonl(root / "log.jsonl", lines)
+    assert cli(root, "feedback", "import", "log.jsonl", "--timezone", "Europe/Athens").exit_code == 0
+    first = cli(root, "feedback", "export", "-o", "first.jsonl")
+    assert first.exit_code == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "cl-release.yaml").write_text((root / "cl-release.yaml").read_text())
+    r = cli(fresh, "feedback", "import", str(root / "first.jsonl"))
+    assert r.exit_code == 0 and "4 new records, 0 already stored, 2 feedback rows" in r.output, r.output
+    assert cli(fresh, "feedback", "export", "-o", "second.jsonl").exit_code == 0
+    assert (fresh / "second.jsonl").read_bytes() == (root / "first.jsonl").read_bytes()
+
+
+def test_unknown_top_level_fields_are_named(tmp_path):
+    root = fake_repo(tmp_path, [])
+    write_jsonl(root / "log.jsonl", [{**collector_line(0), "session": "s1"}, {**collector_line(1), "session": "s2",
+                                                                            "ratng": 5}])
+    r = CliRunner().invoke(main, ["-C", str(root), "feedback", "import", "log.jsonl", "--timezone", "UTC"])
+    assert r.exit_code == 0
+    assert r.stderr.strip() == "Warning: ignored fields no line shape knows: ratng (1 lines), session (2 lines)"
+    out = json.loads(cli(root, "feedback", "import", "log.jsonl", "--json", "--timezone", "UTC").stdout)
+    assert out["unknown_fields"] == {"ratng": 1, "session": 2}
+
+
 # ---------------------------------------------------------------- time zones
 
 
