@@ -324,21 +324,27 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
 class PromoteResult:
     promoted: bool
     comparison: Comparison | None
-    event: dict[str, Any] | None
+    event: dict[str, Any] | None  # the promote event, or the ab_stop event when ``stopped``
     reasons: list[str]
+    stopped: bool = False  # auto: the comparison said stop, and the test was stopped
 
 
 def promote(project, *, now: _dt.datetime | None = None, auto: bool = False, force: bool = False,
             reason: str | None = None) -> PromoteResult:
     """Move ``champion`` to the challenger when every check holds.
 
-    ``auto``: when a check fails, return ``promoted=False`` (for cron) instead of raising.
-    ``force``: promote anyway; needs a ``reason``, recorded in the event.
+    ``auto``: when a check fails, return ``promoted=False`` (for cron) instead of raising;
+    when the comparison decides ``stop`` (the challenger is significantly worse, or no
+    decision came in ``max_duration_hours``), stop the test as ``watch`` does
+    (``stopped=True``). ``force``: promote anyway; needs a ``reason``, recorded in the event.
     """
     if force and not (reason and reason.strip()):
         raise UserError("--force needs --reason TEXT", hint="say why; it goes into the registry")
     comparison = compare(project, now=now)
     if not comparison.ready and not force:
+        if auto and comparison.decision == "stop":
+            event = stop(project.root, reason="; ".join(comparison.reasons), now=now)
+            return PromoteResult(False, comparison, event, comparison.reasons, stopped=True)
         if auto:
             return PromoteResult(False, comparison, None, comparison.reasons)
         raise UserError(f"{comparison.challenger} is not ready to promote: " + "; ".join(comparison.reasons),
@@ -368,14 +374,19 @@ def format_comparison(c: Comparison) -> str:
     for v in (c.champion, c.challenger):
         m = c.metrics[v]
         f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"  {v:<10} answers {m['records']:>6}  rated {m['quality_samples']:>6}  quality {f(m['avg_quality'])}"
-                     f"  positive {f(m['positive_rate'])} ({m['opinions']})  latency {f(m['avg_latency_ms'], 1)} ms")
+        lines.append(f"  {v:<10} answers {m['records']:>6}  quality {f(m['avg_quality'])} of {m['quality_samples']}"
+                     f"  positive {f(m['positive_rate'])} of {m['opinions']} rated/thumbed"
+                     f"  latency {f(m['avg_latency_ms'], 1)} ms")
     imp = "-" if c.improvement is None else f"{c.improvement:+.1%}"
     t = c.test
     pv = "-" if t["p_value"] is None else f"{t['p_value']:.4f}"
     lines.append(f"  weighted improvement {imp}; {t['method']}: p={pv} (alpha {t['alpha']})")
     for check in c.checks:
-        lines.append(f"  [{'ok' if check['ok'] else '--'}] {check['name']:<11} {check['value']} (need {check['need']})")
+        value = check["value"]
+        if check["name"] == "significant":  # the value is a p-value: say so, and which way it points
+            value = "-" if value is None else f"p={t['p_value']:.4f}, challenger " + (
+                "better" if (t["diff"] or 0) > 0 else "worse" if (t["diff"] or 0) < 0 else "equal")
+        lines.append(f"  [{'ok' if check['ok'] else '--'}] {check['name']:<11} {value} (need {check['need']})")
     lines.append(f"decision: {c.decision}" + (f" ({'; '.join(c.reasons)})" if c.reasons else ""))
     return "\n".join(lines)
 

@@ -1000,6 +1000,9 @@ def ab_promote(ctx: Context, auto: bool, force: bool, reason: str | None) -> Non
     r = abtest.promote(ctx.project(), now=_now(), auto=auto, force=force, reason=reason)
     if r.promoted:
         click.echo(f"promoted {r.event['to']} to champion (was {r.event['from']})")
+    elif r.stopped:
+        click.echo(f"stopped the A/B test of {r.event['challenger']}: {'; '.join(r.reasons)}; "
+                   f"champion {r.event['champion']} keeps serving")
     else:
         click.echo(f"not promoted: {'; '.join(r.reasons)}")
 

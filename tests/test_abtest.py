@@ -229,6 +229,29 @@ def test_worse_challenger_is_stopped_and_champion_becomes_current(repo):
     assert data["aliases"] == {"champion": "1.0.0"} and registry_at_head(repo) == data
 
 
+def test_auto_promote_stops_a_significantly_worse_challenger(repo):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    simulate(repo, start=start, keys=1200, positive={"1.0.0": 0.85, "1.1.0": 0.65})
+    r = abtest.promote(Project.load(repo), now=start + dt.timedelta(hours=49), auto=True)
+    assert not r.promoted and r.stopped and "significantly worse" in r.reasons[0]
+    data = Registry(repo).load()
+    assert "abtest" not in data and data["aliases"] == {"champion": "1.0.0"} and data["current"] == "1.0.0"
+    assert data["events"][-1]["action"] == "ab_stop" and registry_at_head(repo) == data
+
+
+def test_cli_compare_and_auto_promote_say_what_they_mean(repo):
+    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=60)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    simulate(repo, start=start, keys=1200, positive={"1.0.0": 0.85, "1.1.0": 0.65})
+    out = run(repo, "ab", "compare")
+    assert "significant 0.0" not in out and "p=0.0000, challenger worse (need p < 0.05)" in out
+    assert "rated" not in out.replace("rated/thumbed", "") and " of " in out
+    out = run(repo, "ab", "promote", "--auto")
+    assert out.startswith("stopped the A/B test of 1.1.0: 1.1.0 is significantly worse")
+    assert "champion 1.0.0 keeps serving" in out and "abtest" not in Registry(repo).load()
+
+
 def test_force_promote_needs_reason_then_rollback_restores_previous(repo):
     project = Project.load(repo)
     now = T0 + dt.timedelta(days=31)
