@@ -200,9 +200,10 @@ def version_metrics(store_path: Path, *, since: _dt.datetime | None, until: _dt.
     return out
 
 
-def total(metrics: dict[Any, Metrics]) -> Metrics:
+def total(metrics: dict[Any, Metrics] | Iterable[Metrics]) -> Metrics:
+    """The sum of per-version metrics (a dict's values, or any Metrics)."""
     out = Metrics()
-    for m in metrics.values():
+    for m in metrics.values() if isinstance(metrics, dict) else metrics:
         out.add(m)
     return out
 
@@ -351,7 +352,12 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     start = now - window
     min_n = conf["min_window_samples"]
     serving_versions = [serving] if serving else []
-    win = total(version_metrics(store, since=start, until=now, versions=serving_versions, include_unversioned=True))
+    per_version = version_metrics(store, since=start, until=now)
+    win = total(m for v, m in per_version.items() if v is None or v in serving_versions)
+    others = total(m for v, m in per_version.items() if v is not None and v not in serving_versions)
+    whose = f"of {serving} (or no version)" if serving else "(no version serves)"
+    elsewhere = (f"; other versions: {others.records} answers, {others.feedback} with feedback"
+                 if others.records else "")
     serving_entry = Registry.find(data, serving) if serving else None
     base = Metrics()
     if serving_entry is not None:
@@ -362,8 +368,8 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     hours = f"{conf['quality_window_hours']:g} h"
     if base.quality_n < min_n or win.quality_n < min_n:
         triggers.append(Trigger("quality_drop", False, None, conf["quality_drop_planned"],
-                                f"not enough rated answers (baseline {base.quality_n}, last {hours} {win.quality_n}; "
-                                f"need {min_n} each)"))
+                                f"not enough rated answers {whose} (baseline {base.quality_n}, last {hours} "
+                                f"{win.quality_n}; need {min_n} each){elsewhere}"))
     else:
         urgency = ("immediate" if drop > conf["quality_drop_immediate"] else
                    "planned" if drop >= conf["quality_drop_planned"] else None)
@@ -371,14 +377,16 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
             "quality_drop", urgency is not None, round(drop, 4),
             {"planned": conf["quality_drop_planned"], "immediate": conf["quality_drop_immediate"]},
             f"quality {win.avg_quality:.3f} over the last {hours} vs baseline {base.avg_quality:.3f} of {serving} "
-            f"({drop:+.1%} drop)", urgency, "minor" if urgency else None))
+            f"({drop:+.1%} drop){elsewhere}", urgency, "minor" if urgency else None))
     rate, limit = win.negative_rate, conf["negative_rate"]
     if win.feedback < min_n:
         triggers.append(Trigger("negative_rate", False, rate, limit,
-                                f"{win.feedback} answers with feedback in the last {hours} (need {min_n})"))
+                                f"{win.feedback} answers {whose} with feedback in the last {hours} "
+                                f"(need {min_n}){elsewhere}"))
     else:
         triggers.append(Trigger("negative_rate", rate > limit, round(rate, 4), limit,
-                                f"{win.negative}/{win.feedback} negative in the last {hours} ({rate:.1%}, limit {limit:.0%})",
+                                f"{win.negative}/{win.feedback} answers {whose} negative in the last {hours} "
+                                f"({rate:.1%}, limit {limit:.0%}){elsewhere}",
                                 "immediate" if rate > limit else None, "minor" if rate > limit else None))
 
     # 4. schedule

@@ -163,6 +163,18 @@ def test_quality_window_counts_only_the_serving_version(tmp_path):
     assert d.serving == "1.0.0" and not d.due
 
 
+def test_status_names_whose_answers_it_counts_and_the_others(tmp_path):
+    entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0 + D)]
+    root = fake_repo(tmp_path, entries, champion="1.0.0")
+    now = T0 + 10 * D
+    with FeedbackStore(Project.load(root).feedback_path) as store:
+        seed(store, n=113, start=now - 10 * H, rating=2, version="1.1.0", tag="other")
+    d = triggers.evaluate(Project.load(root), now=now)
+    neg = next(t for t in d.triggers if t.name == "negative_rate")
+    assert neg.detail == ("0 answers of 1.0.0 (or no version) with feedback in the last 24 h (need 30); "
+                          "other versions: 113 answers, 113 with feedback")
+
+
 def test_config_errors_name_the_line(tmp_path):
     root = fake_repo(tmp_path, REL, yaml_extra="triggers:\n  min_new_exampels: 5\n")
     with pytest.raises(ProjectError, match="min_new_exampels"):
