@@ -363,23 +363,37 @@ def list_(ctx: Context, as_json: bool) -> None:
     if not data["models"]:
         click.echo("No releases yet. Run 'cl-release release minor' for 1.0.0.")
         return
-    from rich.console import Console
-    from rich.table import Table
-
     marks = {v: [] for v in (m["version"] for m in data["models"])}
     if data["current"]:
         marks[data["current"]].append("current")
     for alias, v in (data.get("aliases") or {}).items():
         marks.setdefault(v, []).append(alias)
-    table = Table("version", "parent", "bump", "strategy", "status", "created", "train loss", "", "notes",
-                  box=None, pad_edge=False)
+    header = ("version", "parent", "bump", "strategy", "status", "created", "train loss", "", "notes")
+    rows = []
     for m in data["models"]:
         depth = _depth(data, m)
-        table.add_row("  " * depth + ("└ " if depth else "") + m["version"], m["parent"] or "-", m["bump"],
-                      m["strategy"], m["status"], m["created_at"][:16].replace("T", " "),
-                      str(m["training"].get("train_loss", "")), ", ".join(marks.get(m["version"], [])),
-                      (m.get("notes") or "")[:40])
+        notes = (m.get("notes") or "").strip().splitlines()
+        rows.append(("  " * depth + ("└ " if depth else "") + m["version"], m["parent"] or "-", m["bump"],
+                     m["strategy"], m["status"], m["created_at"][:16].replace("T", " "),
+                     str(m["training"].get("train_loss", "")), ", ".join(marks.get(m["version"], [])),
+                     notes[0] if notes else ""))
+    if not sys.stdout.isatty():  # piped or redirected: plain columns, nothing wrapped or cut
+        click.echo(plain_table(header, rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row[:-1], row[-1][:60])
     Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+
+
+def plain_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is never padded or cut."""
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(str(c).ljust(w) for c, w in zip(r, widths)), str(r[-1])]).rstrip()
+                     for r in (header, *rows))
 
 
 def _depth(data: dict, entry: dict) -> int:
@@ -413,6 +427,14 @@ def show(ctx: Context, version: str, as_json: bool) -> None:
     click.echo(f"{'training':<14}{json.dumps(entry['training'], sort_keys=True)}")
     if entry.get("evaluation"):
         click.echo(f"{'evaluation':<14}{json.dumps(entry['evaluation'], sort_keys=True)}")
+    gates = entry.get("gates")
+    if gates:
+        click.echo(f"{'gates':<14}{'passed' if gates.get('passed') else 'failed'}"
+                   + (f" (overridden: {entry['override'].get('reason')})" if entry.get("override") else ""))
+        for check in gates.get("checks", []):
+            click.echo(f"{'':<14}[{'ok' if check['passed'] else '--'}] {check['name']}: {check['detail']}")
+    else:
+        click.echo(f"{'gates':<14}none recorded")
 
 
 @main.command()

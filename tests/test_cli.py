@@ -233,6 +233,20 @@ def test_release_list_show_json(released):
     assert tags(released) == {"v1.0.0", "v1.1.0"}
 
 
+def test_list_piped_is_a_plain_table_and_show_has_the_gates(released):
+    reg = released / "registry" / "model_registry.json"
+    data = json.loads(reg.read_text())
+    long_note = "Q2 storage temperatures, " * 12 + "end"
+    data["models"][1]["notes"] = long_note + "\nsecond line"
+    reg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    lines = run("-C", released, "list").stdout.splitlines()  # CliRunner: stdout is not a terminal
+    assert lines[0].split() == ["version", "parent", "bump", "strategy", "status", "created", "train", "loss", "notes"]
+    assert len(lines) == 3 and lines[1].startswith("1.0.0 ") and lines[1].endswith("first")
+    assert lines[2].startswith("  └ 1.1.0 ") and lines[2].endswith(long_note)  # whole first line of the notes
+    out = run("-C", released, "show", "1.1.0").stdout
+    assert "gates         passed" in out and "[ok] min_new_examples:" in out, out
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")
