@@ -898,14 +898,22 @@ def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> N
     click.echo(f"{d['a']} -> {d['b']}: {d['lineage']}  (saved {saved})")
     for k, v in d["config"]["changed"].items():
         click.echo(f"config  {k}: {v['a']!r} -> {v['b']!r}")
+    for k, v in d["config"]["added"].items():
+        click.echo(f"config  {k}: added {v!r}")
+    for k, v in d["config"]["removed"].items():
+        click.echo(f"config  {k}: removed (was {v!r})")
     for k, v in d["data"]["by_role"].items():
         click.echo(f"data    {k}: {v['a']} -> {v['b']} examples")
     m = d["metrics"]
     if "tests" in d:
         click.echo(f"metrics pass rate {m['pass_rate']['parent']} -> {m['pass_rate']['candidate']}, hallucination rate "
                    f"{m['hallucination_rate']['parent']} -> {m['hallucination_rate']['candidate']}")
+        tests = d["tests"]
+        click.echo(f"outputs {tests['outputs_changed']} of {tests['outputs_total']} answers changed")
+        for ex in tests["changed_examples"]:
+            click.echo(f"  {ex['id']}\n    {d['a']}: {ex['a']!r}\n    {d['b']}: {ex['b']!r}")
         for kind in ("regressions", "improvements"):
-            for t in d["tests"][kind]:
+            for t in tests[kind]:
                 click.echo(f"{kind[:-1]:<11} [{t['criticality']}] {t['id']}\n  {d['a']}: {t['parent_output']!r}\n"
                            f"  {d['b']}: {t['candidate_output']!r}")
 

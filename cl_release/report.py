@@ -44,6 +44,7 @@ def dict_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+DIFF_EXAMPLES = 3  # changed answers a diff shows as examples
 _ENTRY_CONFIG_KEYS = ("bump", "strategy", "seed", "base_model", "train_base", "launch")
 
 
@@ -121,6 +122,9 @@ def diff_versions(root: Path, version_a: str, version_b: str, *, suite=None, set
             "improvements": [c.to_dict() for c in cmp.improvements],
             "unchanged": {"passed": len(cmp.unchanged_passed), "failed": len(cmp.unchanged_failed)},
             "outputs_changed": sum(1 for x, y in zip(ra.cases, rb.cases) if x.output != y.output),
+            "outputs_total": len(rb.cases),
+            "changed_examples": [{"id": x.id, "a": x.output, "b": y.output}
+                                 for x, y in zip(ra.cases, rb.cases) if x.output != y.output][:DIFF_EXAMPLES],
         }
     else:
         out["metrics"] = dict_diff(_metrics_of(a), _metrics_of(b))

@@ -267,3 +267,6 @@ def test_eval_against_diff_and_registry_summary_from_the_cli(pair):
     assert "storage-benzene" in {t["id"] for t in saved["tests"]["improvements"]}
     assert "1.0.0 is an ancestor of 1.1.0" in saved["lineage"]
     assert "REGRESSION" not in r.output and "regression  [critical] idlh-ammonia" in r.output
+    changed = saved["tests"]["outputs_changed"]
+    assert changed >= 2 and f"outputs {changed} of {saved['tests']['outputs_total']} answers changed" in r.output
+    assert saved["tests"]["changed_examples"] and saved["tests"]["changed_examples"][0]["id"] in r.output

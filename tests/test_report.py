@@ -101,6 +101,19 @@ def test_diff_without_eval_uses_registry_metrics(repo):
     assert json.loads((repo / "outputs/v1.2.0/diff-1.1.0-1.2.0.json").read_text())["b"] == "1.2.0"
 
 
+def test_human_diff_shows_added_and_removed_config_keys(repo):
+    reg = repo / "registry/model_registry.json"
+    data = json.loads(reg.read_text())
+    data["models"][2]["launch"]["deepspeed"] = "ds_config.json"
+    data["models"][2]["training"]["knobs"] = {"lora_dropout": 0.1}
+    reg.write_text(json.dumps(data))
+    r = CliRunner().invoke(main, ["-C", str(repo), "diff", "1.1.0", "1.2.0", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    assert "config  registry.launch.deepspeed: added 'ds_config.json'" in r.stdout
+    assert "config  registry.knobs.lora_dropout: added 0.1" in r.stdout
+    assert "config  registry.knobs.learning_rate: removed (was 1e-05)" in r.stdout
+
+
 def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
