@@ -418,6 +418,7 @@ class Router:
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._plan: tuple[str, str | None, float, str] | None = None
+        self._versions: frozenset[str] = frozenset()
 
     def _current_plan(self) -> tuple[str, str | None, float, str]:
         try:
@@ -432,6 +433,7 @@ class Router:
             if self._plan is not None and stamp == self._stamp:
                 return self._plan
             data = self._registry.load()
+            self._versions = frozenset(m["version"] for m in data["models"])
             running = state(data)
             champion = (data.get("aliases") or {}).get("champion") or data["current"]
             if champion is None:
@@ -456,3 +458,11 @@ class Router:
     def choose(self, key: str) -> str:
         """The version to serve for ``key``."""
         return self.assign(key)["version"]
+
+    def knows(self, version: str) -> bool:
+        """Whether ``version`` is in the registry (re-read when it changes, as for routing)."""
+        try:
+            self._current_plan()
+        except RegistryError:  # nothing serves yet; the versions were still read
+            pass
+        return version in self._versions

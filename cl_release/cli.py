@@ -596,8 +596,7 @@ def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | Non
 @handle_errors
 def feedback_add(ctx: Context, request_id: str, thumbs: str | None, **fields) -> None:
     """Record feedback on the logged answer REQUEST_ID (the latest feedback wins)."""
-    thumb = {"up": 1, "down": -1}.get(thumbs) if thumbs else None
-    row_id = _store(ctx).feedback(request_id, thumbs=thumb, **fields)
+    row_id = _store(ctx).feedback(request_id, thumbs=thumbs, **fields)
     click.echo(f"feedback {row_id} recorded for {request_id}")
 
 
@@ -1089,7 +1088,11 @@ def watch(ctx: Context, once: bool, interval: str, show_status: bool, as_json: b
 @pass_ctx
 @handle_errors
 def serve(ctx: Context, host: str | None, port: int | None, verbose: bool) -> None:
-    """HTTP collector: POST /log, POST /feedback, GET /route, /stats, /health (bearer token)."""
+    """HTTP collector: POST /log, POST /feedback, GET /route, /stats, /health.
+
+    Every request but /health and /openapi.json needs "Authorization: Bearer TOKEN". The
+    token is read from the environment variable named by serve.token_env (default
+    CL_RELEASE_TOKEN), never from the command line; the server refuses to start without it."""
     from .serve import make_server
 
     server = make_server(ctx.project(), host=host, port=port, verbose=verbose)

@@ -353,7 +353,8 @@ def feedback_values(
     severity: Any = None,
     annotator: Any = None,
 ) -> dict[str, Any]:
-    """Check feedback fields; returns them as stored (``thumbs`` True/False → 1/-1, bools → 0/1).
+    """Check feedback fields; returns them as stored (``thumbs`` True/"up" → 1, False/"down" → -1,
+    bools → 0/1).
 
     Raises :class:`Invalid` naming the field. At least one field besides ``annotator`` must
     be given.
@@ -364,8 +365,10 @@ def feedback_values(
         rating = int(rating)
     if isinstance(thumbs, bool):
         thumbs = 1 if thumbs else -1
+    elif thumbs in ("up", "down"):
+        thumbs = 1 if thumbs == "up" else -1
     if thumbs is not None and (not isinstance(thumbs, int) or thumbs not in (-1, 0, 1)):
-        raise Invalid(f"thumbs must be -1, 0 or 1, got {thumbs!r}", "thumbs")
+        raise Invalid(f"thumbs must be up, down, true, false, -1, 0 or 1, got {thumbs!r}", "thumbs")
     if hallucinated is not None:
         if hallucinated not in (True, False, 0, 1) or isinstance(hallucinated, float):
             raise Invalid(f"hallucinated must be true or false, got {hallucinated!r}", "hallucinated")

@@ -14,7 +14,7 @@ from .registry import empty_registry
 from .resources import default_registry_schema, default_templates_dir, defaults_dir
 
 PROJECT_TEMPLATE = """\
-# cl-release project file. Reference: README.md of cl-release ("The project file").
+# cl-release project file. Reference: the "The project file" section of cl-release's README.md.
 name: {name}
 base_model:
   name: {base_model}          # a Hub id, or a folder inside this repository

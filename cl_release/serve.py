@@ -80,8 +80,11 @@ class Collector:
                 raise HTTPError(422, f"missing field {name!r}")
         fields = dict(body)
         key = fields.pop("route_key", None)
-        if key is not None and fields.get("model_version") is None:
+        version = fields.get("model_version")
+        if key is not None and version is None:
             fields["model_version"] = self._route(key)["version"]
+        elif isinstance(version, str) and self.router is not None and not self.router.knows(version):
+            raise HTTPError(422, f"field 'model_version': {version!r} is not a version in the registry")
         rid = self.store.log(fields.pop("input"), fields.pop("output"), **fields)
         return 201, {"request_id": rid, "model_version": fields.get("model_version")}
 

@@ -247,6 +247,19 @@ def test_list_piped_is_a_plain_table_and_show_has_the_gates(released):
     assert "gates         passed" in out and "[ok] min_new_examples:" in out, out
 
 
+def test_the_scaffold_points_at_a_readme_section_that_exists(tmp_path):
+    import re
+    from cl_release.scaffold import PROJECT_TEMPLATE
+
+    section = re.search(r'"([^"]+)" section', PROJECT_TEMPLATE.splitlines()[0])[1]
+    assert f"## {section}\n" in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_serve_help_says_where_the_token_comes_from():
+    out = " ".join(CliRunner().invoke(main, ["serve", "--help"]).output.split())
+    assert "Bearer TOKEN" in out and "CL_RELEASE_TOKEN" in out and "never from the command line" in out
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")

@@ -83,8 +83,14 @@ def test_conflicting_request_id_and_out_of_range_numbers(server):
     for field, value in (("tokens", 1e29), ("tokens", -1), ("quality_score", 5), ("latency_ms", -2)):
         status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "a", field: value})
         assert status == 422 and field in out["error"]["message"], (field, out)
+    status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "a", "model_version": "9.9.9"})
+    assert status == 422 and "'9.9.9' is not a version in the registry" in out["error"]["message"]
     store = FeedbackStore(Project.load(server.root).feedback_path)
     assert store.count() == 1 and store.get("dup")["output"] == "a"
+    for thumbs, stored in (("up", 1), ("down", -1)):
+        status, out, _ = call(server, "POST", "/feedback", {"request_id": "dup", "thumbs": thumbs})
+        assert status == 201 and store.get("dup")["thumbs"] == stored
+    assert call(server, "POST", "/feedback", {"request_id": "dup", "thumbs": "sideways"})[0] == 422
 
 
 def test_route_follows_the_ab_test(server):
