@@ -93,6 +93,7 @@ class PushPlan:
     files: list[PlannedFile]
     readme: bytes = field(repr=False)
     commit_message: str = ""
+    requires: list[str] = field(default_factory=list)  # other revisions the card names: must be on the Hub
 
     @property
     def total_bytes(self) -> int:
@@ -110,6 +111,8 @@ class PushPlan:
             "tag": self.tag,
             "total_bytes": self.total_bytes,
             "files": [{"path": f.path_in_repo, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "requires": list(self.requires),
+            "card": self.readme.decode("utf-8"),
         }
 
     def summary(self) -> str:
@@ -124,6 +127,9 @@ class PushPlan:
         width = max(len(f.path_in_repo) for f in self.files)
         for f in self.files:
             lines.append(f"    {f.path_in_repo:<{width}}  {_human_size(f.size):>10}  {f.sha256[:12]}")
+        if self.requires:
+            lines.append(f"  needs on the Hub first: {', '.join(self.requires)} (the card loads it)")
+        lines += ["", "model card (README.md):", "", self.readme.decode("utf-8").rstrip()]
         return "\n".join(lines)
 
 
@@ -223,6 +229,8 @@ def plan_push(
     readme = card.encode("utf-8")
     files.append(PlannedFile("README.md", len(readme), sha256_bytes(readme), None))
     tag = revision_tag(version, merged=merged)
+    merged_from = (entry.get("train_base") or {}).get("merged_from")
+    requires = [revision_tag(merged_from, merged=True)] if merged_from and not merged else []
     return PushPlan(
         version=version,
         repo_id=repo_id,
@@ -234,6 +242,7 @@ def plan_push(
         files=files,
         readme=readme,
         commit_message=f"cl-release {tag}: {'merged weights' if merged else 'adapter'} of {version}",
+        requires=requires,
     )
 
 
@@ -599,6 +608,14 @@ def push(
             f"tag {plan.tag} already exists on {plan.repo_id} (commit {existing[plan.tag][:12]}); "
             "a published tag is never moved",
             hint="release a new version and push that one",
+        )
+    missing = [r for r in plan.requires if r not in existing]
+    if missing:
+        needed = missing[0].removeprefix("v").removesuffix("-merged")
+        raise HubError(
+            f"the model card of {plan.tag} loads revision {missing[0]} of {plan.repo_id}, which is not on the Hub; "
+            "nothing was uploaded",
+            hint=f"push it first: cl-release push {needed} --merged (after 'cl-release merge {needed}' if needed)",
         )
     branches = {b.name: b.target_commit for b in refs.branches}
     if plan.branch not in branches:

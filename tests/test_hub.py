@@ -390,6 +390,31 @@ def test_versions_build_up_on_main_and_merged_goes_to_its_own_branch(release, fa
     assert meta["base_model_relation"] == "finetune"
 
 
+def test_a_card_naming_merged_weights_not_on_the_hub_is_refused(release, fake_hub):
+    """2.0.0 trained on the merged weights of 1.0.0: its card loads v1.0.0-merged, so that
+    revision must exist on the Hub before the card does."""
+    root, entry, lineage = release
+    entry = {**entry, "train_base": {"path": "outputs/v1.0.0/merged", "sha256": "e" * 64, "merged_from": "1.0.0"}}
+    plan = hub.plan_push(root, entry, lineage, HUB_CFG, merged=False)
+    assert plan.requires == ["v1.0.0-merged"]
+    with pytest.raises(HubError, match="loads revision v1.0.0-merged .* not on the Hub") as info:
+        hub.push(plan)
+    assert "cl-release push 1.0.0 --merged" in str(info.value)
+    assert "v1.1.0" not in fake_hub.repos[REPO_ID].tags  # nothing uploaded
+    _add_merged(root, "1.0.0")
+    hub.push(hub.plan_push(root, lineage[0], lineage[:1], HUB_CFG, merged=True))
+    result = hub.push(plan)
+    assert set(fake_hub.repos[REPO_ID].tags) == {"v1.0.0-merged", "v1.1.0"} and result.revision == "v1.1.0"
+
+
+def test_dry_run_shows_the_card_it_would_upload(release):
+    root, entry, lineage = release
+    plan = hub.plan_push(root, entry, lineage, HUB_CFG, merged=False)
+    text = plan.summary()
+    assert "model card (README.md):" in text and plan.readme.decode().rstrip() in text
+    assert plan.to_dict()["card"] == plan.readme.decode()
+
+
 def test_push_without_a_token(release, fake_hub, monkeypatch):
     root, entry, lineage = release
     monkeypatch.delenv("HF_TOKEN")
