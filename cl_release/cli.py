@@ -117,7 +117,7 @@ def data() -> None:
 @data.command("build")
 @click.option("--since", help="Only feedback since DATE (YYYY-MM-DD, ISO time) or since release VERSION.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output JSONL (default: datasets/feedback/<sha256>.jsonl).")
+              help="Output JSONL (default: outputs/data/<sha256>.jsonl, git-ignored).")
 @click.option("--format", "fmt", type=click.Choice(["messages", "chatml", "alpaca", "completion"]),
               help="Output format (default: extraction.format, else messages).")
 @click.option("--redact/--no-redact", default=None,
@@ -918,7 +918,8 @@ def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> N
 
 
 @main.command()
-@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", default="outputs/reports", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
               help="Directory for index.html, report.md and the plots.")
 @pass_ctx
 @handle_errors

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - orjson is optional
     _orjson = None
 
 MANIFEST_VERSION = 1
-DEFAULT_OUT_DIR = "datasets/feedback"
+DEFAULT_OUT_DIR = "outputs/data"  # git-ignored: a build is for inspection, release builds its own
 
 KEPT, CORRECTED = "kept", "corrected"
 SKIP_REASONS = (
@@ -1535,7 +1535,8 @@ def build_project(
     """``cl-release data build``: rules from cl-release.yaml, rows from the store, files written.
     ``workers``: processes reading a large store (see :func:`build`).
 
-    Default output: ``datasets/feedback/<sha256>.jsonl`` (content-addressed like snapshots).
+    Default output: ``outputs/data/<sha256>.jsonl`` (content-addressed like snapshots, and
+    git-ignored: ``release`` builds its own data and would refuse a dirty repository).
     """
     off = {"redact_patterns": ()} if redact is False else {}  # --no-redact: no redaction at all
     rules = rules_from_project(project, format=fmt, redact_pii=redact, **off)

@@ -260,6 +260,22 @@ def test_serve_help_says_where_the_token_comes_from():
     assert "Bearer TOKEN" in out and "CL_RELEASE_TOKEN" in out and "never from the command line" in out
 
 
+def test_data_build_and_report_leave_the_repository_clean_for_a_release(released):
+    from cl_release.feedback import FeedbackStore
+    from cl_release.project import Project
+
+    with FeedbackStore(Project.load(released).feedback_path) as store:
+        for i in range(3):
+            store.log(f"question {i}?", f"answer {i}", request_id=f"r{i}", model_version="1.1.0")
+            store.feedback(f"r{i}", rating=5)
+    assert run("-C", released, "data", "build").exit_code == 0
+    assert run("-C", released, "report").exit_code == 0
+    assert (released / "outputs" / "reports" / "index.html").is_file()
+    assert git(released, "status", "--porcelain") == ""
+    add_data(released, "q3-protection.jsonl", "datasets/domain/q3.jsonl")
+    assert run("-C", released, "release", "minor", "--notes", "after a build and a report").exit_code == 0
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")

@@ -780,17 +780,17 @@ def test_cli_build_from_jsonl(repo):
     write_rows(repo / "fb.jsonl", [row(1, **PII_ROW), row(2, rating=5), row(3, rating=3), row(4, rating=5)])
     res = run(repo, "data", "build", "--from-jsonl", "fb.jsonl")
     assert res.exit_code == 0, res.output
-    files = sorted(p.name for p in (repo / "datasets" / "feedback").iterdir())
+    files = sorted(p.name for p in (repo / "outputs" / "data").iterdir())
     sha = files[0].split(".")[0]
     assert files == [f"{sha}.corrections.jsonl", f"{sha}.jsonl", f"{sha}.jsonl.manifest.json"]
-    assert f"datasets/feedback/{sha}.jsonl: 3 examples (2 kept, 1 corrected), format messages" in res.output
+    assert f"outputs/data/{sha}.jsonl: 3 examples (2 kept, 1 corrected), format messages" in res.output
     assert "skipped 1 of 4 rows: neutral 1" in res.output
-    data = (repo / "datasets" / "feedback" / f"{sha}.jsonl").read_text()
+    data = (repo / "outputs" / "data" / f"{sha}.jsonl").read_text()
     assert "jane.doe" not in data and "[EMAIL]" in data
-    assert datasets.sha256_file(repo / "datasets" / "feedback" / f"{sha}.jsonl") == sha
+    assert datasets.sha256_file(repo / "outputs" / "data" / f"{sha}.jsonl") == sha
     # same input again: same content-addressed file, nothing new
     assert run(repo, "data", "build", "--from-jsonl", "fb.jsonl").exit_code == 0
-    assert len(list((repo / "datasets" / "feedback").iterdir())) == 3
+    assert len(list((repo / "outputs" / "data").iterdir())) == 3
 
 
 def test_cli_build_json_options_and_project_rules(repo):
