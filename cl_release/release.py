@@ -711,6 +711,24 @@ def _verify_plan_inputs(root: Path, plan: Plan) -> None:
             raise IntegrityError(f"{part.path} no longer matches its hash", hint="nothing was recorded; run again")
 
 
+TOKEN_UNITS = {  # the two token counts of an entry's "training" count different things
+    "tokens_in_mix": "every token of the training mix, prompts and answers, counted once (tokenizer of the base)",
+    "tokens_trained": "tokens with a training label (the answers), summed over all epochs, as Axolotl reports them",
+}
+
+
+def recorded_knobs(plan: Plan) -> dict[str, Any]:
+    """The knobs as the run used them: a knob that is also an Axolotl key takes the rendered
+    config's value (the template adapts some to the hardware, e.g. gradient checkpointing
+    only on CUDA); the asked-for values that the config changed go to ``knobs_requested``."""
+    knobs = {k: v for k, v in plan.knobs.items() if k != "extra"}
+    changed = {k: v for k, v in knobs.items() if k in plan.config and plan.config[k] != v}
+    out: dict[str, Any] = {"knobs": {**knobs, **{k: plan.config[k] for k in changed}}}
+    if changed:
+        out["knobs_requested"] = changed
+    return out
+
+
 def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit: str | None,
            toolchain: dict[str, Any]) -> dict[str, Any]:
     root = project.root
@@ -736,8 +754,7 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
         "seed": plan.seed,
         "launch": {"num_processes": plan.launch["num_processes"], "num_machines": plan.launch["num_machines"],
                    "deepspeed": plan.launch.get("deepspeed"), "mixed_precision": plan.hw["mixed_precision"]},
-        "training": {**training, "tokens_in_mix": plan.tokens,
-                     "knobs": {k: v for k, v in plan.knobs.items() if k != "extra"}},
+        "training": {**training, "tokens_in_mix": plan.tokens, "token_units": TOKEN_UNITS, **recorded_knobs(plan)},
         "evaluation": {},
         "toolchain": toolchain,
         "source_commit": source_commit,

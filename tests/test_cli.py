@@ -276,6 +276,20 @@ def test_data_build_and_report_leave_the_repository_clean_for_a_release(released
     assert run("-C", released, "release", "minor", "--notes", "after a build and a report").exit_code == 0
 
 
+def test_registry_records_the_knobs_the_rendered_config_used(released):
+    import yaml
+
+    entry = registry_data(released)["models"][1]
+    config = yaml.safe_load((released / entry["config"]["path"]).read_text())
+    knobs = entry["training"]["knobs"]
+    assert config["gradient_checkpointing"] is False and knobs["gradient_checkpointing"] is False  # CPU
+    assert entry["training"]["knobs_requested"] == {"gradient_checkpointing": True}
+    for k, v in knobs.items():
+        if k in config:
+            assert config[k] == v, k
+    assert set(entry["training"]["token_units"]) == {"tokens_in_mix", "tokens_trained"}
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")
