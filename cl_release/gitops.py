@@ -45,6 +45,8 @@ def _git():
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # a marker of this pid is not of a command running now: it was left
+    if os.name != "posix":
+        return True  # no harmless liveness probe (os.kill would end the process): never remove
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,6 +191,10 @@ class ReleaseRepo:
                 continue  # another cl-release is running git right now: its locks are live
             windows.append((started - 1.0, started + OWN_LOCK_WINDOW_SECONDS))
             marker.unlink(missing_ok=True)
+        for tmp in sorted(markers.glob(".*.tmp")) if markers.is_dir() else []:  # a marker's torn write
+            pid = tmp.name.split(".")[1]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
         removed = []
         for lock in self.lock_files() if windows else []:
             try:

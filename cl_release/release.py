@@ -696,8 +696,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                 repo.tag(f"v{plan.version}", _tag_message(entry), commit)
         except GitError as e:
             # The registry already holds the entry: the next run's reconcile finishes the job.
-            raise GitError(e.message, hint=(f"{e.hint}; then " if e.hint else "") + f"{plan.version} is recorded: "
-                           "run the release again to commit and tag it") from None
+            raise GitError(e.message, hint=(f"{e.hint}; then " if e.hint else "") + f"{plan.version} is recorded in "
+                           "the registry: run the same release command again to finish it in git") from None
         crash_point("tagged")
         phases.done("git")
         return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit,
