@@ -92,8 +92,7 @@ class ReleaseRepo:
     def dirty_paths(self) -> list[str]:
         """Modified, staged or untracked files (git-ignored ones excluded)."""
         # One `git status` (no optional locks: it never writes the index).
-        out = self._run("status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames",
-                        "--ignore-submodules=none")
+        out = self._run("status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
         paths = set()
         for record in out.split("\0"):
             if len(record) < 4:
@@ -172,8 +171,8 @@ class ReleaseRepo:
 
     def _show(self, path: Path) -> str:
         try:
-            return Path(path).relative_to(self.root).as_posix()
-        except ValueError:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except (ValueError, OSError):
             return str(path)
 
     def _clear_own_locks(self) -> list[Path]:

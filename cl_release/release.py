@@ -82,15 +82,13 @@ def check_notes(notes: str, *, where: str = "--notes") -> str:
 
 def read_notes_file(path: str | Path) -> str:
     """Release notes from a file (``-``: standard input), checked like ``check_notes``."""
-    import io
-
     where = "standard input" if str(path) == "-" else str(path)
     try:
         if str(path) == "-":
             data = sys.stdin.buffer.read(MAX_NOTES_BYTES + 1) if hasattr(sys.stdin, "buffer") \
                 else sys.stdin.read(MAX_NOTES_BYTES + 1).encode("utf-8")
         else:
-            with io.open(path, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read(MAX_NOTES_BYTES + 1)
     except OSError as e:
         raise UserError(f"{where}: cannot read the notes: {e.strerror or e}") from None
