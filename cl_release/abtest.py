@@ -71,8 +71,9 @@ def _move(root: Path, message: Callable[[], str]) -> Iterator[dict[str, Any]]:
     from .release import release_lock
 
     root = Path(root)
+    repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
     with release_lock(root):
-        repo = ReleaseRepo(root)
+        repo.check_state()  # before the registry changes
         with Registry(root).transaction() as data:
             yield data
         repo.commit([REGISTRY_FILE], message())

@@ -258,20 +258,28 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
 @main.command()
 @release_options
 @click.option("--notes", default="", help="What changed (goes into the registry, commit and tag).")
+@click.option("--notes-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Read the notes from FILE (UTF-8, at most 1 MiB; '-': standard input).")
 @click.option("--allow-dirty", is_flag=True, help="Release even if the repository has uncommitted changes.")
 @click.option("--force", is_flag=True, help="Release even if a gate fails (needs --reason; recorded).")
 @click.option("--reason", default=None, help="Why the gates are overridden (with --force).")
 @pass_ctx
 @handle_errors
-def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, allow_dirty: bool,
-            force: bool, reason: str | None) -> None:
+def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, notes_file: Path | None,
+            allow_dirty: bool, force: bool, reason: str | None) -> None:
     """Build data, train, evaluate against the parent, gate, record and tag the next version.
 
     On an empty registry any bump makes 1.0.0. A candidate that fails a gate is recorded as
     rejected (exit 1) and the parent stays current."""
     from .gates import release_evaluator
-    from .release import run_release
+    from .release import check_notes, read_notes_file, run_release
 
+    if notes_file is not None:
+        if notes:
+            raise click.UsageError("pass --notes or --notes-file, not both")
+        notes = read_notes_file(notes_file if str(notes_file) == "-" else _in_root(ctx, notes_file))
+    else:
+        notes = check_notes(notes)
     evaluator = release_evaluator(force=force, reason=reason)
     with TrainingProgress() as bar:
         result = run_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy,
@@ -445,8 +453,11 @@ def rollback(ctx: Context, version: str) -> None:
     """Make an earlier VERSION current; the next release builds on it. Nothing is deleted."""
     from .release import rollback as do_rollback
 
-    entry = do_rollback(ctx.project(), version)
-    click.echo(f"Current version is now {entry['version']}; the next release builds on it.")
+    result = do_rollback(ctx.project(), version)
+    if not result.changed:
+        click.echo(f"{result.entry['version']} is already the current version; nothing changed.")
+        return
+    click.echo(f"Current version is now {result.entry['version']}; the next release builds on it.")
 
 
 @main.command()
@@ -458,8 +469,10 @@ def merge(ctx: Context, version: str) -> None:
     from .gitops import ReleaseRepo
     from .merge import merge_version
 
+    repo = ReleaseRepo(ctx.root)
+    repo.check_state(say)  # before the merge and its registry write, not after
     entry = merge_version(ctx.project(), version, progress=say)
-    ReleaseRepo(ctx.root).commit(["registry/model_registry.json"], f"Record merged weights of {entry['version']}")
+    repo.commit(["registry/model_registry.json"], f"Record merged weights of {entry['version']}")
     click.echo(f"Merged {entry['version']}: {entry['merged']['path']} (sha256 {entry['merged']['sha256'][:16]})")
 
 
@@ -506,9 +519,11 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
     if dry_run:
         echo_json(plan.to_dict()) if as_json else click.echo(plan.summary())
         return
+    repo = ReleaseRepo(ctx.root)
+    repo.check_state(say)  # before the upload and its registry write, not after
     result = hub.push(plan, progress=say)
     hub.record_push(registry, entry["version"], result)
-    ReleaseRepo(ctx.root).commit(["registry/model_registry.json"], f"Record push of {plan.tag} to {plan.repo_id}")
+    repo.commit(["registry/model_registry.json"], f"Record push of {plan.tag} to {plan.repo_id}")
     echo_json(result.to_registry()) if as_json else click.echo(f"Pushed {plan.tag} to {result.url}")
 
 

@@ -260,7 +260,12 @@ class Registry:
                 data["current"] = entry["version"]
 
     def rollback(self, version: str) -> dict[str, Any]:
-        """Make an earlier released version current; nothing is deleted."""
+        """Make an earlier released version current; nothing is deleted. Rolling back to the
+        current version writes nothing (no event)."""
+        data = self.load()
+        entry = self.find(data, version)
+        if data["current"] == entry["version"]:
+            return entry
         with self.transaction() as data:
             entry = self.find(data, version)
             if entry["status"] != "released":

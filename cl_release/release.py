@@ -2,15 +2,19 @@
 
 Order (each step leaves a valid registry; a crash anywhere can be re-run):
 
-1. take the release lock (a second release at the same time gets one clear error);
+1. take the release lock (a second release at the same time gets one clear error), then
+   check that git can commit and tag (identity, no merge in progress, no held lock file: a
+   refusal comes here, before any training);
 2. finish any release an earlier crash left half-recorded (registry written, not committed
    or not tagged);
 3. plan: version, parent, strategy, data parts (content-addressed), rendered config;
 4. write data snapshots (idempotent, content-addressed);
-5. train into ``outputs/vX.Y.Z/`` (created exclusively; an interrupted run's folder is moved
-   aside to ``outputs/.interrupted/``, never overwritten or deleted);
+5. train into ``outputs/vX.Y.Z/`` (created exclusively; a folder an interrupted release left,
+   of this plan or an earlier one, is moved aside to ``outputs/.interrupted/``, never
+   overwritten or deleted, and its version number is used again);
 6. re-hash every dataset: if one changed since the plan, refuse (nothing recorded);
-7. evaluate + gates (when configured), then append the registry entry atomically;
+7. evaluate + gates (when configured), mark the feedback rows used, then append the
+   registry entry atomically;
 8. commit registry + snapshots, tag ``vX.Y.Z``.
 """
 
@@ -44,6 +48,9 @@ from .weights import ADAPTER_FILE, adapter_sha256, weights_sha256
 
 OUTPUTS = "outputs"
 PREPARED = "outputs/.prepared"
+# Release notes go into the registry, the commit and the tag: a changelog of a few hundred KiB
+# is normal, more is a mistake (a log file, a binary).
+MAX_NOTES_BYTES = 1024 * 1024
 LEARNED_ROLES = {"new", "complete", "corrections"}
 
 Progress = Callable[[str], None]
@@ -51,6 +58,48 @@ Progress = Callable[[str], None]
 
 def _noop(_msg: str) -> None:
     pass
+
+
+# ---------------------------------------------------------------- notes
+
+
+def check_notes(notes: str, *, where: str = "--notes") -> str:
+    """The release notes, checked before anything is trained: UTF-8 text without NUL bytes
+    (git refuses those in a message), at most ``MAX_NOTES_BYTES``."""
+    try:
+        size = len(notes.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (character {e.start + 1} cannot be encoded)",
+                        hint="pass the notes as UTF-8 text") from None
+    if size > MAX_NOTES_BYTES:
+        raise UserError(f"{where}: the notes are {size:,} bytes; the limit is {MAX_NOTES_BYTES:,} (1 MiB)",
+                        hint="shorten them; keep a long changelog in a file of the repository")
+    if "\0" in notes:
+        raise UserError(f"{where}: the notes contain a NUL character (at {notes.index(chr(0)) + 1})",
+                        hint="git refuses NUL in messages; pass plain text")
+    return notes
+
+
+def read_notes_file(path: str | Path) -> str:
+    """Release notes from a file (``-``: standard input), checked like ``check_notes``."""
+    where = "standard input" if str(path) == "-" else str(path)
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_NOTES_BYTES + 1) if hasattr(sys.stdin, "buffer") \
+                else sys.stdin.read(MAX_NOTES_BYTES + 1).encode("utf-8")
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_NOTES_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the notes: {e.strerror or e}") from None
+    if len(data) > MAX_NOTES_BYTES:
+        raise UserError(f"{where}: the notes are over the limit of {MAX_NOTES_BYTES:,} bytes (1 MiB)",
+                        hint="shorten them; keep a long changelog in a file of the repository")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})", hint="save the notes as UTF-8") from None
+    return check_notes(text.removeprefix("\ufeff"), where=where)
 
 
 # ---------------------------------------------------------------- plan
@@ -410,13 +459,26 @@ DONE_FILE = "training.json"
 
 
 def _run_state(out: Path, plan: Plan) -> str:
-    """'complete' (same run, finished), 'interrupted' (same run, unfinished) or 'foreign'."""
+    """What an existing ``outputs/vX.Y.Z/`` folder is, for a plan of version X.Y.Z.
+
+    'complete' (this plan's run, finished: recorded without retraining), 'interrupted' (this
+    plan's run, unfinished), 'unstarted' (empty: a release was killed between creating it
+    and writing its run.json), 'earlier-plan' (the run of an earlier plan of the same version
+    that was never recorded: a release crashed or failed, then the data changed) or
+    'foreign' (anything else: not cl-release's, never touched; the plan takes the next number).
+    Only 'foreign' makes a version number skip: a crash never does."""
     try:
         run = json.loads((out / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:
+        unstarted = all(p.name.startswith(f".{RUN_FILE}.") and p.name.endswith(".tmp") for p in out.iterdir())
+        return "unstarted" if unstarted else "foreign"
+    except (OSError, ValueError):
+        return "foreign"
+    if not isinstance(run, dict):
         return "foreign"
     if run.get("fingerprint") != plan.fingerprint():
-        return "foreign"
+        # The plan only asks about a version that is in neither the registry nor the tags.
+        return "earlier-plan" if run.get("version") == plan.version and run.get("fingerprint") else "foreign"
     if (out / DONE_FILE).is_file() and (out / "adapter" / ADAPTER_FILE).is_file():
         return "complete"
     return "interrupted"
@@ -533,8 +595,10 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
 
     root = project.root
     phases = _Phases()
+    notes = check_notes(notes)
+    repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
     with release_lock(root):
-        repo = ReleaseRepo(root)
+        repo.check_state(progress)
         recovered = reconcile(root, repo, progress)
         repo.ensure_clean(allow_dirty)
         source_commit = repo.head()
@@ -567,7 +631,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         out = root / plan.output_dir
         adopted = False
         state = _run_state(out, plan) if out.exists() else None
-        if state == "interrupted":
+        if state in ("interrupted", "unstarted", "earlier-plan"):
             moved = _move_aside(root, out, "interrupted")
             progress(f"moved the interrupted run of {plan.version} aside to {project.rel(moved)}")
         if state == "complete":
@@ -576,6 +640,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             training = json.loads((out / DONE_FILE).read_text())
         else:
             out.mkdir(parents=True, exist_ok=False)
+            crash_point("output-dir")
             atomic_write_json(out / RUN_FILE, {"fingerprint": plan.fingerprint(), "version": plan.version,
                                                 "started_at": utcnow(), "pid": os.getpid()})
             atomic_write_text(root / plan.config_path, plan.config_text)
@@ -609,9 +674,12 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         if evaluator is not None:
             entry = evaluator(project, plan, entry)
             phases.done("evaluate")
+        # Marked before the registry entry: a kill in between leaves rows kept by `feedback
+        # prune` for a version the re-run records (same number), never a recorded version
+        # whose rows may be pruned.
+        _mark_feedback_used(project, plan)
         crash_point("before-registry")
         Registry(root).append(entry, make_current=entry["status"] == "released")
-        _mark_feedback_used(project, plan)
         crash_point("registry")
         phases.done("record")
 
@@ -619,10 +687,15 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
             else f"Reject {plan.version} ({plan.strategy}): gates failed"
         message = title + (f"\n\n{notes}" if notes else "")
-        commit = repo.commit(paths, message)
-        crash_point("committed")
-        if entry["status"] == "released":
-            repo.tag(f"v{plan.version}", _tag_message(entry), commit)
+        try:
+            commit = repo.commit(paths, message)
+            crash_point("committed")
+            if entry["status"] == "released":
+                repo.tag(f"v{plan.version}", _tag_message(entry), commit)
+        except GitError as e:
+            # The registry already holds the entry: the next run's reconcile finishes the job.
+            raise GitError(e.message, hint=(f"{e.hint}; then " if e.hint else "") + f"{plan.version} is recorded in "
+                           "the registry: run the same release command again to finish it in git") from None
         crash_point("tagged")
         phases.done("git")
         return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit,
@@ -765,16 +838,33 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
 # ---------------------------------------------------------------- rollback and verify
 
 
-def rollback(project: Project, version: str) -> dict[str, Any]:
-    """Make ``version`` current (the next release builds on it) and commit the registry."""
+@dataclass
+class Rollback:
+    entry: dict[str, Any]
+    previous: str | None  # the version that was current
+    changed: bool  # False: ``entry`` was already current (nothing written, no commit)
+    commit: str | None = None
+
+
+def rollback(project: Project, version: str) -> Rollback:
+    """Make ``version`` current (the next release builds on it) and commit the registry.
+
+    Rolling back to the version that is already current changes nothing."""
     from .gitops import ReleaseRepo
 
     root = project.root
+    repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
     with release_lock(root):
-        repo = ReleaseRepo(root)
-        entry = Registry(root).rollback(version)
-        repo.commit(["registry/model_registry.json"], f"Roll back to {entry['version']}")
-        return entry
+        registry = Registry(root)
+        data = registry.load()
+        previous = data["current"]
+        if Registry.find(data, version)["version"] != previous:
+            repo.check_state()  # before the registry changes
+        entry = registry.rollback(version)  # writes nothing when ``version`` is already current
+        if entry["version"] == previous:
+            return Rollback(entry=entry, previous=previous, changed=False, commit=repo.head())
+        commit = repo.commit(["registry/model_registry.json"], f"Roll back to {entry['version']}")
+        return Rollback(entry=entry, previous=previous, changed=True, commit=commit)
 
 
 @dataclass

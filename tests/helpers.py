@@ -66,6 +66,11 @@ def tokenizer_json() -> str:
     return _TOKENIZER_CACHE["json"]
 
 
+def seed_tokenizer_json(text: str) -> None:
+    """Use ``text`` as the tokenizer (a subprocess reuses the one a repository already holds)."""
+    _TOKENIZER_CACHE["json"] = text
+
+
 def write_fake_model(folder: Path, *, seed: int = 0) -> Path:
     """A folder that looks like a local Hugging Face model (config, weights, tokenizer)."""
     import numpy as np

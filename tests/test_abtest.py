@@ -270,6 +270,33 @@ def test_force_promote_needs_reason_then_rollback_restores_previous(repo):
         abtest.rollback_champion(repo, now=now)
 
 
+def test_a_move_checks_git_before_it_changes_the_registry(repo, monkeypatch):
+    from cl_release import gitops
+    from cl_release.errors import GitError
+
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    before = (repo / REG).read_bytes()
+    (repo / ".git" / "index.lock").write_text("")
+    with pytest.raises(GitError, match="index.lock exists"):
+        abtest.start(repo, "1.1.0", traffic=0.1, now=T0 + dt.timedelta(days=31))
+    assert (repo / REG).read_bytes() == before  # not changed, then left uncommitted
+    (repo / ".git" / "index.lock").unlink()
+    abtest.start(repo, "1.1.0", traffic=0.1, now=T0 + dt.timedelta(days=31))
+    assert registry_at_head(repo) == Registry(repo).load()
+
+
+def test_a_move_in_a_folder_that_is_not_a_repository_leaves_nothing(repo):
+    import shutil
+
+    from cl_release.errors import GitError
+
+    shutil.rmtree(repo / ".git")
+    shutil.rmtree(repo / ".cl-release", ignore_errors=True)
+    with pytest.raises(GitError, match="not a git repository"):
+        abtest.start(repo, "1.1.0", traffic=0.1, now=T0 + dt.timedelta(days=31))
+    assert not (repo / ".cl-release").exists()
+
+
 def test_start_refuses_bad_requests(tmp_path):
     entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0, status="rejected"),
                fake_entry("1.2.0", "1.0.0", T0)]

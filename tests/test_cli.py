@@ -309,6 +309,66 @@ def test_rollback_command(released):
     assert_one_line_error(run("-C", released, "rollback", "5.0.0", ok=False), 2, contains="unknown version 5.0.0")
 
 
+def test_rollback_to_the_current_version_says_so_and_commits_nothing(released):
+    head = git(released, "rev-parse", "HEAD")
+    result = run("-C", released, "rollback", "1.1.0")
+    assert result.stdout == "1.1.0 is already the current version; nothing changed.\n"
+    assert git(released, "rev-parse", "HEAD") == head and "events" not in registry_data(released)
+
+
+def test_release_in_a_folder_that_is_not_a_repository_leaves_nothing(root):
+    import shutil
+
+    shutil.rmtree(root / ".git")
+    shutil.rmtree(root / ".cl-release", ignore_errors=True)
+    assert_one_line_error(run("-C", root, "release", "minor", ok=False), 1, contains="is not a git repository")
+    assert_one_line_error(run("-C", root, "rollback", "1.0.0", ok=False), contains="")
+    assert not (root / ".cl-release").exists()
+
+
+def test_merge_checks_git_before_merging(released, trainer, monkeypatch):
+    from cl_release import gitops
+
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    (released / ".git" / "index.lock").write_text("")
+    assert_one_line_error(run("-C", released, "merge", "1.1.0", ok=False), 1, contains=".git/index.lock exists")
+    assert trainer.merges == [] and "merged" not in registry_data(released)["models"][1]
+    (released / ".git" / "index.lock").unlink()
+    run("-C", released, "merge", "1.1.0")
+    assert git(released, "status", "--porcelain") == "" and "Record merged weights of 1.1.0" in git(
+        released, "log", "-1", "--format=%s")
+
+
+def test_notes_file(root, tmp_path):
+    notes = "# 1.0.0\n\n" + "".join(f"- item {i}: {'z' * 70}\n" for i in range(4000))  # ~300 KB: over argv's 128 KiB
+    (root / "NOTES.md").write_text(notes)
+    git(root, "add", "NOTES.md")
+    git(root, "commit", "-qm", "changelog")
+    run("-C", root, "release", "minor", "--notes-file", "NOTES.md")  # relative to -C, like git -C
+    assert registry_data(root)["models"][0]["notes"] == notes
+    assert notes.rstrip() in git(root, "tag", "-l", "--format=%(contents)", "v1.0.0")
+    assert notes.rstrip() in git(root, "log", "-1", "--format=%B")
+
+
+def test_notes_file_errors_come_before_training(root, trainer, tmp_path):
+    big = tmp_path / "big.md"
+    big.write_bytes(b"x" * (1024 * 1024 + 1))
+    assert_one_line_error(run("-C", root, "release", "minor", "--notes-file", big, ok=False), 2,
+                          contains=f"{big}: the notes are over the limit of 1,048,576 bytes")
+    latin = tmp_path / "latin1.md"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    assert_one_line_error(run("-C", root, "release", "minor", "--notes-file", latin, ok=False), 2,
+                          contains=f"{latin}: not UTF-8 text (byte 4)")
+    assert_one_line_error(run("-C", root, "release", "minor", "--notes-file", tmp_path / "none.md", ok=False), 2,
+                          contains="none.md")
+    both = run("-C", root, "release", "minor", "--notes", "a", "--notes-file", latin, ok=False)
+    assert both.exit_code == 2 and "not both" in both.stderr
+    assert trainer.calls == [] and registry_data(root)["models"] == []
+    result = CliRunner().invoke(main, ["-C", str(root), "release", "minor", "--notes-file", "-"], input="from stdin\n")
+    assert result.exit_code == 0, result.stderr
+    assert registry_data(root)["models"][0]["notes"] == "from stdin\n"
+
+
 def test_verify_command(released):
     out = json.loads(run("-C", released, "verify", "--json").stdout)
     assert out["ok"] is True and out["checked"] > 0 and out["mismatches"] == []

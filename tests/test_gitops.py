@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from cl_release import gitops
 from cl_release.errors import GitError
 from cl_release.gitops import ReleaseRepo
 
@@ -113,3 +114,142 @@ def test_file_at_and_commits_touching(repo):
     assert repo.file_at(c1, "a.txt") == "a" and repo.file_at(c2, "a.txt") == "second"
     assert repo.file_at(c1, "b.txt") is None
     assert repo.commits_touching("a.txt") == [c1, c2]
+
+
+# ---------------------------------------------------------------- long messages, locks, git state
+
+# Linux refuses one argument longer than 128 KiB (MAX_ARG_STRLEN): such a message must not
+# reach git's command line.
+LONG = "# Changelog\n\n" + "".join(f"- change {i}: {'x' * 60}\n" for i in range(3000))
+
+
+def test_long_commit_and_tag_messages_go_through_stdin(repo):
+    assert len(LONG.encode()) > 128 * 1024
+    (repo.root / "a.txt").write_text("long")
+    sha = repo.commit(["a.txt"], "title\n\n" + LONG)
+    assert git(repo.root, "log", "-1", "--format=%B", sha) == "title\n\n" + LONG + "\n"
+    repo.tag("v1.0.0", "tag title\n\n" + LONG)
+    # kept as written: the '# Changelog' line is not stripped as a comment
+    assert git(repo.root, "tag", "-l", "--format=%(contents)", "v1.0.0") == "tag title\n\n" + LONG + "\n"
+    (repo.root / "b.txt").write_text("b")
+    assert repo.commit_all("all\n\n" + LONG) == repo.head()
+
+
+def test_read_queries_never_rewrite_the_index(repo):
+    """A kill -9 during `git status` or `git diff` once left .git/index.lock behind."""
+    import os
+
+    index = repo.root / ".git" / "index"
+    before = index.read_bytes()
+    st = (repo.root / "a.txt").stat()
+    os.utime(repo.root / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # stat-dirty
+    assert repo.dirty_paths() == []
+    repo.ensure_clean()
+    assert repo.tags() == set() and repo.commits_touching("a.txt") and repo.file_at("HEAD", "a.txt") == "a"
+    assert index.read_bytes() == before  # never refreshed, so never locked
+
+
+@pytest.mark.parametrize("lock", ["index.lock", "HEAD.lock", "refs/heads/main.lock", "refs/tags/v1.0.0.lock"])
+def test_a_held_git_lock_is_refused_with_how_to_fix_it(repo, lock, monkeypatch):
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    path = repo.root / ".git" / lock
+    path.write_text("")
+    with pytest.raises(GitError) as e:
+        repo.check_state()
+    text = str(e.value)
+    assert f".git/{lock} exists" in text and f"rm {path}" in text and "\n" not in text
+    assert path.exists()  # not ours: never removed
+    path.unlink()
+    assert repo.check_state() == []
+
+
+def test_a_lock_that_goes_away_within_a_second_is_waited_for(repo):
+    import threading
+
+    lock = repo.root / ".git" / "index.lock"
+    lock.write_text("")
+    threading.Timer(0.3, lock.unlink).start()
+    assert repo.check_state() == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _marker(repo, pid: int, started: float) -> None:
+    import json
+
+    folder = repo.root / ".git" / "cl-release-writes"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{pid}.json").write_text(json.dumps({"pid": pid, "started": started, "command": "add"}))
+
+
+def test_locks_left_by_a_killed_cl_release_are_removed(repo, monkeypatch):
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    import os
+    import time
+
+    now = time.time()
+    dead = _dead_pid()
+    _marker(repo, dead, now - 5)
+    torn = repo.root / ".git" / "cl-release-writes" / f".{dead}.json.k2j4.tmp"  # killed mid-write
+    torn.write_text('{"pi')
+    ours = [repo.root / ".git" / "index.lock", repo.root / ".git" / "refs" / "heads" / "main.lock"]
+    for p in ours:
+        p.write_text("")
+    said = []
+    assert repo.check_state(said.append) == [".git/index.lock", ".git/refs/heads/main.lock"]
+    assert not any(p.exists() for p in ours) and len(said) == 2 and "interrupted cl-release" in said[0]
+    assert list((repo.root / ".git" / "cl-release-writes").iterdir()) == []  # markers consumed, torn one too
+
+    # a lock older than the killed command, or much younger, is someone else's: refused
+    _marker(repo, _dead_pid(), now)
+    old = repo.root / ".git" / "index.lock"
+    old.write_text("")
+    os.utime(old, (now - 100, now - 100))
+    with pytest.raises(GitError, match="index.lock exists"):
+        repo.check_state()
+    assert old.exists()
+    old.unlink()
+
+    # a cl-release that is running git right now: its lock is live, never removed
+    _marker(repo, os.getppid(), now)
+    live = repo.root / ".git" / "index.lock"
+    live.write_text("")
+    with pytest.raises(GitError, match="another git command is running"):
+        repo.check_state()
+    assert live.exists()
+
+
+def test_a_write_leaves_no_marker(repo):
+    (repo.root / "a.txt").write_text("3")
+    repo.commit(["a.txt"], "3")
+    repo.tag("v3", "three")
+    assert list((repo.root / ".git" / "cl-release-writes").iterdir()) == []
+
+
+@pytest.mark.parametrize("name,what", [("MERGE_HEAD", "a merge"), ("rebase-merge", "a rebase"),
+                                       ("CHERRY_PICK_HEAD", "a cherry-pick")])
+def test_an_operation_in_progress_is_refused(repo, name, what):
+    path = repo.root / ".git" / name
+    path.mkdir() if name.startswith("rebase") else path.write_text(repo.head() + "\n")
+    with pytest.raises(GitError, match=f"{what} is in progress") as e:
+        repo.check_state()
+    assert "--abort" in str(e.value)
+
+
+def test_no_identity_is_refused(repo, monkeypatch, tmp_path):
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    git(repo.root, "config", "user.useConfigOnly", "true")
+    with pytest.raises(GitError, match="no user identity") as e:
+        repo.check_state()
+    assert "git config --global user.email" in str(e.value)

@@ -11,7 +11,7 @@ import pytest
 
 import cl_release.release as release_mod
 from cl_release import datasets as ds
-from cl_release.errors import DataError, GitError, IntegrityError, LockedError, UserError, VersionError
+from cl_release.errors import DataError, GitError, IntegrityError, LockedError, TrainingError, UserError, VersionError
 from cl_release.files import sha256_file
 from cl_release.registry import Registry
 from cl_release.release import plan_release, verify
@@ -299,6 +299,47 @@ def test_foreign_output_folder_is_never_overwritten(released):
     assert tree_snapshot(foreign) == before
 
 
+@pytest.mark.parametrize("leftover", [[], [".run.json.abc123.tmp"]], ids=["empty", "half-written-run-json"])
+def test_an_output_folder_killed_before_its_run_json_does_not_skip_the_version(released, leftover):
+    """A kill between creating outputs/vX.Y.Z/ and writing run.json once made 1.1.0 skip to 1.2.0."""
+    root = released
+    out = root / "outputs" / "v1.1.0"
+    out.mkdir(parents=True)
+    for name in leftover:
+        (out / name).write_text('{"fingerpr')
+    assert plan_release(load_project(root), bump="minor").version == "1.1.0"
+    r = release(root, "minor")
+    assert r.entry["version"] == "1.1.0"
+    (moved,) = (root / "outputs" / ".interrupted").iterdir()  # kept whole, never deleted
+    assert sorted(p.name for p in moved.iterdir()) == leftover
+
+
+def test_an_unrecorded_run_of_an_earlier_plan_does_not_skip_the_version(released, trainer):
+    """A release that failed (or was killed), then the data changed: the number is used again."""
+    root = released
+
+    def fail(root_, config):
+        raise TrainingError("axolotl failed")
+
+    trainer.before = fail
+    with pytest.raises(TrainingError):
+        release(root, "minor")
+    trainer.before = None
+    run_json = json.loads((root / "outputs/v1.1.0/run.json").read_text())
+    add_data(root, "q3-protection.jsonl", "datasets/domain/q3.jsonl")  # a different plan now
+    r = release(root, "minor")
+    assert r.entry["version"] == "1.1.0" and r.plan.fingerprint() != run_json["fingerprint"]
+    (moved,) = (root / "outputs" / ".interrupted").iterdir()
+    assert json.loads((moved / "run.json").read_text()) == run_json
+    # a cl-release folder that names another version is not a crashed run of this one: skipped
+    other = root / "outputs" / "v1.2.0"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({**run_json, "version": "9.9.9"}))
+    add_data(root, "corrections-001.jsonl", "datasets/domain/c.jsonl")
+    assert release(root, "minor").entry["version"] == "1.3.0"
+    assert json.loads((other / "run.json").read_text())["version"] == "9.9.9"
+
+
 def test_existing_tag_is_never_moved(released):
     root = released
     git(root, "tag", "-a", "v1.1.0", "-m", "made by hand")
@@ -351,7 +392,8 @@ class Crash(Exception):
     pass
 
 
-STEPS = ["planned", "snapshots", "trained", "verified", "before-registry", "registry", "committed", "tagged"]
+STEPS = ["planned", "snapshots", "output-dir", "trained", "verified", "before-registry", "registry", "committed",
+         "tagged"]
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -407,7 +449,7 @@ def test_crash_at_every_step_then_rerun(released, trainer, monkeypatch, step):
 
     # no output folder was overwritten: kept and adopted as is, or moved aside whole
     interrupted = root / "outputs/.interrupted"
-    if step == "trained":  # unfinished run: moved aside, trained again
+    if step in ("output-dir", "trained"):  # unfinished run: moved aside, trained again
         assert [tree_snapshot(m) for m in interrupted.iterdir()] == [out_before]
         assert len(trainer.calls) == calls_before + 1
     elif out_before is not None:  # finished run: adopted without retraining
@@ -479,8 +521,164 @@ def test_not_a_git_repository(released):
     import shutil
 
     shutil.rmtree(released / ".git")
+    shutil.rmtree(released / ".cl-release")
     with pytest.raises(GitError, match="not a git repository"):
         release(released, "minor")
+    with pytest.raises(GitError, match="not a git repository"):
+        release_mod.rollback(load_project(released), "1.0.0")
+    assert not (released / ".cl-release").exists()  # no release.lock left behind
+
+
+# The largest --notes the issue reproduced: trained, recorded 1.1.0, then git failed with
+# "[Errno 7] Argument list too long" on every re-run.
+LONG_NOTES = "# Changes\n" + "y" * (131_060 - len("# Changes\n"))
+
+
+def test_long_notes_are_committed_and_tagged(released):
+    root = released
+    r = release(root, "minor", notes=LONG_NOTES)
+    assert r.entry["notes"] == LONG_NOTES and tags(root) == {"v1.0.0", "v1.1.0"}
+    assert git(root, "log", "-1", "--format=%B").startswith(f"Release 1.1.0 (continued_lora, parent 1.0.0)\n\n{LONG_NOTES}")
+    assert LONG_NOTES in git(root, "tag", "-l", "--format=%(contents)", "v1.1.0")
+    assert_registry_consistent_with_git(root)
+
+
+def test_a_release_recorded_with_long_notes_by_an_older_version_is_finished(released, trainer, monkeypatch):
+    """The repositories the old argv path wedged: registry written, never committed or tagged."""
+    root = released
+
+    def crash(name):
+        if name == "registry":
+            raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr(release_mod, "crash_point", crash)
+    with pytest.raises(OSError):
+        release(root, "minor", notes=LONG_NOTES)
+    monkeypatch.setattr(release_mod, "crash_point", lambda name: None)
+    r = release(root, "minor", notes=LONG_NOTES)
+    assert r.recovered == ["1.1.0"] and tags(root) == {"v1.0.0", "v1.1.0"}
+    assert LONG_NOTES in git(root, "tag", "-l", "--format=%(contents)", "v1.1.0")
+
+
+@pytest.mark.parametrize("notes,message", [
+    ("x" * (release_mod.MAX_NOTES_BYTES + 1), "the limit is 1,048,576"),
+    ("a\0b", "NUL"),
+    ("lone \udc80 surrogate", "not UTF-8"),
+], ids=["over-1-MiB", "nul", "surrogate"])
+def test_bad_notes_are_refused_before_any_training(released, trainer, notes, message):
+    reg = (released / "registry/model_registry.json").read_bytes()
+    with pytest.raises(UserError, match=message):
+        release(released, "minor", notes=notes)
+    assert trainer.calls[1:] == [] and (released / "registry/model_registry.json").read_bytes() == reg
+    assert not (released / "outputs/v1.1.0").exists()
+    assert release_mod.check_notes("n" * release_mod.MAX_NOTES_BYTES)  # the limit itself is fine
+
+
+def test_a_stale_index_lock_is_refused_before_training(released, trainer, monkeypatch):
+    """Once: trained 40 s, recorded the version as released, then failed at git add."""
+    from cl_release import gitops
+
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    root = released
+    lock = root / ".git" / "index.lock"
+    lock.write_text("")
+    reg = (root / "registry/model_registry.json").read_bytes()
+    with pytest.raises(GitError) as e:
+        release(root, "minor")
+    assert ".git/index.lock exists" in str(e.value) and f"rm {lock}" in str(e.value)
+    assert len(trainer.calls) == 1 and (root / "registry/model_registry.json").read_bytes() == reg
+    lock.unlink()
+    assert release(root, "minor").entry["version"] == "1.1.0"
+
+
+def test_no_git_identity_is_refused_before_training(released, trainer, monkeypatch, tmp_path):
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    git(released, "config", "user.useConfigOnly", "true")
+    with pytest.raises(GitError, match="no user identity"):
+        release(released, "minor")
+    assert len(trainer.calls) == 1 and len(registry_data(released)["models"]) == 1
+
+
+def test_a_git_failure_after_the_registry_write_is_finished_by_a_rerun(released, trainer, monkeypatch):
+    """Another git command holds the index just when the release commits: it says how to finish."""
+    root = released
+    lock = root / ".git" / "index.lock"
+
+    def other_git(name):
+        if name == "registry":
+            lock.write_text("")
+
+    monkeypatch.setattr(release_mod, "crash_point", other_git)
+    with pytest.raises(GitError) as e:
+        release(root, "minor", notes="Q2")
+    assert "1.1.0 is recorded in the registry: run the same release command again to finish it in git" in str(e.value)
+    monkeypatch.setattr(release_mod, "crash_point", lambda name: None)
+    lock.unlink()  # the other git command ended
+    r = release(root, "minor", notes="Q2")
+    assert r.recovered == ["1.1.0"] and tags(root) == {"v1.0.0", "v1.1.0"} and len(trainer.calls) == 2
+    assert_registry_consistent_with_git(root)
+
+
+def test_rollback_to_the_current_version_changes_nothing(released, monkeypatch):
+    from cl_release import gitops
+
+    root = released
+    release(root, "minor")
+    head = git(root, "rev-parse", "HEAD")
+    reg = (root / "registry/model_registry.json").read_bytes()
+    r = release_mod.rollback(load_project(root), "1.1.0")
+    assert not r.changed and r.entry["version"] == r.previous == "1.1.0" and r.commit == head.strip()
+    assert git(root, "rev-parse", "HEAD") == head and (root / "registry/model_registry.json").read_bytes() == reg
+    # a real rollback checks git first: with a held lock, the registry is not touched
+    monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
+    (root / ".git/index.lock").write_text("")
+    with pytest.raises(GitError, match="index.lock exists"):
+        release_mod.rollback(load_project(root), "1.0.0")
+    assert (root / "registry/model_registry.json").read_bytes() == reg
+    (root / ".git/index.lock").unlink()
+    r = release_mod.rollback(load_project(root), "1.0.0")
+    assert r.changed and r.previous == "1.1.0" and registry_data(root)["current"] == "1.0.0"
+
+
+def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(released, trainer, monkeypatch):
+    """Marking before the registry entry: a crash in between never leaves a recorded version
+    whose training rows `feedback prune` may delete."""
+    import datetime as dt
+
+    from cl_release.feedback import FeedbackStore
+
+    root = released
+    store = FeedbackStore(load_project(root).feedback_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    incoming = Path(__file__).parent.parent / "datasets/demo/incoming/q3-protection.jsonl"
+    for i, line in enumerate(incoming.read_text().splitlines()[:10]):
+        msgs = json.loads(line)["messages"]
+        rid = store.log([m for m in msgs if m["role"] != "assistant"], msgs[-1]["content"],
+                        request_id=f"prod-{i}", model_version="1.0.0", created_at=now + dt.timedelta(seconds=i))
+        store.feedback(rid, rating=5, created_at=now + dt.timedelta(seconds=i + 1))
+    store.close()
+    real = FeedbackStore.mark_used
+    calls = []
+
+    def killed_after_marking(self, ids, version, role):
+        calls.append(version)
+        real(self, ids, version, role)
+        if len(calls) == 1:
+            raise Crash("killed")
+
+    monkeypatch.setattr(FeedbackStore, "mark_used", killed_after_marking)
+    monkeypatch.setattr(release_mod, "utcnow", lambda: (now + dt.timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    with pytest.raises(Crash):
+        release(root, "minor")
+    r = release(root, "minor")
+    assert r.entry["version"] == "1.1.0" and r.plan is not None and calls == ["1.1.0", "1.1.0"]
+    store = FeedbackStore(load_project(root).feedback_path)
+    assert len(store.used_by("1.1.0")) == 10
+    store.close()
 
 
 def test_malformed_jsonl_names_file_and_line(released):
