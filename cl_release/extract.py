@@ -414,7 +414,10 @@ class BuildResult:
 # One usable row: (created_at, id, newest time, source, prompt, answer). ``prompt`` is the
 # (redacted) text of a one-turn string input, or the list of (redacted) prompt turns;
 # ``answer`` is the (redacted) answer. Output order is (created_at, id key); a duplicate
-# group keeps the row with the largest (feedback or created time, created_at, id key).
+# group keeps the row with the largest (is a correction, feedback or created time,
+# created_at, id key): a corrected example beats a kept one with the same text (a later
+# good rating of the fixed answer must not turn the correction into a plain example), then
+# the newest wins.
 # Tuples of strings: a million of them are built, and no dict or list per example.
 _CREATED, _ID, _TIME, _SOURCE, _PROMPT, _ANSWER = range(6)
 
@@ -427,7 +430,8 @@ def _id_key(rid: Any) -> tuple:
 
 
 def _newest(entry: tuple) -> tuple:
-    return (entry[_TIME], entry[_CREATED], _id_key(entry[_ID]))
+    """Which of two duplicates stays: the larger (a correction first, then the newest)."""
+    return (entry[_SOURCE] == CORRECTED, entry[_TIME], entry[_CREATED], _id_key(entry[_ID]))
 
 
 def _messages(entry: tuple) -> list[dict[str, str]]:
@@ -1096,7 +1100,7 @@ def _shard(rows: Any, rules: ExtractionRules, fmt: str, created: tuple[str | Non
 
     def ask(wanted: set[int]) -> Callable[[], list[list]]:
         assert keys is not None and hashes is not None
-        found = [[i, keys[i], times[i], created_at[i], out_ids[i]]
+        found = [[i, keys[i], is_correction[i], times[i], created_at[i], out_ids[i]]
                  for i in compress(range(len(hashes)), map(wanted.__contains__, hashes))]
         return lambda: found
 
@@ -1277,16 +1281,16 @@ def _combine(shards: list[_Shard], rules: ExtractionRules, fmt: str) -> BuildRes
         if repeated:
             answers = [shard.ask(repeated) for shard in reversed(shards)]  # workers first
             answers.reverse()
-            best: dict[str, tuple] = {}  # key -> (newest, shard, index) of the newest so far
+            best: dict[str, tuple] = {}  # key -> (priority, shard, index) of the one that stays so far
             for k, answer in enumerate(answers):
-                for i, key, time, created, rid in answer():
-                    mine = ((time, created, rid), k, i)  # plain shards: string ids, no two equal
+                for i, key, corrected, time, created, rid in answer():
+                    mine = ((corrected, time, created, rid), k, i)  # as _newest; plain shards: string ids
                     other = best.setdefault(key, mine)
                     if other is not mine:
                         if mine[0] > other[0]:
                             best[key], mine = mine, other
                         dropped[mine[1]].append(mine[2])
-                        gone[mine[1]].add(mine[0][2])
+                        gone[mine[1]].add(mine[0][3])
         duplicates = sum(map(len, dropped))
         if duplicates:
             skipped["duplicate"] = skipped.get("duplicate", 0) + duplicates

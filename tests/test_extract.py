@@ -202,6 +202,17 @@ def test_dedupe_across_kept_and_corrected_keeps_newest_source():
     assert result.manifest["record_ids"] == ["r002"]
 
 
+def test_a_correction_beats_a_later_kept_duplicate():
+    """The fixed model later gives the corrected answer and users rate it 5: same text, but the
+    correction stays a correction (a PATCH trains on corrections)."""
+    rows = [row(1, input="IDLH of phosgene?", output="10 ppm", rating=1, correction="2 ppm",
+                feedback_at="2026-01-02T00:00:00.000000Z"),
+            row(2, input="idlh of  phosgene?", output="2 PPM", rating=5, feedback_at="2026-03-01T00:00:00.000000Z")]
+    result = build(rows)
+    assert result.manifest["sources"] == {"kept": 0, "corrected": 1} and result.manifest["record_ids"] == ["r001"]
+    assert corrections_only(result).manifest["examples"] == 1
+
+
 def test_dedupe_can_be_turned_off():
     rows = [row(1, input="q", output="a", rating=5), row(2, input="q", output="a", rating=5)]
     assert build(rows, ExtractionRules(dedupe=False)).manifest["examples"] == 2
@@ -377,7 +388,8 @@ def _ref_id_key(rid):
 def reference_build(rows, rules, fmt):
     """The straightforward path build() must match byte for byte: classify() and _prompt()
     per row, every redaction regex run with re.sub on every text, sha256 of the regex-folded
-    text as the dedupe key (keeping the newest), one json.dumps per record."""
+    text as the dedupe key (keeping a correction over a kept duplicate, then the newest), one
+    json.dumps per record."""
     custom = [re.compile(p) for p in rules.redact_patterns]
 
     def red(text):
@@ -411,7 +423,8 @@ def reference_build(rows, rules, fmt):
         msgs = [{"role": m["role"], "content": red(m["content"])} for m in msgs]
         created = r.get("created_at") or ""
         idk = _ref_id_key(r["id"])
-        e = {"order": (created, idk), "newest": (r.get("feedback_at") or created, created, idk), "id": r["id"],
+        e = {"order": (created, idk), "newest": (source == "corrected", r.get("feedback_at") or created, created, idk),
+             "id": r["id"],
              "source": source, "messages": msgs}
         if not rules.dedupe:
             entries.append(e)
