@@ -1253,11 +1253,29 @@ class FeedbackStore:
         """The ids among ``request_ids`` that have no logged answer, in the given order."""
         return _missing(self.conn, list(request_ids))
 
-    def mark_used(self, request_ids: Iterable[str], version: str, role: str) -> int:
-        """Record that release ``version`` trained on these records in ``role``; returns rows added."""
+    def mark_used(self, request_ids: Iterable[str], version: str, role: str, *, replace: bool = False) -> int:
+        """Record that release ``version`` trained on these records in ``role``; returns rows added.
+
+        ``replace``: these are all of ``version``'s records; marks it had before are removed in
+        the same transaction (a release re-planned after a crash marks what it really trains on).
+        """
         rows = [(rid, version, role) for rid in request_ids]
         sql = "INSERT INTO release_usage (request_id, version, role) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
-        return self._write(lambda c: _count_changes(c, sql, rows))
+
+        def mark(c: sqlite3.Connection) -> int:
+            if replace:
+                c.execute("DELETE FROM release_usage WHERE version = ?", (version,))
+            return _count_changes(c, sql, rows)
+
+        return self._write(mark)
+
+    def usage(self, versions: Iterable[str] | None = None) -> dict[str, int]:
+        """Records trained on, per release version (only ``versions`` when given)."""
+        sql = "SELECT version, count(*) FROM release_usage"
+        vs = None if versions is None else list(versions)
+        if vs is not None:
+            sql += f" WHERE version IN ({', '.join('?' * len(vs))})" if vs else " WHERE 0"
+        return dict(self.conn.execute(sql + " GROUP BY version ORDER BY version", vs or []).fetchall())
 
     def used_by(self, version: str) -> dict[str, str]:
         """The records release ``version`` trained on: request id → role."""
@@ -1291,6 +1309,7 @@ class FeedbackStore:
         until: str | datetime | date | None = None,
         model_version: str | None = None,
         has_feedback: bool | None = None,
+        unused_by: Iterable[str] | None = None,
         after: tuple[str, str] | None = None,
         limit: int | None = None,
     ) -> "StoreRows":
@@ -1298,7 +1317,8 @@ class FeedbackStore:
 
         ``since``: records created at or after it, *or* whose feedback arrived at or after it
         (so new feedback on old answers is picked up). ``until``: records created before it.
-        ``has_feedback``: only records with (True) or without (False) feedback. ``after`` and
+        ``has_feedback``: only records with (True) or without (False) feedback. ``unused_by``:
+        only records none of these release versions trained on (a lineage's new data). ``after`` and
         ``limit`` page through results: ``after`` is the (created_at, id) of the last row seen.
 
         Returns an iterator of row dicts (the query runs on the first ``next``) that also
@@ -1320,6 +1340,12 @@ class FeedbackStore:
             params.append(model_version)
         if has_feedback is not None:
             where.append(("" if has_feedback else "NOT ") + "EXISTS (SELECT 1 FROM feedback f3 WHERE f3.request_id = r.id)")
+        if unused_by is not None:
+            vs = list(unused_by)
+            if vs:
+                where.append("NOT EXISTS (SELECT 1 FROM release_usage u WHERE u.request_id = r.id"
+                             f" AND u.version IN ({', '.join('?' * len(vs))}))")
+                params += vs
         if after is not None:
             where.append("(r.created_at, r.id) > (?, ?)")
             params += list(after)

@@ -409,6 +409,22 @@ def test_rows_filters(store):
 
 
 
+def test_rows_unused_by_a_lineage_and_marks_replaced_per_version(store):
+    for i in range(6):
+        store.log(f"q{i}", f"a{i}", request_id=f"r{i}", created_at=f"2026-01-0{i + 1}")
+    store.mark_used(["r0", "r1"], "1.0.0", "new")
+    store.mark_used(["r2"], "1.1.0", "new")
+    store.mark_used(["r3"], "1.2.0", "new")  # another branch
+    assert [r["id"] for r in store.rows(unused_by=["1.0.0", "1.1.0"])] == ["r3", "r4", "r5"]
+    assert [r["id"] for r in store.rows(unused_by=[])] == [f"r{i}" for i in range(6)]
+    chunks = store.rows(unused_by=["1.0.0", "1.1.0"]).select("r.id")  # the store build's read
+    assert sorted(t[0] for chunk in chunks for t in chunk) == ["r3", "r4", "r5"]
+    assert store.mark_used(["r4", "r2"], "1.1.0", "new", replace=True) == 2  # a re-planned 1.1.0
+    assert store.used_by("1.1.0") == {"r2": "new", "r4": "new"}
+    assert store.mark_used([], "1.2.0", "new", replace=True) == 0 and store.used_by("1.2.0") == {}
+    assert store.usage() == {"1.0.0": 2, "1.1.0": 2} and store.usage(["1.1.0", "9.9.9"]) == {"1.1.0": 2}
+
+
 def test_rows_select_reads_the_same_records_as_tuples(store):
     store.log("q", "a", request_id="a", created_at="2026-01-01", model_version="1.0.0", quality_score=0.5)
     store.log([{"role": "user", "content": "ünï"}], "b", request_id="b", created_at="2026-01-02", model_version="1.1.0")
