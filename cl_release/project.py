@@ -34,6 +34,14 @@ MAX_ALIAS_VALUES = 10_000
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
+class BoundError(yaml.composer.ComposerError):
+    """A YAML document over a bound; ``field`` is the path of the value where it was found."""
+
+    def __init__(self, problem: str, mark, field: str | None):
+        super().__init__(None, None, problem, mark)
+        self.field = field
+
+
 class StrictSafeLoader(yaml.SafeLoader):
     """The safe loader with bounds: duplicate keys are errors (plain PyYAML keeps the last
     one), nesting deeper than ``MAX_NESTING`` levels and aliases adding more than
@@ -44,18 +52,26 @@ class StrictSafeLoader(yaml.SafeLoader):
         self._depth = 0
         self._distinct = 0
         self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values when expanded, depth)
+        self._path: list = []  # keys and indexes of the value being composed
+
+    def _bound(self, problem: str, mark) -> BoundError:
+        parts = [p for p in self._path if p is not None]
+        shown = field_path(parts[:4]) + ("..." if len(parts) > 4 else "")
+        return BoundError(problem, mark, shown or None)
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
+        if isinstance(index, yaml.ScalarNode):  # the value of a mapping key
+            label = index.value
+        else:  # a sequence item (int), or a mapping key or the document (None)
+            label = index if isinstance(index, int) else None
+        self._path.append(label)
         self._depth += 1
         if self._depth > MAX_NESTING:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
-                                              self.peek_event().start_mark)
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+            raise self._bound(f"nested deeper than {MAX_NESTING} levels", self.peek_event().start_mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
         if isinstance(node, yaml.SequenceNode):
             children = node.value
         elif isinstance(node, yaml.MappingNode):
@@ -69,12 +85,11 @@ class StrictSafeLoader(yaml.SafeLoader):
         self._distinct += 1
         # size - distinct never exceeds what aliases add to the whole document: refuse early
         if size - self._distinct > MAX_ALIAS_VALUES:
-            raise yaml.composer.ComposerError(
-                None, None, f"aliases expand to more than {MAX_ALIAS_VALUES:,} values (a 'billion laughs' document?)",
-                node.start_mark)
+            raise self._bound(f"aliases expand to more than {MAX_ALIAS_VALUES:,} values (a 'billion laughs' document?)",
+                              node.start_mark)
         if depth > MAX_NESTING:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels through aliases",
-                                              node.start_mark)
+            raise self._bound(f"nested deeper than {MAX_NESTING} levels through aliases", node.start_mark)
+        self._path.pop()
         return node
 
     def construct_mapping(self, node, deep=False):
@@ -133,7 +148,7 @@ def load_yaml(path: Path, *, error: type[InputFileError] = ProjectError, text: s
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
-        raise error(path, problem, line=line) from None
+        raise error(path, problem, line=line, field=getattr(e, "field", None)) from None
     except yaml.YAMLError as e:
         raise error(path, " ".join(str(e).split())) from None
     return data, node
@@ -377,8 +392,8 @@ class Project:
             for parts, why in unconfined_values(self.root, extra or {}):
                 if parts[0] not in allowed:
                     raise self.error(why, *section, *parts,
-                                     hint=f"keep paths inside the release repository, or opt in with "
-                                          f"'allow_unconfined: [{parts[0]}]' (recorded in the registry)")
+                                     hint=f"remove it or keep its paths inside the release repository; to allow "
+                                          f"it, add 'allow_unconfined: [{parts[0]}]', which each release records")
 
     @property
     def allow_unconfined(self) -> list[str]:

@@ -156,7 +156,8 @@ class Handler(BaseHTTPRequestHandler):
             busy = getattr(self, "_busy", None)
             if busy or getattr(self.server, "verbose", False):
                 what = f" during {busy[0]} {busy[1]}" if busy else " between requests"
-                sys.stderr.write(self.redact(f"cl-release serve: client {self.address_string()} disconnected{what} "
+                how = "timed out" if isinstance(e, TimeoutError) else "disconnected"
+                sys.stderr.write(self.redact(f"cl-release serve: client {self.address_string()} {how}{what} "
                                              f"({type(e).__name__})\n"))
         finally:
             self.app.store.close()  # this thread's connection

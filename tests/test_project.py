@@ -218,7 +218,7 @@ def timed_load_error(tmp_path: Path, text: str, seconds: float = 1.0) -> Project
 def test_billion_laughs_under_axolotl_is_refused_within_a_second(tmp_path, levels):
     err = timed_load_error(tmp_path, GOOD + "axolotl:\n" + laughs(levels))
     assert "aliases expand to more than 10,000 values" in str(err)
-    assert err.line is not None and err.line > 11
+    assert err.line is not None and err.line > 11 and err.field.startswith("axolotl.x")
 
 
 def test_billion_laughs_as_a_top_level_key_is_refused_too(tmp_path):
@@ -241,7 +241,8 @@ def test_a_few_anchors_and_merge_keys_still_work(tmp_path):
 ])
 def test_deep_nesting_is_a_one_line_error_within_a_second(tmp_path, deep):
     err = timed_load_error(tmp_path, GOOD + deep)
-    assert f"nested deeper than 64 levels" in str(err) and err.line is not None
+    assert "nested deeper than 64 levels" in str(err) and err.line is not None
+    assert err.field in ("axolotl.x[0][0]...", "axolotl.x.a.a...", "axolotl.k0.k1.k2...")
 
 
 def test_deep_nesting_through_aliases_is_refused(tmp_path):
