@@ -316,8 +316,12 @@ class CollectorServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """One line per failed connection (the standard library prints a traceback)."""
+        """One line per failed connection (the standard library prints a traceback; with
+        CL_RELEASE_DEBUG set, so does this)."""
         exc = sys.exc_info()[1]
+        if os.environ.get("CL_RELEASE_DEBUG"):
+            super().handle_error(request, client_address)
+            return
         host = client_address[0] if isinstance(client_address, tuple) else client_address
         sys.stderr.write(f"cl-release serve: connection from {host} failed: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())}\n")

@@ -223,3 +223,17 @@ def test_verbose_log_redacts_tokens_in_the_query_string(tmp_path, capsys):
     assert "GET /[REDACTED] HTTP/1.1" in err and "auth=[REDACTED]" in err
     for secret in (TOKEN, "abc123", "k9 ", "xyz789"):
         assert secret not in err
+
+
+def test_any_other_connection_failure_is_one_line(server, capsys, monkeypatch):
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 5555))
+    assert capsys.readouterr().err == "cl-release serve: connection from 127.0.0.1 failed: ValueError: bad thing\n"
+    monkeypatch.setenv("CL_RELEASE_DEBUG", "1")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 5555))
+    assert "Traceback" in capsys.readouterr().err
