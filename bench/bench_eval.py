@@ -1,6 +1,6 @@
 """Benchmark: the batched evaluation runner vs a one-prompt-at-a-time generate loop.
 
-    .venv/bin/python bench/bench_eval.py [--n 200] [--batch-size 32] [--max-new-tokens 32]
+    .venv/bin/python bench/bench_eval.py [--n 200] [--batch-size 32] [--max-new-tokens 32] [--quick]
 
 Builds the tiny Llama model (cl_release.tinymodel) and a 200-test suite from the demo data,
 then, in the same process and on the same loaded model, times:
@@ -74,7 +74,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=100, help="Tests per interleaved loop/batched round.")
     ap.add_argument("--json", action="store_true", help="Also print the raw numbers as JSON.")
+    ap.add_argument("--quick", action="store_true",
+                    help="Small sizes (24 tests, chunks of 12, 16 new tokens): checks it runs, in seconds.")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.chunk, args.max_new_tokens = 24, 12, 16
 
     import torch
 

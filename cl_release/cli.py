@@ -160,11 +160,17 @@ def data_build(ctx: Context, since, out, fmt, redact, from_jsonl, workers, as_js
 @pass_ctx
 @handle_errors
 def data_validate(ctx: Context, files, fmt) -> None:
-    """Check every row of FILES; the first problem is reported with file, line and field."""
+    """Check every row of FILES; the first problem is reported with file, line and field.
+
+    Examples over the size limit (limits.max_example_chars, else 32 characters per token of
+    sequence_len; the defaults outside a release repository) are refused too."""
+    from .datasets import max_example_chars
     from .extract import validate_data_file
 
+    project = _project_or_none(ctx)
+    max_chars = max_example_chars(project.data if project is not None else None)
     for f in files:
-        n = validate_data_file(_in_root(ctx, f), fmt, display=str(f))
+        n = validate_data_file(_in_root(ctx, f), fmt, display=str(f), max_chars=max_chars)
         click.echo(f"{f}: {n} records OK")
 
 
@@ -743,7 +749,8 @@ class _EvalGroup(click.Group):
 
 def _suite_option(fn: Callable) -> Callable:
     return click.option("--suite", "suites", multiple=True,
-                        help="Suite file (repeatable; default: evaluation.suites, else registry/regression_tests.jsonl).")(fn)
+                        help="Suite file (repeatable; any path, relative to the repository; default: "
+                             "evaluation.suites, else registry/regression_tests.jsonl).")(fn)
 
 
 def _project_or_none(ctx: Context):
@@ -784,10 +791,13 @@ def eval_() -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens generated per answer.")
 @click.option("--pass-k", type=click.IntRange(min=1), help="Also sample K answers per test for pass@K.")
 @click.option("--no-cache", is_flag=True, help="Recompute even if results for this suite are saved.")
+@click.option("--cases", "show_cases", is_flag=True,
+              help="Also give every test's result (id, passed, output; in the JSON: a 'cases' list).")
 @json_option
 @pass_ctx
 @handle_errors
-def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens, pass_k, no_cache, as_json) -> None:
+def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens, pass_k, no_cache, show_cases,
+             as_json) -> None:
     """Evaluate VERSION on the suite; save results and summarize them into the registry."""
     from . import evaluate, gates
 
@@ -795,6 +805,8 @@ def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens,
     result, suite, settings = _eval_entry(ctx, version, suites, cache=not no_cache, **knobs)
     evaluate.record_in_registry(ctx.root, result.version, result)
     out = {"summary": result.summary()}
+    if show_cases:
+        out["cases"] = [c.to_dict() for c in result.cases]
     if against:
         other, _, _ = _eval_entry(ctx, against, suites, cache=not no_cache, **knobs)
         evaluate.record_in_registry(ctx.root, other.version, other)
@@ -804,6 +816,8 @@ def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens,
         return
     click.echo(f"{result.version} on {len(suite)} tests (suite {suite.sha256[:16]}), results {result.summary()['results']}")
     _print_summary(out["summary"])
+    for c in out.get("cases", []):
+        click.echo(f"  {'PASS' if c['passed'] else 'FAIL'} [{c['criticality']}] {c['id']}: {c['output'][:80]!r}")
     if against:
         cmp = out["comparison"]
         click.echo(f"vs {against}: {len(cmp['regressions'])} regressions, {len(cmp['improvements'])} improvements, "

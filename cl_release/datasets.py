@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
+
+import orjson
 
 from .errors import DataError
 from .files import atomic_write_bytes, sha256_file
@@ -22,6 +25,20 @@ from .files import atomic_write_bytes, sha256_file
 FORMATS = ("messages", "alpaca", "completion", "chatml")
 ROLES = {"system", "user", "assistant", "tool"}
 SNAPSHOT_DIR = "datasets/snapshots"
+
+# What a chat template's control tokens look like (ChatML's <|im_start|> and <|im_end|>,
+# Llama 3's <|eot_id|> and <|start_header_id|>, <|endoftext|>, ...). Tokenizers read them
+# in plain text as the tokens themselves, so a prompt or answer holding "<|im_end|>
+# <|im_start|>assistant" would train fake turns: dataset rows holding one are refused (except
+# ChatML text, whose turns are these tokens), feedback rows holding one are skipped.
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+
+# Input bounds (one owner): how deep a JSON or YAML value may nest, and the default
+# per-example size, in characters per token of the largest sequence_len the project trains
+# with (an example longer than that cannot fit its sequence; counting its tokens would cost
+# seconds and gigabytes per megabyte).
+MAX_NESTING = 64
+CHARS_PER_TOKEN_LIMIT = 32
 
 
 # ---------------------------------------------------------------- reading and validating
@@ -64,8 +81,20 @@ def _fail(path, line, message, field=None):
     raise DataError(path, message, line=line, field=field)
 
 
+def _no_control_token(text: str, path, line, field) -> None:
+    if "<|" in text:
+        m = CONTROL_TOKEN.search(text)
+        if m:
+            raise DataError(path, f"holds the chat control token {m.group(0)!r}: a tokenizer reads it as the "
+                            "token itself, so the example would train a fake turn", line=line, field=field,
+                            hint="remove it (ChatML text belongs in a dataset of format chatml)")
+
+
 def to_canonical(obj: Any, fmt: str, *, path, line: int) -> dict[str, Any]:
-    """Check one parsed row of format ``fmt`` and return its canonical training record."""
+    """Check one parsed row of format ``fmt`` and return its canonical training record.
+
+    Prompts and answers holding a chat control token (``CONTROL_TOKEN``) are refused, except
+    in ChatML text, where the turns are those tokens."""
     if not isinstance(obj, dict):
         _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
     if fmt == "messages":
@@ -90,6 +119,7 @@ def to_canonical(obj: Any, fmt: str, *, path, line: int) -> dict[str, Any]:
                 if not content.strip():
                     _fail(path, line, "empty assistant turn", f"messages[{i}].content")
                 has_answer = True
+            _no_control_token(content, path, line, f"messages[{i}].content")
             out.append({"role": role, "content": content})
         if not has_answer:
             _fail(path, line, "no assistant turn to learn from", "messages")
@@ -100,6 +130,9 @@ def to_canonical(obj: Any, fmt: str, *, path, line: int) -> dict[str, Any]:
                 _fail(path, line, "missing or not a string", key)
         if not obj["output"].strip():
             _fail(path, line, "empty output", "output")
+        for key in ("instruction", "input", "output"):
+            if isinstance(obj.get(key), str):
+                _no_control_token(obj[key], path, line, key)
         prompt = obj["instruction"]
         if isinstance(obj.get("input"), str) and obj["input"].strip():
             prompt = f"{prompt}\n\n{obj['input']}"
@@ -112,12 +145,18 @@ def to_canonical(obj: Any, fmt: str, *, path, line: int) -> dict[str, Any]:
             _fail(path, line, "empty text", "text")
         if fmt == "chatml" and "<|im_start|>" not in text:
             _fail(path, line, "ChatML text needs <|im_start|> turns", "text")
+        if fmt == "completion":
+            _no_control_token(text, path, line, "text")
         return {"text": text}
     raise DataError(path, f"unknown format {fmt!r} (use {', '.join(FORMATS)})")
 
 
 def iter_jsonl(path: Path, *, display: str | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON) for each non-blank line; strict about encoding."""
+    """Yield (line number, parsed JSON) for each non-blank line; strict about encoding.
+
+    Parsed with orjson, which is strict JSON: no NaN or Infinity, no lone UTF-16 surrogate
+    escapes (text that cannot be written as UTF-8), and at most 1,024 levels of nesting, so a
+    hostile line is a DataError naming its line, never a RecursionError later on."""
     shown = display or str(path)
     try:
         raw = Path(path).read_bytes()
@@ -135,19 +174,106 @@ def iter_jsonl(path: Path, *, display: str | None = None) -> Iterator[tuple[int,
         if not text.strip():
             continue
         try:
-            yield lineno, json.loads(text)
-        except json.JSONDecodeError as e:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
             _fail(shown, lineno, f"invalid JSON: {e.msg} (column {e.colno})")
+        yield lineno, obj
 
 
-def read_records(path: Path, fmt: str, *, display: str | None = None) -> list[dict[str, Any]]:
+def read_records(path: Path, fmt: str, *, display: str | None = None,
+                 max_chars: int | None = None) -> list[dict[str, Any]]:
+    """The canonical records of a dataset file; ``max_chars``: the per-example size limit
+    (``max_example_chars``), checked on every row."""
     shown = display or str(path)
-    return [to_canonical(obj, fmt, path=shown, line=n) for n, obj in iter_jsonl(path, display=shown)]
+    out = []
+    for n, obj in iter_jsonl(path, display=shown):
+        record = to_canonical(obj, fmt, path=shown, line=n)
+        if max_chars is not None:
+            check_example_size(record, max_chars, path=shown, line=n)
+        out.append(record)
+    return out
 
 
-def validate_file(path: Path, fmt: str = "messages") -> int:
+def validate_file(path: Path, fmt: str = "messages", *, max_chars: int | None = None) -> int:
     """Check every row; return the number of records. Raises DataError naming file and line."""
-    return len(read_records(Path(path), fmt))
+    return len(read_records(Path(path), fmt, max_chars=max_chars))
+
+
+# ---------------------------------------------------------------- input bounds
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
+    """Levels of nested lists/dicts in ``value`` (a scalar is 0, ``[[1]]`` is 2), counted level
+    by level without recursion; stops at ``limit + 1`` (enough to tell a value is too deep)."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        nxt: list = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                nxt.extend(v)
+            else:
+                continue
+            nxt.append(None)  # this value was a container, even an empty one
+        if not nxt:
+            break
+        depth += 1
+        level = nxt
+    return depth
+
+
+def max_example_chars(project_data: Mapping[str, Any] | None = None) -> int:
+    """The per-example size limit in characters.
+
+    ``limits.max_example_chars`` in cl-release.yaml when set; otherwise
+    ``CHARS_PER_TOKEN_LIMIT`` (32) characters per token of the largest ``sequence_len`` any
+    strategy of the project trains with (default sequence_len 512: 16,384 characters)."""
+    limits = (project_data or {}).get("limits") or {}
+    if limits.get("max_example_chars") is not None:
+        return int(limits["max_example_chars"])
+    from .render import STRATEGIES, strategy_knobs
+
+    seq = max(int(strategy_knobs(dict(project_data or {}), s)["sequence_len"]) for s in STRATEGIES)
+    return CHARS_PER_TOKEN_LIMIT * seq
+
+
+def _strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            yield at, v
+        elif isinstance(v, Mapping):
+            stack.extend((x, f"{at}.{k}" if at else str(k)) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
+
+
+def example_chars(record: Mapping[str, Any]) -> int:
+    """Characters of text in an example: every string in it (message contents, text, ...)."""
+    msgs = record.get("messages")
+    if len(record) == 1 and isinstance(msgs, list):  # canonical chat record: the fast path
+        try:
+            return sum(len(m["content"]) for m in msgs)
+        except (TypeError, KeyError):
+            pass
+    return sum(len(s) for _, s in _strings(record))
+
+
+def check_example_size(record: Mapping[str, Any], limit: int, *, path: str | Path, line: int | None = None) -> None:
+    """Raise DataError (``path:line: field: ...``) when ``record`` holds more than ``limit``
+    characters of text (``max_example_chars``). ``record``: a training record, or a mapping
+    of the fields that will be trained on or prompted with (strings, lists, nested mappings);
+    the field named is the longest string."""
+    total = example_chars(record)
+    if total <= limit:
+        return
+    field, longest = max(((at, len(s)) for at, s in _strings(record)), key=lambda t: t[1], default=(None, 0))
+    raise DataError(path, f"example of {total:,} characters is over the limit of {limit:,} "
+                    f"(this field: {longest:,})", line=line, field=field or None,
+                    hint=f"shorten or split it; the limit is {CHARS_PER_TOKEN_LIMIT} characters per token of "
+                         "sequence_len, or limits.max_example_chars in cl-release.yaml")
 
 
 # ---------------------------------------------------------------- snapshots

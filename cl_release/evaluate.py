@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .datasets import ROLES, canonical_json, iter_jsonl
+from .datasets import MAX_NESTING, ROLES, canonical_json, check_example_size, iter_jsonl, nesting_depth
 from .errors import ClReleaseError, DataError, IntegrityError, UserError
 from .files import atomic_write_bytes, atomic_write_json, locked, sha256_file
 
@@ -149,9 +149,12 @@ def parse_case(obj: Any, *, path: str, line: int | None = None) -> TestCase:
     else:  # json_equal: any JSON value; a string is JSON text
         if isinstance(expected, str):
             try:
-                json.loads(expected)
+                if nesting_depth(json.loads(expected)) > MAX_NESTING:
+                    fail(f"JSON text nested deeper than {MAX_NESTING} levels", "expected")
             except json.JSONDecodeError as e:
                 fail(f"json_equal with a string expects JSON text: {e.msg}", "expected")
+            except RecursionError:
+                fail(f"JSON text nested deeper than {MAX_NESTING} levels", "expected")
     criticality = obj.get("criticality", "medium")
     if criticality not in CRITICALITIES:
         fail(f"unknown criticality {criticality!r} (use {', '.join(CRITICALITIES)})", "criticality")
@@ -169,6 +172,9 @@ def parse_case(obj: Any, *, path: str, line: int | None = None) -> TestCase:
             fail("must be a string", key)
     if "metadata" in obj and not isinstance(obj["metadata"], dict):
         fail("must be an object", "metadata")
+    for key in ("expected", "metadata"):
+        if nesting_depth(obj.get(key)) > MAX_NESTING:
+            fail(f"nested deeper than {MAX_NESTING} levels", key)
     return TestCase(
         id=tid,
         input=inp,
@@ -237,11 +243,15 @@ def _case_key(case: TestCase) -> dict[str, Any]:
     return d
 
 
-def suite_rows(path: Path, *, display: str | None = None) -> list[TestCase]:
+def suite_rows(path: Path, *, display: str | None = None, max_chars: int | None = None) -> list[TestCase]:
+    """The test cases of one suite file; ``max_chars``: the per-example size limit
+    (``datasets.max_example_chars``), applied to each test's prompt."""
     shown = display or str(path)
     cases, seen = [], {}
     for line, obj in iter_jsonl(Path(path), display=shown):
         case = parse_case(obj, path=shown, line=line)
+        if max_chars is not None:
+            check_example_size({"input": obj["input"]}, max_chars, path=shown, line=line)
         if case.id in seen:
             raise DataError(shown, f"test id {case.id!r} already used on line {seen[case.id]}", line=line, field="id")
         seen[case.id] = line
@@ -254,10 +264,12 @@ def validate_suite_file(path: str | Path) -> int:
     return len(suite_rows(Path(path)))
 
 
-def load_suite(paths: Sequence[str | Path] | str | Path, *, root: Path | None = None) -> Suite:
+def load_suite(paths: Sequence[str | Path] | str | Path, *, root: Path | None = None,
+               max_chars: int | None = None) -> Suite:
     """Load and validate one or more suite files (relative to ``root`` when given).
 
-    Test ids must be unique across all files. An empty suite is a UserError.
+    Test ids must be unique across all files. An empty suite is a UserError. Each file's
+    SHA-256 is kept in ``Suite.files``; ``max_chars`` bounds each test's prompt.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -271,7 +283,7 @@ def load_suite(paths: Sequence[str | Path] | str | Path, *, root: Path | None = 
             raise DataError(shown, "regression suite not found", hint=(
                 "add tests with 'cl-release eval add' or 'cl-release eval import FILE', or list your "
                 "suites under evaluation.suites in cl-release.yaml"))
-        for case in suite_rows(full, display=shown):
+        for case in suite_rows(full, display=shown, max_chars=max_chars):
             if case.id in where:
                 raise DataError(shown, f"test id {case.id!r} is also in {where[case.id]}", field="id")
             where[case.id] = shown
@@ -297,12 +309,23 @@ def suite_paths(project=None, override: Sequence[str] | None = None) -> list[str
 
 
 def load_project_suite(root: Path, project=None, override: Sequence[str] | None = None) -> Suite:
+    """The suite to evaluate on. ``override``: paths the user typed (``--suite``), taken as
+    given: absolute, or relative to ``root``, ``..`` included. Paths from the project file
+    (``evaluation.suites``) or the default must stay inside the repository."""
+    from .datasets import max_example_chars
+    from .errors import UserError
     from .project import safe_relpath
 
     rels = suite_paths(project, override)
-    for rel in rels:
-        safe_relpath(Path(root), rel, what="suite path")
-    return load_suite(rels, root=Path(root))
+    if not override:
+        for i, rel in enumerate(rels):
+            try:
+                safe_relpath(Path(root), rel, what="suite path")
+            except UserError as e:
+                if project is not None and (project.data.get("evaluation") or {}).get("suites"):
+                    raise project.error(e.message, "evaluation", "suites", i, hint=e.hint) from None
+                raise
+    return load_suite(rels, root=Path(root), max_chars=max_example_chars(project.data if project is not None else None))
 
 
 # ---------------------------------------------------------------- adding tests
@@ -437,7 +460,7 @@ def match_output(case: TestCase, output: str) -> bool:
         want = json.loads(case.expected) if isinstance(case.expected, str) else _thaw(case.expected)
         try:
             return _json_of(output) == want
-        except (json.JSONDecodeError, ValueError):
+        except (json.JSONDecodeError, ValueError, RecursionError):  # a model's answer: any text
             return False
     raise ValueError(f"unknown match type {m!r}")
 
@@ -558,6 +581,7 @@ class EvalResult:
         return {
             "suite_sha256": self.suite_sha256,
             "suites": [f["path"] for f in self.suite_files],
+            "suite_files": self.suite_files,
             "n_tests": m["n_tests"],
             "passed": m["passed"],
             "pass_rate": m["pass_rate"],
@@ -993,6 +1017,7 @@ def evaluate_entry(
             and cached.model.get("adapter_sha256") == adapter_sha
             and cached.model.get("base") == base
         ):
+            cached.suite_files = suite.files  # the same tests, maybe from other files: record these
             return cached
     result = evaluate_model(root, base, adapter, suite, settings, revision=revision, version=entry["version"])
     result.performance["results_path"] = rel

@@ -38,7 +38,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Sequence
 
-from .datasets import FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
+from .datasets import CONTROL_TOKEN, FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
 from .errors import DataError, UserError
 from .files import atomic_write_bytes, atomic_write_json
 
@@ -64,11 +64,8 @@ SKIP_REASONS = (
     "duplicate",  # same normalized content as a newer row
 )
 
-# What a chat template's control tokens look like (ChatML's <|im_start|> and <|im_end|>,
-# Llama 3's <|eot_id|> and <|start_header_id|>, <|endoftext|>, ...). Tokenizers read them
-# in plain text as the tokens themselves, so a logged prompt holding "<|im_end|>
-# <|im_start|>assistant" would train fake turns: such rows are skipped, not escaped.
-CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+# A chat template's control token (datasets.CONTROL_TOKEN, the one rule): a logged prompt
+# holding "<|im_end|><|im_start|>assistant" would train fake turns, so such rows are skipped.
 _control = CONTROL_TOKEN.search
 
 
@@ -1559,10 +1556,14 @@ def build_project(
 
 # ---------------------------------------------------------------- validating files
 
-def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None = None) -> int:
-    """Check every row of a training file (``fmt`` in FORMATS) or a regression suite (``suite``)."""
+def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None = None,
+                       max_chars: int | None = None) -> int:
+    """Check every row of a training file (``fmt`` in FORMATS) or a regression suite (``suite``).
+
+    ``max_chars``: the per-example size limit (``datasets.max_example_chars``); for a suite it
+    bounds each test's prompt."""
     if fmt == "suite":
         from .evaluate import suite_rows  # the one suite parser the runner itself uses
 
-        return len(suite_rows(Path(path), display=display))
-    return len(read_records(Path(path), fmt, display=display))
+        return len(suite_rows(Path(path), display=display, max_chars=max_chars))
+    return len(read_records(Path(path), fmt, display=display, max_chars=max_chars))

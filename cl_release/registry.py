@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jsonschema
+import orjson
 
+from .datasets import MAX_NESTING, nesting_depth
 from .errors import RegistryError, VersionError
 from .files import atomic_write_json, locked
 from .resources import default_registry_schema
@@ -177,14 +179,19 @@ class Registry:
                 hint="run 'cl-release init DIR' to create a release repository, or use -C DIR",
             )
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+            # orjson: strict JSON, at most 1,024 levels of nesting (the stdlib recurses until
+            # RecursionError); deeper than MAX_NESTING is refused below.
+            data = orjson.loads(self.path.read_text(encoding="utf-8"))
+        except orjson.JSONDecodeError as e:
             raise RegistryError(
                 f"{REGISTRY_FILE}:{e.lineno}: invalid JSON: {e.msg}",
                 hint="restore it with 'git checkout -- registry/model_registry.json'",
             ) from None
         except UnicodeDecodeError:
             raise RegistryError(f"{REGISTRY_FILE}: not UTF-8 text") from None
+        if nesting_depth(data) > MAX_NESTING:
+            raise RegistryError(f"{REGISTRY_FILE}: nested deeper than {MAX_NESTING} levels",
+                                hint="restore it with 'git checkout -- registry/model_registry.json'")
         validate_registry(data, where=REGISTRY_FILE, schema_path=self.schema_path)
         data.setdefault("aliases", {})
         return data

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from . import datasets as ds
 from .errors import ClReleaseError, GitError, IntegrityError, UserError, VersionError
 from .files import atomic_write_json, atomic_write_text, locked, sha256_bytes, sha256_file
-from .project import Project, is_local_model
+from .project import Project, check_base_model, is_local_model
 from .registry import Registry, bump_version, utcnow
 from .render import (
     COMPLETE_DATA,
@@ -125,6 +125,9 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     tokens: int | None = None
     needs_parent_merge: bool = False
+    # Axolotl keys the project let run code or read outside the repository (allow_unconfined),
+    # with their values: recorded in the registry entry.
+    unconfined: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_dir(self) -> str:
@@ -174,19 +177,21 @@ class Plan:
             "output_dir": self.output_dir,
             "config_sha256": self.config_sha256,
             "config": self.config_text,
+            **({"unconfined": self.unconfined} if self.unconfined else {}),
         }
 
 
 def _source_records(project: Project, role: str) -> tuple[list[dict], list[dict[str, str]]]:
     records: list[dict] = []
     sources: list[dict[str, str]] = []
+    max_chars = ds.max_example_chars(project.data)
     for entry in project.datasets:
         if entry["role"] != role:
             continue
         files = project.dataset_files(entry)
         for f in files:
             rel = project.rel(f)
-            records.extend(ds.read_records(f, entry["format"], display=rel))
+            records.extend(ds.read_records(f, entry["format"], display=rel, max_chars=max_chars))
             sources.append({"name": entry["name"], "path": rel, "sha256": sha256_file(f)})
     return records, sources
 
@@ -318,6 +323,7 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         train_base = {"path": merged, "sha256": None if needs_merge else weights_sha256(root / merged),
                       "merged_from": parent["version"]}
     else:  # annual_reset
+        check_base_model(base_model)
         base = {"name": base_model, "revision": _base_revision(project, base_model, None)}
         train_base = {"path": base_model, "sha256": base["revision"] if is_local_model(root, base_model) else None,
                       "merged_from": None}
@@ -428,6 +434,7 @@ def _render(project: Project, plan: Plan) -> None:
     }
     rendered = render_config(project.root, plan.strategy, context)
     plan.config_text, plan.config = rendered.text, rendered.config
+    plan.unconfined = project.unconfined(context["extra"])
 
 
 def count_tokens(root: Path, plan: Plan) -> int | None:
@@ -832,6 +839,7 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
         "toolchain": toolchain,
         "source_commit": source_commit,
         "notes": plan.notes,
+        **({"unconfined": plan.unconfined} if plan.unconfined else {}),
     }
 
 

@@ -206,8 +206,55 @@ def template_dirs(root: Path | None) -> list[Path]:
     return dirs
 
 
-def make_environment(root: Path | None) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(
+# Bounds of one render, so a template's runaway loop or huge value is an error at once
+# instead of minutes and gigabytes: range() items over the whole render (nested loops
+# included), the size of a string or list made with * or **, and the rendered text.
+MAX_TEMPLATE_RANGE = 100_000
+MAX_TEMPLATE_VALUE = 1 << 20
+MAX_TEMPLATE_OUTPUT = 16 << 20
+
+
+class BoundedSandbox(SandboxedEnvironment):
+    """Jinja's sandbox (no file, attribute or Python access) with the bounds above."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.range_left = MAX_TEMPLATE_RANGE
+        self.globals["range"] = self._range
+
+    def _range(self, *args: Any) -> range:
+        try:
+            r = range(*args)
+            n = len(r)
+        except OverflowError:
+            n = None
+        if n is None or n > self.range_left:
+            shown = ", ".join(map(repr, args))
+            raise jinja2.exceptions.SecurityError(
+                f"range({shown}) goes over the limit of {MAX_TEMPLATE_RANGE:,} range() items per render")
+        self.range_left -= n
+        return r
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        def size(value: Any) -> int | None:
+            return len(value) if isinstance(value, (str, list, tuple)) else None
+
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                n = size(seq)
+                if n is not None and isinstance(times, int) and n * times > MAX_TEMPLATE_VALUE:
+                    raise jinja2.exceptions.SecurityError(
+                        f"a value of {n:,} x {times:,} items goes over the limit of {MAX_TEMPLATE_VALUE:,}")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > 4096:
+                raise jinja2.exceptions.SecurityError(f"{left} ** {right} is over 4,096 bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def make_environment(root: Path | None) -> BoundedSandbox:
+    env = BoundedSandbox(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(d)) for d in template_dirs(root)]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -219,13 +266,38 @@ def make_environment(root: Path | None) -> SandboxedEnvironment:
     return env
 
 
+def _template_line(root: Path | None, exc: BaseException, default: str) -> str:
+    """``file:line`` of the template frame an error was raised in (Jinja rewrites tracebacks
+    so that template frames carry the template's file name and line), else ``default``."""
+    import traceback
+
+    where = default
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.endswith(".j2"):
+            shown = frame.filename
+            if root is not None:
+                try:
+                    shown = Path(shown).resolve().relative_to(Path(root).resolve()).as_posix()
+                except ValueError:
+                    pass
+            where = f"{shown}:{frame.lineno}"
+    return where
+
+
 def render_text(root: Path | None, strategy: str, context: dict[str, Any]) -> str:
     check_strategy(strategy)
     env = make_environment(root)
     name = f"{strategy}.yml.j2"
     try:
         template = env.get_template(name)
-        text = template.render(**context)
+        chunks, size = [], 0
+        for chunk in template.generate(**context):
+            size += len(chunk)
+            if size > MAX_TEMPLATE_OUTPUT:
+                raise jinja2.exceptions.SecurityError(
+                    f"the rendered config goes over {MAX_TEMPLATE_OUTPUT >> 20} MiB")
+            chunks.append(chunk)
+        text = "".join(chunks)
         return text if text.endswith("\n") else text + "\n"
     except jinja2.TemplateNotFound as e:
         raise RenderError(f"template {e.name} not found in {', '.join(map(str, template_dirs(root)))}") from None
@@ -235,7 +307,13 @@ def render_text(root: Path | None, strategy: str, context: dict[str, Any]) -> st
         raise RenderError(f"templates/{name}: undefined variable: {e.message}",
                           hint="templates may only use the variables listed in templates/_base.yml.j2") from None
     except jinja2.exceptions.SecurityError as e:
-        raise RenderError(f"templates/{name}: unsafe template operation refused: {e}") from None
+        where = _template_line(root, e, f"templates/{name}")
+        raise RenderError(f"{where}: unsafe template operation refused: {e}") from None
+    except RenderError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a template's own runtime error (1/0, a bad call): name its line
+        where = _template_line(root, e, f"templates/{name}")
+        raise RenderError(f"{where}: template error: {type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------- Axolotl schema check

@@ -56,7 +56,9 @@ def _entry_config(root: Path, entry: dict[str, Any]) -> tuple[dict[str, Any], st
     path = root / cfg["path"] if cfg.get("path") else None
     if path is not None and path.is_file():
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            from .project import safe_load_strict  # bounded: aliases, nesting
+
+            data = safe_load_strict(path.read_text(encoding="utf-8"))
             if isinstance(data, dict):
                 return {"registry": fields, "axolotl": data}, cfg["path"]
         except yaml.YAMLError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +45,9 @@ LOG_FIELDS = {"input", "output", "request_id", "model_version", "route_key", "la
 FEEDBACK_FIELDS = {"request_id", "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag",
                    "severity", "annotator", "created_at"}
 OPEN_PATHS = {"/health", "/openapi.json"}
+# Query parameters whose values never reach the log (a client may send its token as ?token=).
+_SECRET_PARAM = re.compile(r"([?&;][^=&;\s\"]*(?:token|key|secret|passw|auth|sig|session|cookie)[^=&;\s\"]*=)[^&;\s\"]*",
+                           re.IGNORECASE)
 
 
 def serve_config(project) -> dict[str, Any]:
@@ -151,12 +155,26 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         try:
             super().handle()
+        except (ConnectionError, TimeoutError) as e:  # the client went away: one line, no traceback
+            busy = getattr(self, "_busy", None)
+            if busy or getattr(self.server, "verbose", False):
+                what = f" during {busy[0]} {busy[1]}" if busy else " between requests"
+                how = "timed out" if isinstance(e, TimeoutError) else "disconnected"
+                sys.stderr.write(self.redact(f"cl-release serve: client {self.address_string()} {how}{what} "
+                                             f"({type(e).__name__})\n"))
         finally:
             self.app.store.close()  # this thread's connection
 
+    def redact(self, text: str) -> str:
+        """``text`` without the bearer token and without the values of secret-looking query
+        parameters (``?token=``, ``?api_key=``...)."""
+        text = _SECRET_PARAM.sub(r"\1[REDACTED]", text)
+        token = re.escape(self.app.token.decode("utf-8"))
+        return re.sub(rf"(?<![\w.~-]){token}(?![\w.~-])", "[REDACTED]", text)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if getattr(self.server, "verbose", False):
-            sys.stderr.write("%s - %s\n" % (self.address_string(), format % args))
+            sys.stderr.write("%s - %s\n" % (self.address_string(), self.redact(format % args)))
 
     # -- plumbing
 
@@ -217,6 +235,11 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
+        self._busy = (method, path)  # a disconnect now is worth a line in the log (see handle)
+        self._answer(method, url, path)
+        self._busy = None
+
+    def _answer(self, method: str, url: Any, path: str) -> None:
         length = (self.headers.get("Content-Length") or "0").strip()
         has_body = not length.isdigit() or int(length) > 0 or bool(self.headers.get("Transfer-Encoding"))
         try:
@@ -260,9 +283,13 @@ class Handler(BaseHTTPRequestHandler):
             self._error(422, str(e))
         except ClReleaseError as e:
             self._error(503, str(e))
+        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer (see handle)
+            self.close_connection = True
+            raise
         except Exception as e:  # noqa: BLE001  (a bug: answer 500, keep serving)
             self.close_connection = True
-            sys.stderr.write(f"cl-release serve: internal error on {method} {path}: {type(e).__name__}: {e}\n")
+            sys.stderr.write(self.redact(f"cl-release serve: internal error on {method} {path}: "
+                                         f"{type(e).__name__}: {e}\n"))
             self._error(500, "internal error (see the server log)")
 
     def do_GET(self) -> None:  # noqa: N802
@@ -294,6 +321,17 @@ class CollectorServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line per failed connection (the standard library prints a traceback; with
+        CL_RELEASE_DEBUG set, so does this)."""
+        exc = sys.exc_info()[1]
+        if os.environ.get("CL_RELEASE_DEBUG"):
+            super().handle_error(request, client_address)
+            return
+        host = client_address[0] if isinstance(client_address, tuple) else client_address
+        sys.stderr.write(f"cl-release serve: connection from {host} failed: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())}\n")
 
 
 def make_server(project, *, host: str | None = None, port: int | None = None, token: str | None = None,

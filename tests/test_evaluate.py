@@ -348,3 +348,101 @@ def test_missing_suite_says_how_to_create_one(tmp_path):
     with pytest.raises(DataError, match="regression suite not found") as e:
         ev.load_suite(ev.DEFAULT_SUITE, root=tmp_path)
     assert "cl-release eval add" in str(e.value)
+
+
+# ---------------------------------------------------------------- hostile suites, paths typed on the command line
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"match": "json_equal", "expected": json.loads("[" * 300 + "]" * 300)}, "expected"),
+    ({"match": "json_equal", "expected": "[" * 100_000 + "]" * 100_000}, "expected"),
+    ({"metadata": {"a": json.loads("[" * 300 + "]" * 300)}}, "metadata"),
+])
+def test_deeply_nested_suite_values_name_the_field(row, field):
+    with pytest.raises(DataError) as e:
+        ev.parse_case({"id": "t1", "input": "q?", "expected": "x", **row}, path="suite.jsonl", line=4)
+    assert e.value.field == field and e.value.line == 4 and "nested deeper than 64 levels" in str(e.value)
+
+
+def test_suite_prompt_over_the_size_limit_names_the_line(tmp_path):
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"},
+                                       {"id": "b", "input": "q" * 200, "expected": "x"}])
+    assert len(ev.load_suite("s.jsonl", root=tmp_path)) == 2
+    with pytest.raises(DataError) as e:
+        ev.load_suite("s.jsonl", root=tmp_path, max_chars=100)
+    assert (e.value.line, e.value.field) == (2, "input") and "over the limit of 100" in str(e.value)
+
+
+def test_suite_paths_typed_by_the_user_may_be_anywhere_and_are_hashed(tmp_path):
+    from cl_release.files import sha256_file
+
+    (tmp_path / "repo").mkdir()
+    root = project_dir(tmp_path / "repo")
+    outside = write_jsonl(tmp_path / "elsewhere" / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"}])
+    for given in (str(outside), "../elsewhere/s.jsonl"):
+        suite = ev.load_project_suite(root, None, [given])
+        assert suite.files == [{"path": given, "sha256": sha256_file(outside)}]
+
+
+def test_suite_paths_from_the_project_file_stay_confined(tmp_path):
+    from cl_release.errors import ProjectError
+    from cl_release.project import Project
+
+    (tmp_path / "repo").mkdir()
+    root = project_dir(tmp_path / "repo")
+    write_jsonl(tmp_path / "elsewhere" / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"}])
+    with open(root / "cl-release.yaml", "a") as f:
+        f.write("evaluation:\n  suites: [../elsewhere/s.jsonl]\n")
+    project = Project.load(root)
+    with pytest.raises(ProjectError) as e:
+        ev.load_project_suite(root, project)
+    assert e.value.field == "evaluation.suites[0]" and e.value.line == 5 and "'..'" in str(e.value)
+
+
+def fake_evaluate_model(root, base, adapter, suite, settings=None, *, revision=None, version=None):
+    cases = [ev.CaseResult(id=c.id, passed=c.id != "b", output=f"answer {c.id}", criticality=c.criticality,
+                           domain=c.domain, tags=list(c.tags), match=c.match, expected=c.expected) for c in suite.cases]
+    return ev.EvalResult(suite_sha256=suite.sha256, suite_files=suite.files, cases=cases,
+                         metrics=ev.compute_metrics(cases), performance={}, settings=(settings or ev.EvalSettings()).fingerprint(),
+                         model={"base": base, "adapter": adapter, "adapter_sha256": None}, version=version)
+
+
+def test_cached_results_record_the_suite_files_of_this_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate_model", fake_evaluate_model)
+    rows = [{"id": "a", "input": "q", "expected": "x"}]
+    write_jsonl(tmp_path / "one.jsonl", rows)
+    write_jsonl(tmp_path / "two.jsonl", rows)
+    first = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), ev.load_suite("one.jsonl", root=tmp_path))
+    again = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), ev.load_suite("two.jsonl", root=tmp_path))
+    assert first.summary()["suite_files"][0]["path"] == "one.jsonl"
+    assert again.summary()["suites"] == ["two.jsonl"] and again.summary()["suite_files"][0]["path"] == "two.jsonl"
+
+
+def test_eval_command_takes_any_suite_path_and_gives_the_cases(tmp_path, monkeypatch):
+    import datetime as dt
+    import hashlib
+
+    from cl_release.registry import Registry
+    from test_abtest import fake_entry, fake_repo
+
+    monkeypatch.setattr(ev, "evaluate_model", fake_evaluate_model)
+    entry = fake_entry("1.0.0", None, dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc))
+    entry["adapter"]["sha256"] = hashlib.sha256(b"weights").hexdigest()
+    root = fake_repo(tmp_path, [entry])
+    (root / "outputs/v1.0.0/adapter").mkdir(parents=True)
+    (root / "outputs/v1.0.0/adapter/adapter_model.safetensors").write_bytes(b"weights")
+    suite = write_jsonl(tmp_path / "suites" / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"},
+                                                          {"id": "b", "input": "r", "expected": "y"}])
+    digest = hashlib.sha256(suite.read_bytes()).hexdigest()
+    for given in (str(suite), "../suites/s.jsonl"):
+        r = CliRunner().invoke(main, ["-C", str(root), "eval", "1.0.0", "--suite", given, "--json", "--cases"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert [(c["id"], c["passed"], c["output"]) for c in out["cases"]] == [("a", True, "answer a"),
+                                                                              ("b", False, "answer b")]
+        assert out["summary"]["suite_files"] == [{"path": given, "sha256": digest}]
+        assert Registry(root).get("1.0.0")["evaluation"]["suite_files"] == [{"path": given, "sha256": digest}]
+    r = CliRunner().invoke(main, ["-C", str(root), "eval", "1.0.0", "--suite", str(suite), "--json"])
+    assert "cases" not in json.loads(r.stdout)  # the summary alone, as before
+    r = CliRunner().invoke(main, ["-C", str(root), "eval", "1.0.0", "--suite", str(suite), "--cases"])
+    assert r.exit_code == 0 and "  PASS [medium] a: 'answer a'" in r.stdout and "  FAIL [medium] b: 'answer b'" in r.stdout

@@ -381,3 +381,16 @@ def test_registry_lock_times_out_with_a_locked_error(lineage_reg):
         with pytest.raises(LockedError, match="registry.lock"):
             with files.locked(lineage_reg.lock_path, timeout=0.05, what="the registry"):
                 pass
+
+
+@pytest.mark.parametrize("depth", [200, 100_000])
+def test_deeply_nested_registry_is_a_registry_error_within_a_second(reg, depth):
+    import time
+
+    nested = "[" * depth + "]" * depth
+    write_raw(reg, '{"schema_version": 1, "current": null, "models": [], "x": ' + nested + "}\n")
+    t = time.perf_counter()
+    with pytest.raises(RegistryError) as e:
+        reg.load()
+    assert time.perf_counter() - t < 1.0
+    assert str(e.value).startswith(REGISTRY_FILE) and ("nested deeper than 64" in str(e.value) or "depth" in str(e.value))

@@ -373,3 +373,87 @@ def test_duplicate_key_in_project_file(tmp_path):
     (root / "cl-release.yaml").write_text(text + "seed: 1\nseed: 2\n")
     with pytest.raises(ProjectError, match=r"cl-release.yaml:\d+: duplicate key 'seed'"):
         Project.load(root)
+
+
+# ---------------------------------------------------------------- runaway templates: bounded, file:line
+
+
+def user_template(tmp_path: Path, body: str) -> None:
+    (tmp_path / "templates").mkdir(exist_ok=True)
+    (tmp_path / "templates" / "initial.yml.j2").write_text(
+        '{% extends "_base.yml.j2" %}\n{% block extra %}\n' + body + "\n{% endblock %}\n")
+
+
+@pytest.mark.parametrize("body, words", [
+    ("{% for i in range(10**9) %}{% endfor %}", "range(1000000000) goes over the limit of 100,000"),
+    ("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}", "range(1000) goes over"),
+    ("{% for i in range(10**30) %}{% endfor %}", "goes over the limit"),
+    ("{{ ('x' * 10**9) | length }}", "goes over the limit of 1,048,576"),
+    ("{{ ([1, 2] * 10**8) | length }}", "goes over the limit of 1,048,576"),
+    ("{{ 7 ** 100000 }}", "over 4,096 bits"),
+])
+def test_runaway_template_is_refused_fast_naming_file_and_line(tmp_path, body, words):
+    import time
+
+    user_template(tmp_path, body)
+    t = time.perf_counter()
+    with pytest.raises(RenderError) as e:
+        render_text(tmp_path, "initial", context())
+    assert time.perf_counter() - t < 1.0
+    assert str(e.value).startswith("templates/initial.yml.j2:3: unsafe template operation refused")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rendered_output_is_capped(tmp_path):
+    user_template(tmp_path, "{% for i in range(90000) %}{{ 'x' * 1000 }}{% endfor %}")
+    with pytest.raises(RenderError, match="the rendered config goes over 16 MiB"):
+        render_text(tmp_path, "initial", context())
+
+
+def test_template_runtime_error_names_file_and_line(tmp_path):
+    user_template(tmp_path, "a: 1\n{{ 1 / 0 }}")
+    with pytest.raises(RenderError, match=r"^templates/initial.yml.j2:4: template error: ZeroDivisionError"):
+        render_text(tmp_path, "initial", context())
+
+
+def test_loops_within_the_bounds_still_render(tmp_path):
+    user_template(tmp_path, "{% for i in range(3) %}\n{{ ('k' ~ i) | tojson }}: {{ ('-' * 3) | tojson }}\n{% endfor %}")
+    text = render_text(tmp_path, "initial", context())
+    assert yaml.safe_load(text)["k2"] == "---"
+
+
+def test_render_command_refuses_unconfined_axolotl_keys(repo):
+    from click.testing import CliRunner
+
+    from cl_release.cli import main
+
+    root, _ = repo
+    (root / "cl-release.yaml").write_text((root / "cl-release.yaml").read_text() + "axolotl:\n  deepspeed: /etc/passwd\n")
+    r = CliRunner().invoke(main, ["-C", str(root), "render", "initial"])
+    assert r.exit_code == 2 and r.stdout == ""
+    assert "cl-release.yaml:" in r.stderr and "axolotl.deepspeed: '/etc/passwd' is an absolute path" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_opted_in_unconfined_keys_are_recorded_in_the_registry(repo):
+    from cl_release.registry import Registry
+
+    root, trainer = repo
+    (root / "cl-release.yaml").write_text((root / "cl-release.yaml").read_text()
+                                          + "axolotl:\n  trust_remote_code: true\n  max_grad_norm: 0.5\n"
+                                            "allow_unconfined: [trust_remote_code]\n")
+    commit_all(root)
+    plan = plan_release(load_project(root), bump="minor")
+    assert plan.unconfined == {"trust_remote_code": True} and plan.to_dict()["unconfined"] == plan.unconfined
+    assert plan.config["trust_remote_code"] is True
+    release(root, "minor")
+    entry = Registry(root).get("1.0.0")
+    assert entry["unconfined"] == {"trust_remote_code": True}
+
+
+def test_entries_without_opt_ins_record_nothing_extra(repo):
+    from cl_release.registry import Registry
+
+    root, _ = repo
+    release(root, "minor")
+    assert "unconfined" not in Registry(root).get("1.0.0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -198,3 +199,60 @@ def test_load_8_clients_no_lost_records(server):
     store = FeedbackStore(Project.load(server.root).feedback_path)
     assert store.count() == clients * per_client
     print(f"\n{clients * per_client} requests in {seconds:.1f} s: {clients * per_client / seconds:.0f} req/s")
+
+
+# ---------------------------------------------------------------- the log: one line per disconnect, no secrets
+
+
+def test_clients_that_disconnect_mid_body_cost_one_log_line_each(server, capsys):
+    for _ in range(5):
+        s = socket.create_connection(server.server_address[:2])
+        s.sendall(b"POST /log HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input\": ")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close with a reset
+        s.close()
+    assert call(server, "GET", "/health", token=None)[0] == 200  # still serving
+    deadline = time.time() + 5
+    err = ""
+    while time.time() < deadline and err.count("\n") < 5:
+        time.sleep(0.05)
+        err += capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 5, err
+    one_line = re.compile(r"cl-release serve: client 127\.0\.0\.1 disconnected during POST /log "
+                          r"\((ConnectionResetError|BrokenPipeError)\)")
+    assert all(one_line.fullmatch(line) for line in lines), err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_verbose_log_redacts_tokens_in_the_query_string(tmp_path, capsys):
+    root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0)], champion="1.0.0")
+    srv = make_server(Project.load(root), host="127.0.0.1", port=0, token=TOKEN, verbose=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        call(srv, "GET", f"/stats?since=2026-01-01&token={TOKEN}&access_token=abc123&api_key=k9")
+        call(srv, "GET", f"/{TOKEN}")
+        call(srv, "GET", "/health?auth=xyz789", token=None)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert "GET /stats?since=2026-01-01&token=[REDACTED]&access_token=[REDACTED]&api_key=[REDACTED]" in err
+    assert "GET /[REDACTED] HTTP/1.1" in err and "auth=[REDACTED]" in err
+    for secret in (TOKEN, "abc123", "k9 ", "xyz789"):
+        assert secret not in err
+
+
+def test_any_other_connection_failure_is_one_line(server, capsys, monkeypatch):
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 5555))
+    assert capsys.readouterr().err == "cl-release serve: connection from 127.0.0.1 failed: ValueError: bad thing\n"
+    monkeypatch.setenv("CL_RELEASE_DEBUG", "1")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 5555))
+    assert "Traceback" in capsys.readouterr().err
