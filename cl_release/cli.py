@@ -568,12 +568,16 @@ def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | Non
     Known fields that collectors log inside ``metadata`` (model_version, latency_ms, tokens,
     quality_score, hallucinated, error_tag, severity) are used when the line has none of its
     own; version strings such as v1.0 are stored as the release they name."""
+    from .datasets import max_example_chars
+
+    project = ctx.project()
     store, path = _store(ctx), _at_root(ctx, file)
     size = path.stat().st_size if path.is_file() else 0
     registry = ctx.registry()
     releases = [m["version"] for m in registry.models()] if registry.path.is_file() else None
     with ByteProgress("importing", size) as bar:
-        result = store.import_jsonl(path, progress=bar.advance, workers=workers, timezone=tz, releases=releases)
+        result = store.import_jsonl(path, progress=bar.advance, workers=workers, timezone=tz, releases=releases,
+                                    max_example_chars=max_example_chars(project.data))
     if as_json:
         echo_json(result.to_dict())
     else:

@@ -261,19 +261,29 @@ def example_chars(record: Mapping[str, Any]) -> int:
     return sum(len(s) for _, s in _strings(record))
 
 
+OVERSIZE_HINT = (f"shorten or split it; the limit is {CHARS_PER_TOKEN_LIMIT} characters per token of "
+                 "sequence_len, or limits.max_example_chars in cl-release.yaml")
+
+
+def oversize(record: Mapping[str, Any], limit: int) -> tuple[str, str | None] | None:
+    """None when ``record`` holds at most ``limit`` characters of text; else (message, field),
+    the field being its longest string. The rule behind :func:`check_example_size`, for
+    callers that report errors their own way (feedback import, the collector)."""
+    total = example_chars(record)
+    if total <= limit:
+        return None
+    field, longest = max(((at, len(s)) for at, s in _strings(record)), key=lambda t: t[1], default=(None, 0))
+    return f"example of {total:,} characters is over the limit of {limit:,} (this field: {longest:,})", field or None
+
+
 def check_example_size(record: Mapping[str, Any], limit: int, *, path: str | Path, line: int | None = None) -> None:
     """Raise DataError (``path:line: field: ...``) when ``record`` holds more than ``limit``
     characters of text (``max_example_chars``). ``record``: a training record, or a mapping
     of the fields that will be trained on or prompted with (strings, lists, nested mappings);
     the field named is the longest string."""
-    total = example_chars(record)
-    if total <= limit:
-        return
-    field, longest = max(((at, len(s)) for at, s in _strings(record)), key=lambda t: t[1], default=(None, 0))
-    raise DataError(path, f"example of {total:,} characters is over the limit of {limit:,} "
-                    f"(this field: {longest:,})", line=line, field=field or None,
-                    hint=f"shorten or split it; the limit is {CHARS_PER_TOKEN_LIMIT} characters per token of "
-                         "sequence_len, or limits.max_example_chars in cl-release.yaml")
+    problem = oversize(record, limit)
+    if problem is not None:
+        raise DataError(path, problem[0], line=line, field=problem[1], hint=OVERSIZE_HINT)
 
 
 # ---------------------------------------------------------------- snapshots

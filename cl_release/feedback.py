@@ -429,15 +429,19 @@ class ImportReader:
     their messages are those of :func:`record_row`, which shape (b) still goes through.
     """
 
-    def __init__(self, tz: tzinfo | None = None, releases: Iterable[str] | None = None):
+    def __init__(self, tz: tzinfo | None = None, releases: Iterable[str] | None = None,
+                 max_chars: int | None = None):
         self.tz = tz
         self.releases = None if releases is None else frozenset(releases)
+        self.max_chars = max_chars
         self.counts = ImportCounts()
         self._stored_version: dict[str, str] = {}
 
     def __call__(self, obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
         if not isinstance(obj, dict):
             raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
+        if self.max_chars is not None and len(raw) > self.max_chars:  # a line is never shorter than its text
+            self._check_size(obj)
         get = obj.get
         counts = self.counts
         if "output" in obj or "input" in obj:  # shape (a): structured request log
@@ -545,6 +549,18 @@ class ImportReader:
         except Invalid as e:
             raise Invalid(str(e), f"{prefix}{e.field}" if e.field and "." not in e.field else e.field) from None
         return record, (record[0], fb_at, *fb.values())
+
+    def _check_size(self, obj: dict) -> None:
+        """The per-example size limit (``datasets.max_example_chars``) over what would be
+        trained on: the prompt, the answer and a correction."""
+        from .datasets import OVERSIZE_HINT, oversize
+
+        uf = obj.get("user_feedback")
+        fields = {"input": obj.get("input", obj.get("query")), "output": obj.get("output", obj.get("response")),
+                  "correction": uf.get("correction") if isinstance(uf, dict) else obj.get("correction")}
+        problem = oversize({k: v for k, v in fields.items() if v is not None}, self.max_chars)
+        if problem is not None:
+            raise Invalid(f"{problem[0]} ({OVERSIZE_HINT})", problem[1])
 
     def _time(self, value: Any, field: str) -> str:
         """A timestamp of a line, read in the import's time zone; naive ones are counted."""
@@ -1410,6 +1426,7 @@ class FeedbackStore:
         workers: int | None = None,
         timezone: str | None = None,
         releases: Iterable[str] | None = None,
+        max_example_chars: int | None = None,
     ) -> ImportResult:
         """Import logged answers (and their user feedback) from a JSONL file, all or nothing.
 
@@ -1430,6 +1447,9 @@ class FeedbackStore:
         or :data:`LIFTED_FEEDBACK_FIELDS` found there is used when the line has no value of
         its own (a top-level value wins; a disagreement is counted per field); ``metadata``
         itself is stored as it was. ``hallucinated: false`` alone adds no feedback row.
+
+        ``max_example_chars``: a line whose prompt, answer and correction hold more characters
+        of text is refused, naming line and field (``datasets.max_example_chars``).
 
         ``releases``: the registry's versions. A version string that names one of them after
         normalization (``v1.0``, ``1.0`` -> ``1.0.0``) is stored as that release, with the
@@ -1460,7 +1480,7 @@ class FeedbackStore:
         releases = None if releases is None else frozenset(releases)
 
         def reader() -> ImportReader:
-            return ImportReader(tz, releases)
+            return ImportReader(tz, releases, max_example_chars)
 
         started = time.perf_counter()
         try:

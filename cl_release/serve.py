@@ -67,13 +67,15 @@ class HTTPError(Exception):
 class Collector:
     """What the handler serves: the store, the router, the token and the limits."""
 
-    def __init__(self, store, router, *, token: str, max_body_bytes: int = DEFAULTS["max_body_bytes"]):
+    def __init__(self, store, router, *, token: str, max_body_bytes: int = DEFAULTS["max_body_bytes"],
+                 max_example_chars: int | None = None):
         if not token:
             raise UserError("the collector needs a bearer token", hint="set CL_RELEASE_TOKEN (or serve.token_env)")
         self.store = store
         self.router = router
         self.token = token.encode("utf-8")
         self.max_body_bytes = int(max_body_bytes)
+        self.max_example_chars = max_example_chars
 
     # -- endpoints; each returns (status, body)
 
@@ -82,6 +84,12 @@ class Collector:
         for name in ("input", "output"):
             if name not in body:
                 raise HTTPError(422, f"missing field {name!r}")
+        if self.max_example_chars is not None:
+            from .datasets import oversize
+
+            problem = oversize({"input": body["input"], "output": body["output"]}, self.max_example_chars)
+            if problem is not None:
+                raise HTTPError(422, f"field {problem[1]!r}: {problem[0]}")
         fields = dict(body)
         key = fields.pop("route_key", None)
         version = fields.get("model_version")
@@ -350,8 +358,10 @@ def make_server(project, *, host: str | None = None, port: int | None = None, to
             raise UserError(f"no bearer token: the environment variable {conf['token_env']} is not set",
                             hint=f"export {conf['token_env']}=$(openssl rand -hex 32); clients send "
                                  "'Authorization: Bearer <token>'")
+    from .datasets import max_example_chars
+
     app = Collector(FeedbackStore(project.feedback_path), Router(project), token=token.strip(),
-                    max_body_bytes=conf["max_body_bytes"])
+                    max_body_bytes=conf["max_body_bytes"], max_example_chars=max_example_chars(project.data))
     app.store.conn  # noqa: B018  (create and migrate the store before the first request)
     app.store.close()
     try:

@@ -184,6 +184,22 @@ def test_unknown_top_level_fields_are_named(tmp_path):
     assert out["unknown_fields"] == {"ratng": 1, "session": 2}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_oversized_example_is_refused_by_line_and_field(tmp_path, workers, forked):  # noqa: F811
+    root = fake_repo(tmp_path, [], yaml_extra="limits:\n  max_example_chars: 2000\n")
+    lines = [collector_line(i) for i in range(40)]
+    lines[30] = {**lines[30], "user_feedback": {"rating": 1, "correction": "x" * 3000}}
+    write_jsonl(root / "log.jsonl", lines)
+    r = cli(root, "feedback", "import", "log.jsonl", "--workers", str(workers), "--timezone", "UTC")
+    assert r.exit_code == 2
+    assert "log.jsonl:31: correction: example of 3,0" in r.stderr and "over the limit of 2,000" in r.stderr
+    lines[30] = {**lines[0], "request_id": "big", "input": [{"role": "user", "content": "y" * 2500}]}
+    write_jsonl(root / "log.jsonl", lines)
+    r = cli(root, "feedback", "import", "log.jsonl", "--timezone", "UTC")
+    assert r.exit_code == 2 and "log.jsonl:31: input[0].content: example of 2,5" in r.stderr
+    assert FeedbackStore(Project.load(root).feedback_path).count() == 0
+
+
 # ---------------------------------------------------------------- time zones
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from cl_release import abtest
 from cl_release.errors import UserError
+from cl_release.datasets import max_example_chars
 from cl_release.feedback import FeedbackStore
 from cl_release.project import Project
 from cl_release.serve import load_spec, make_server
@@ -28,7 +29,8 @@ T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 @pytest.fixture
 def server(tmp_path):
     root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0)],
-                     champion="1.0.0", yaml_extra="serve:\n  max_body_bytes: 4096\n")
+                     champion="1.0.0",
+                     yaml_extra="serve:\n  max_body_bytes: 4096\nlimits:\n  max_example_chars: 1000\n")
     srv = make_server(Project.load(root), host="127.0.0.1", port=0, token=TOKEN)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -84,7 +86,10 @@ def test_conflicting_request_id_and_out_of_range_numbers(server):
     for field, value in (("tokens", 1e29), ("tokens", -1), ("quality_score", 5), ("latency_ms", -2)):
         status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "a", field: value})
         assert status == 422 and field in out["error"]["message"], (field, out)
-    status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "a", "model_version": "9.9.9"})
+    limit = max_example_chars(Project.load(server.root).data)
+    status, out, _ = call(server, "POST", "/log", {"input": "q", "output": "z" * (limit + 1)})
+    assert limit == 1000 and status == 422 and "field 'output': example of 1,002 characters" in out["error"]["message"]
+    status, out, _ = call(server, "POST", "/log", {"input": "q", "model_version": "9.9.9", "output": "a"})
     assert status == 422 and "'9.9.9' is not a version in the registry" in out["error"]["message"]
     store = FeedbackStore(Project.load(server.root).feedback_path)
     assert store.count() == 1 and store.get("dup")["output"] == "a"
