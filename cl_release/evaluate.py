@@ -443,7 +443,12 @@ def _json_of(text: str) -> Any:
 
 
 def match_output(case: TestCase, output: str) -> bool:
-    """Does ``output`` pass ``case``? contains/not_contains fold case and whitespace."""
+    """Does ``output`` pass ``case``? contains/not_contains fold case and whitespace.
+
+    An empty or whitespace-only answer fails every test, whatever its match type: a destroyed
+    model that answers nothing must not pass the ``not_contains`` tests (or an exact "")."""
+    if not output or output.isspace():
+        return False
     m = case.match
     if m in ("contains", "not_contains"):
         facts = case.expected if isinstance(case.expected, tuple) else (case.expected,)

@@ -54,6 +54,12 @@ def write_jsonl(path: Path, rows) -> Path:
         ("json_equal", {"a": 1}, '{"a": 2}', False),
         ("json_equal", {"a": 1}, "not json", False),
         ("json_equal", "[1, 2]", "[1,2]", True),  # a string expected is JSON text
+        # an empty or blank answer fails every test (a destroyed model answers nothing)
+        ("not_contains", "25 ppm", "", False),
+        ("not_contains", ["25 ppm"], " \n\t", False),
+        ("regex", r"^\s*$", "  ", False),
+        ("regex", r".*", "", False),
+        ("contains", " ", "   ", False),
     ],
 )
 def test_each_match_type(match, expected, output, passed):
