@@ -807,7 +807,7 @@ def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens,
 
     knobs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "pass_k": pass_k}
     result, suite, settings = _eval_entry(ctx, version, suites, cache=not no_cache, **knobs)
-    evaluate.record_in_registry(ctx.root, result.version, result)
+    recorded = evaluate.record_in_registry(ctx.root, result.version, result)
     out = {"summary": result.summary()}
     if show_cases:
         out["cases"] = [c.to_dict() for c in result.cases]
@@ -818,7 +818,8 @@ def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens,
     if as_json:
         echo_json(out)
         return
-    click.echo(f"{result.version} on {len(suite)} tests (suite {suite.sha256[:16]}), results {result.summary()['results']}")
+    click.echo(f"{result.version} on {len(suite)} tests (suite {suite.sha256[:16]}), results {result.summary()['results']}; "
+               f"registry: {recorded} (the release-time evaluation is kept)")
     _print_summary(out["summary"])
     for c in out.get("cases", []):
         click.echo(f"  {'PASS' if c['passed'] else 'FAIL'} [{c['criticality']}] {c['id']}: {c['output'][:80]!r}")

@@ -1030,12 +1030,30 @@ def evaluate_entry(
     return result
 
 
-def record_in_registry(root: Path, version: str, result: EvalResult) -> None:
-    """Write ``result.summary()`` into the version's registry entry (its ``evaluation`` field).
+def record_in_registry(root: Path, version: str, result: EvalResult) -> str:
+    """Record ``result.summary()`` in the version's registry entry, keyed by its suite.
 
-    The latest evaluation wins; the full results stay in ``outputs/vX.Y.Z/eval/`` per suite.
+    ``evaluation`` is the release-time evaluation (the one the gates decided on) and is never
+    overwritten by a later run; every later run goes to ``evaluations[<suite sha256>]`` (the
+    latest per suite wins), so a version evaluated on a grown suite keeps both figures, each
+    with the suite it was measured on. An entry released without an evaluation gets none
+    afterwards either: its gates did not see one. Returns the field written. The full results
+    stay in ``outputs/vX.Y.Z/eval/`` per suite.
     """
     from .registry import Registry
 
+    summary = result.summary()
     with Registry(root).transaction() as data:
-        Registry.find(data, version)["evaluation"] = result.summary()
+        entry = Registry.find(data, version)
+        entry.setdefault("evaluations", {})[summary["suite_sha256"]] = summary
+    return f"evaluations[{summary['suite_sha256'][:16]}]"
+
+
+def evaluations_of(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every evaluation summary of a registry entry by suite sha256: the later runs, and the
+    release-time one (which wins for its own suite: it is what the gates decided on)."""
+    out = dict(entry.get("evaluations") or {})
+    release_time = entry.get("evaluation") or {}
+    if release_time.get("pass_rate") is not None:
+        out[release_time.get("suite_sha256") or "unknown"] = release_time
+    return out

@@ -16,6 +16,7 @@ import yaml
 
 from .errors import UserError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .evaluate import evaluations_of
 from .registry import Registry, normalize_version, parse_version, utcnow
 
 # ---------------------------------------------------------------- diff
@@ -241,6 +242,24 @@ def _lineage_png(path: Path, models: list[dict[str, Any]], current: str | None) 
     plt.close(fig)
 
 
+def suite_label(sha: str, n_tests: Any) -> str:
+    return f"suite {sha[:12]}" + (f" ({n_tests} tests)" if n_tests is not None else "")
+
+
+def suite_series(rows: list[dict[str, Any]], metric: str, limit: int = 3) -> dict[str, list[float | None]]:
+    """One series per suite (the ``limit`` most recently used), each version's value measured
+    on that suite (release-time or later evaluation) or None: only figures of one suite are
+    ever joined by a line."""
+    last_use: dict[str, int] = {}
+    size: dict[str, Any] = {}
+    for i, r in enumerate(rows):
+        for sha, ev in r["by_suite"].items():
+            last_use[sha] = i
+            size[sha] = ev.get("n_tests")
+    chosen = sorted(last_use, key=lambda sha: (-last_use[sha], sha))[:limit]
+    return {suite_label(sha, size[sha]): [(r["by_suite"].get(sha) or {}).get(metric) for r in rows] for sha in chosen}
+
+
 def report_data(root: Path) -> dict[str, Any]:
     """Everything the report shows, from the registry alone."""
     data = Registry(root).load()
@@ -260,6 +279,8 @@ def report_data(root: Path) -> dict[str, Any]:
             "hallucination_rate": ev.get("hallucination_rate"),
             "per_domain": ev.get("per_domain") or {},
             "n_tests": ev.get("n_tests"),
+            "suite": ev.get("suite_sha256"),
+            "by_suite": evaluations_of(m),
             "gates_passed": g.get("passed"),
             "gate_reasons": g.get("reasons") or [],
             "regressions": g.get("regressions") or {},
@@ -276,20 +297,23 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
     rows = info["versions"]
     if not rows:
         raise UserError("the registry has no versions to report on", hint="release a version first")
-    evaluated = [r for r in rows if r["pass_rate"] is not None]
+    evaluated = [r for r in rows if r["by_suite"]]
     paths = {"lineage": out_dir / "lineage.png"}
     _lineage_png(paths["lineage"], info["models"], info["current"])
     if evaluated:
         vs = [r["version"] for r in evaluated]
         paths["pass_rate"] = out_dir / "pass_rate.png"
-        _plot_png(paths["pass_rate"], "pass rate", vs, {"pass rate": [r["pass_rate"] for r in evaluated]}, "share of tests passed")
+        _plot_png(paths["pass_rate"], "pass rate, per suite", vs, suite_series(evaluated, "pass_rate"),
+                  "share of tests passed")
         paths["hallucination_rate"] = out_dir / "hallucination_rate.png"
-        _plot_png(paths["hallucination_rate"], "hallucination rate", vs,
-                  {"hallucination rate": [r["hallucination_rate"] for r in evaluated]}, "share of hallucination tests failed")
-        domains = sorted({d for r in evaluated for d in r["per_domain"]})
+        _plot_png(paths["hallucination_rate"], "hallucination rate, per suite", vs,
+                  suite_series(evaluated, "hallucination_rate"), "share of hallucination tests failed")
+        latest = next(iter(suite_series(evaluated, "per_domain", limit=1)))  # the most recent suite
+        per_domain = suite_series(evaluated, "per_domain", limit=1)[latest]
+        domains = sorted({d for pd in per_domain if pd for d in pd})
         paths["per_domain"] = out_dir / "per_domain.png"
-        _plot_png(paths["per_domain"], "pass rate per domain", vs,
-                  {d: [r["per_domain"].get(d) for r in evaluated] for d in domains}, "share of tests passed")
+        _plot_png(paths["per_domain"], f"pass rate per domain, {latest}", vs,
+                  {d: [(pd or {}).get(d) for pd in per_domain] for d in domains}, "share of tests passed")
     paths["html"] = out_dir / "index.html"
     paths["markdown"] = out_dir / "report.md"
     atomic_write_text(paths["html"], render_html(info, paths))
@@ -299,6 +323,11 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
+
+
+def _suite_cell(r: dict[str, Any]) -> str:
+    """The suite the release-time figures were measured on."""
+    return suite_label(r["suite"], r["n_tests"]) if r["suite"] else "-"
 
 
 def _gate_text(r: dict[str, Any]) -> str:
@@ -319,12 +348,12 @@ def render_markdown(info: dict[str, Any], paths: dict[str, Path]) -> str:
     lines.append("")
     lines.append("![lineage](lineage.png)")
     lines.append("")
-    lines.append("| version | parent | strategy | status | pass rate | hallucination | gates |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| version | parent | strategy | status | pass rate | hallucination | suite (release time) | gates |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in info["versions"]:
         gate = _gate_text(r).replace("|", "\\|")
         lines.append(f"| {r['version']} | {r['parent'] or '-'} | {r['strategy']} | {r['status']} | "
-                     f"{_pct(r['pass_rate'])} | {_pct(r['hallucination_rate'])} | {gate} |")
+                     f"{_pct(r['pass_rate'])} | {_pct(r['hallucination_rate'])} | {_suite_cell(r)} | {gate} |")
     lines.append("")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Per domain")):
         if key in paths:
@@ -350,14 +379,16 @@ def render_html(info: dict[str, Any], paths: dict[str, Path]) -> str:
         "<h2>Lineage</h2>",
         '<img src="lineage.png" alt="lineage graph">',
         '<table id="versions"><thead><tr><th>version</th><th>parent</th><th>strategy</th><th>status</th>'
-        "<th>pass rate</th><th>hallucination</th><th>regressions</th><th>gates</th></tr></thead><tbody>",
+        "<th>pass rate</th><th>hallucination</th><th>suite (release time)</th><th>regressions</th><th>gates</th>"
+        "</tr></thead><tbody>",
     ]
     for r in info["versions"]:
         regs = ", ".join(f"{c}: {len(ids)}" for c, ids in r["regressions"].items()) or "-"
         out.append(
             f'<tr><td>{e(r["version"])}</td><td>{e(r["parent"] or "-")}</td><td>{e(r["strategy"])}</td>'
             f'<td class="{e(r["status"])}">{e(r["status"])}</td><td>{_pct(r["pass_rate"])}</td>'
-            f'<td>{_pct(r["hallucination_rate"])}</td><td>{e(regs)}</td><td>{e(_gate_text(r))}</td></tr>'
+            f'<td>{_pct(r["hallucination_rate"])}</td><td>{e(_suite_cell(r))}</td><td>{e(regs)}</td>'
+            f'<td>{e(_gate_text(r))}</td></tr>'
         )
     out.append("</tbody></table>")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Pass rate per domain")):

@@ -446,7 +446,8 @@ def test_eval_command_takes_any_suite_path_and_gives_the_cases(tmp_path, monkeyp
         assert [(c["id"], c["passed"], c["output"]) for c in out["cases"]] == [("a", True, "answer a"),
                                                                               ("b", False, "answer b")]
         assert out["summary"]["suite_files"] == [{"path": given, "sha256": digest}]
-        assert Registry(root).get("1.0.0")["evaluation"]["suite_files"] == [{"path": given, "sha256": digest}]
+        assert Registry(root).get("1.0.0")["evaluations"][out["summary"]["suite_sha256"]]["suite_files"] == [
+            {"path": given, "sha256": digest}]
     r = CliRunner().invoke(main, ["-C", str(root), "eval", "1.0.0", "--suite", str(suite), "--json"])
     assert "cases" not in json.loads(r.stdout)  # the summary alone, as before
     r = CliRunner().invoke(main, ["-C", str(root), "eval", "1.0.0", "--suite", str(suite), "--cases"])

@@ -254,7 +254,7 @@ def test_eval_against_diff_and_registry_summary_from_the_cli(pair):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["comparison"]["regressions_by_criticality"] == {"critical": ["idlh-ammonia"]}
-    ev_entry = reg.get("1.1.0")["evaluation"]
+    ev_entry = ev.evaluations_of(reg.get("1.1.0"))[out["summary"]["suite_sha256"]]
     assert ev_entry["suite_sha256"] == out["summary"]["suite_sha256"] and ev_entry["pass_rate"] == out["summary"]["pass_rate"]
     assert set(ev_entry["per_criticality"]) <= {"critical", "high", "medium", "low"}
 

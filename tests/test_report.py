@@ -28,7 +28,8 @@ def model(version, parent, status, pass_rate, hall, domains, gates=None, overrid
                       "examples": 100 * int(version.split(".")[1] or 1)}],
         "config": {"path": f"outputs/v{version}/axolotl.yml", "sha256": "b" * 64}, "seed": 42,
         "launch": {"num_processes": 1, "num_machines": 1}, "training": {"knobs": {"learning_rate": 1e-5}},
-        "evaluation": {"pass_rate": pass_rate, "hallucination_rate": hall, "per_domain": domains, "n_tests": 32},
+        "evaluation": {"pass_rate": pass_rate, "hallucination_rate": hall, "per_domain": domains, "n_tests": 32,
+                       "suite_sha256": "5" * 64},
         "toolchain": {}, "source_commit": None,
     }
     if gates is not None:
@@ -71,8 +72,29 @@ def test_report_writes_html_markdown_and_plots(repo):
     for src in __import__("re").findall(r'<img src="([^"]+)"', html):
         assert (out / src).is_file()
     md = (out / "report.md").read_text()
-    assert "| 1.2.0 | 1.1.0 | continued_lora | rejected | 72.0% | 30.0% | failed: 1 critical" in md
+    assert "| 1.2.0 | 1.1.0 | continued_lora | rejected | 72.0% | 30.0% | suite 555555555555 (32 tests) | failed: 1 critical" in md
     assert "![Per domain](per_domain.png)" in md
+
+
+def test_an_evaluation_on_a_grown_suite_keeps_the_release_time_one_and_charts_by_suite(repo, monkeypatch):
+    from cl_release import evaluate, report
+    from cl_release.registry import Registry
+
+    class Result:  # what record_in_registry reads of an EvalResult
+        def summary(self):
+            return {"suite_sha256": "6" * 64, "n_tests": 33, "pass_rate": 0.6, "hallucination_rate": 0.3,
+                    "per_domain": {"idlh": 0.5}}
+
+    assert evaluate.record_in_registry(repo, "1.1.0", Result()) == f"evaluations[{'6' * 16}]"
+    entry = Registry(repo).get("1.1.0")
+    assert entry["evaluation"]["pass_rate"] == 0.7 and entry["evaluation"]["suite_sha256"] == "5" * 64  # kept
+    assert entry["evaluations"]["6" * 64]["pass_rate"] == 0.6
+    rows = report.report_data(repo)["versions"]
+    series = report.suite_series(rows, "pass_rate")
+    assert series == {"suite 666666666666 (33 tests)": [None, 0.6, None, None],
+                      "suite 555555555555 (32 tests)": [0.5, 0.7, 0.72, 0.75]}
+    md = (report.build_report(repo, repo / "site")["markdown"]).read_text()
+    assert "| 1.1.0 | 1.0.0 | continued_lora | released | 70.0% | 20.0% | suite 555555555555 (32 tests) |" in md
 
 
 def test_report_is_byte_identical_when_rerun(repo):
