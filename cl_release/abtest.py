@@ -112,14 +112,23 @@ def champion_history(data: dict[str, Any]) -> list[str]:
 
 
 def set_champion(root: Path, version: str, *, now: _dt.datetime | None = None, reason: str = "") -> dict[str, Any]:
-    """Make ``version`` the champion directly (first deployment, or a safety patch)."""
+    """Make ``version`` the champion directly (first deployment, or a safety patch).
+
+    ``current`` (what the next release builds on) follows the champion, unless it already
+    builds on it (a newer release descending from ``version`` that is not deployed yet): the
+    next release must never drop what serves from its lineage."""
     v = normalize_version(version)
     with _move(root, lambda: f"Champion: {v}" + (f" ({reason})" if reason else "")) as data:
         _released(data, v)
         if state(data):
             raise UserError("an A/B test is running", hint="promote or stop it first ('cl-release ab status')")
         aliases = data.setdefault("aliases", {})
-        event = _event(data, now, "set_champion", **{"from": aliases.get("champion"), "to": v, "reason": reason})
+        fields: dict[str, Any] = {"from": aliases.get("champion"), "to": v, "reason": reason}
+        current = data["current"]
+        if current != v and not (current and v in {e["version"] for e in Registry.lineage(data, current)}):
+            fields["current"] = {"from": current, "to": v}
+            data["current"] = v
+        event = _event(data, now, "set_champion", **fields)
         aliases["champion"] = v
     return event
 
@@ -134,8 +143,12 @@ def start(root: Path, version: str, *, traffic: float, now: _dt.datetime | None 
         aliases = data.setdefault("aliases", {})
         champion = aliases.get("champion")
         if champion is None:
-            raise UserError("no champion to test against",
-                            hint=f"make a version champion first: cl-release ab champion VERSION (e.g. {data['current']})")
+            parent = Registry.find(data, v)["parent"]
+            if parent is None:  # nothing to test a first version against
+                hint = f"deploy it directly: cl-release ab champion {v}"
+            else:
+                hint = f"make the version that serves today champion first, e.g. cl-release ab champion {parent}"
+            raise UserError("no champion to test against", hint=hint)
         if v == champion:
             raise UserError(f"{v} is already the champion")
         running = state(data)

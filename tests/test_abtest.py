@@ -252,6 +252,32 @@ def test_cli_compare_and_auto_promote_say_what_they_mean(repo):
     assert "champion 1.0.0 keeps serving" in out and "abtest" not in Registry(repo).load()
 
 
+def test_champion_moves_current_unless_current_builds_on_it(tmp_path):
+    entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0), fake_entry("1.1.1", "1.1.0", T0),
+               fake_entry("2.0.0", "1.1.1", T0)]
+    root = fake_repo(tmp_path, entries)  # current 2.0.0 (not deployed yet)
+    with pytest.raises(UserError) as info:
+        abtest.start(root, "2.0.0", traffic=0.1)
+    assert "ab champion 1.1.1" in str(info.value) and "ab champion 2.0.0" not in str(info.value)
+    e = abtest.set_champion(root, "1.1.1")
+    assert "current" not in e and Registry(root).load()["current"] == "2.0.0"  # 2.0.0 builds on 1.1.1
+    abtest.set_champion(root, "1.0.0")  # an ancestor of 2.0.0 too
+    data = Registry(root).load()
+    assert data["aliases"]["champion"] == "1.0.0" and data["current"] == "2.0.0"
+
+
+def test_ab_rollback_then_champion_makes_the_patch_current_again(tmp_path):
+    entries = [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0), fake_entry("1.1.1", "1.1.0", T0)]
+    root = fake_repo(tmp_path, entries, champion="1.1.0")
+    abtest.set_champion(root, "1.1.1", reason="safety patch")
+    abtest.rollback_champion(root)  # back to 1.1.0: current follows
+    assert Registry(root).load()["current"] == "1.1.0"
+    e = abtest.set_champion(root, "1.1.1", reason="the patch was fine")
+    data = Registry(root).load()
+    assert e["current"] == {"from": "1.1.0", "to": "1.1.1"} and data["current"] == "1.1.1"
+    assert registry_at_head(root) == data
+
+
 def test_force_promote_needs_reason_then_rollback_restores_previous(repo):
     project = Project.load(repo)
     now = T0 + dt.timedelta(days=31)
