@@ -1460,6 +1460,33 @@ def extract_since(
     return result
 
 
+def extract_unused(
+    store,
+    used_by: Iterable[str],
+    rules: ExtractionRules | None = None,
+    *,
+    bump: str = "minor",
+    until: str | _dt.datetime | None = None,
+) -> BuildResult:
+    """New data for a release built on the lineage ``used_by`` (its versions, root first):
+    every usable row none of those versions trained on (the store's release marks), whenever
+    it was logged. PATCH: only the corrections among them (``corrections_only``).
+
+    Selecting by marks, not by time, trains each row once per lineage: rows logged before a
+    patch that only took corrections stay new for the next MINOR, and after a rollback the
+    rows only an abandoned branch trained on are new again.
+    """
+    if bump not in ("major", "minor", "patch"):
+        raise UserError(f"unknown bump {bump!r}", hint="use major, minor or patch")
+    versions = list(used_by)
+    u = normalize_time(until) if until is not None else None
+    result = build(store.rows(until=u, unused_by=versions), rules)
+    if bump == "patch":
+        result = corrections_only(result)
+    result.manifest["query"] = {"unused_by": versions, "until": u, "bump": bump}
+    return result
+
+
 # ---------------------------------------------------------------- writing
 
 

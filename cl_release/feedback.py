@@ -139,12 +139,18 @@ def _m004_application_id(db: sqlite_utils.Database) -> None:
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
 
+def _m005_usage_read_at(db: sqlite_utils.Database) -> None:
+    # When the release read the store: feedback given after it makes the record new again.
+    db.execute("ALTER TABLE release_usage ADD COLUMN read_at TEXT")
+
+
 # Ordered; append new steps, never rename or reorder applied ones.
 MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m001_records_and_feedback", _m001_records_and_feedback),
     ("m002_release_usage", _m002_release_usage),
     ("m003_logged_version", _m003_logged_version),
     ("m004_application_id", _m004_application_id),
+    ("m005_usage_read_at", _m005_usage_read_at),
 ]
 
 
@@ -1269,14 +1275,20 @@ class FeedbackStore:
         """The ids among ``request_ids`` that have no logged answer, in the given order."""
         return _missing(self.conn, list(request_ids))
 
-    def mark_used(self, request_ids: Iterable[str], version: str, role: str, *, replace: bool = False) -> int:
+    def mark_used(self, request_ids: Iterable[str], version: str, role: str, *, replace: bool = False,
+                  read_at: str | datetime | None = None) -> int:
         """Record that release ``version`` trained on these records in ``role``; returns rows added.
 
         ``replace``: these are all of ``version``'s records; marks it had before are removed in
         the same transaction (a release re-planned after a crash marks what it really trains on).
+        ``read_at``: when the release read the store; feedback given later on one of these
+        records makes it new again for :meth:`rows` ``(unused_by=...)`` (a kept answer that an
+        expert corrects afterwards must reach a later release).
         """
-        rows = [(rid, version, role) for rid in request_ids]
-        sql = "INSERT INTO release_usage (request_id, version, role) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+        at = None if read_at is None else _bound(read_at, "read_at")
+        rows = [(rid, version, role, at) for rid in request_ids]
+        sql = ("INSERT INTO release_usage (request_id, version, role, read_at) VALUES (?, ?, ?, ?)"
+               " ON CONFLICT DO NOTHING")
 
         def mark(c: sqlite3.Connection) -> int:
             if replace:
@@ -1334,7 +1346,9 @@ class FeedbackStore:
         ``since``: records created at or after it, *or* whose feedback arrived at or after it
         (so new feedback on old answers is picked up). ``until``: records created before it.
         ``has_feedback``: only records with (True) or without (False) feedback. ``unused_by``:
-        only records none of these release versions trained on (a lineage's new data). ``after`` and
+        only records none of these release versions trained on with the feedback they hold now
+        (a lineage's new data: feedback given after a release read the store counts as new).
+        ``after`` and
         ``limit`` page through results: ``after`` is the (created_at, id) of the last row seen.
 
         Returns an iterator of row dicts (the query runs on the first ``next``) that also
@@ -1360,7 +1374,8 @@ class FeedbackStore:
             vs = list(unused_by)
             if vs:
                 where.append("NOT EXISTS (SELECT 1 FROM release_usage u WHERE u.request_id = r.id"
-                             f" AND u.version IN ({', '.join('?' * len(vs))}))")
+                             f" AND u.version IN ({', '.join('?' * len(vs))})"
+                             " AND (u.read_at IS NULL OR f.created_at IS NULL OR f.created_at < u.read_at))")
                 params += vs
         if after is not None:
             where.append("(r.created_at, r.id) > (?, ?)")

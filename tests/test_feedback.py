@@ -51,7 +51,7 @@ def test_fresh_database_has_the_contract_schema(store):
                             "tokens", "quality_score", "metadata", "logged_version"]
     assert t["feedback"] == ["id", "request_id", "created_at", "rating", "thumbs", "correction", "notes",
                              "hallucinated", "error_tag", "severity", "annotator"]
-    assert t["release_usage"] == ["request_id", "version", "role"]
+    assert t["release_usage"] == ["request_id", "version", "role", "read_at"]
     assert applied(store.path) == [name for name, _ in fbmod.MIGRATION_STEPS]
     with sqlite3.connect(store.path) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -423,6 +423,18 @@ def test_rows_unused_by_a_lineage_and_marks_replaced_per_version(store):
     assert store.used_by("1.1.0") == {"r2": "new", "r4": "new"}
     assert store.mark_used([], "1.2.0", "new", replace=True) == 0 and store.used_by("1.2.0") == {}
     assert store.usage() == {"1.0.0": 2, "1.1.0": 2} and store.usage(["1.1.0", "9.9.9"]) == {"1.1.0": 2}
+
+
+def test_feedback_given_after_a_release_read_the_store_makes_the_record_new_again(store):
+    store.log("q", "wrong answer", request_id="r", created_at="2026-01-01")
+    store.feedback("r", rating=5, created_at="2026-01-02")  # kept by 1.0.0, which read the store on 01-03
+    store.mark_used(["r"], "1.0.0", "new", read_at="2026-01-03")
+    assert list(store.rows(unused_by=["1.0.0"])) == []
+    store.feedback("r", rating=1, correction="right answer", created_at="2026-01-05")  # an expert fixes it
+    assert [r["correction"] for r in store.rows(unused_by=["1.0.0"])] == ["right answer"]
+    store.mark_used(["r"], "1.1.0", "corrections", read_at="2026-01-06")
+    assert list(store.rows(unused_by=["1.0.0", "1.1.0"])) == []
+    assert [r["id"] for r in store.rows(unused_by=["1.0.0"])] == ["r"]  # another branch did not train it
 
 
 def test_rows_select_reads_the_same_records_as_tuples(store):
