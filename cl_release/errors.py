@@ -71,6 +71,10 @@ class UnknownRequest(UserError):
     """No logged answer has this request id."""
 
 
+class NothingToTrain(UserError):
+    """A release has no new data to train on."""
+
+
 class RenderError(ClReleaseError):
     """A template failed to render, or the rendered Axolotl config is invalid."""
 

@@ -1550,6 +1550,22 @@ def feedback_rows(project, *, since: str | None = None, from_jsonl: Path | None 
     return FeedbackStore(path).rows(since=since)
 
 
+def release_feedback(project, used_by: Iterable[str], *, bump: str, until: str | _dt.datetime) -> BuildResult | None:
+    """What a release built on the lineage ``used_by`` takes from the project's feedback store
+    (``extract_unused`` with the project's rules, chat format); None without a store. The one
+    query behind ``plan`` and ``release`` and behind ``status``'s counts, so they agree."""
+    path = project.feedback_path
+    if not path.is_file():
+        return None
+    from .feedback import FeedbackStore  # written by the feedback module; imported lazily
+
+    store = FeedbackStore(path)
+    try:
+        return extract_unused(store, used_by, rules_from_project(project, format="messages"), bump=bump, until=until)
+    finally:
+        store.close()
+
+
 def build_project(
     project,
     *,

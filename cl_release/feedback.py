@@ -1297,6 +1297,18 @@ class FeedbackStore:
 
         return self._write(mark)
 
+    def severities(self, request_ids: Iterable[str]) -> dict[str, int]:
+        """Severity of the latest feedback of these records: severity -> how many (None: none)."""
+        ids = list(dict.fromkeys(request_ids))
+        out: dict[str, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            sql = (f"SELECT f.severity, count(*) FROM records r LEFT JOIN {_LATEST}"
+                   f" WHERE r.id IN ({', '.join('?' * len(part))}) GROUP BY f.severity")
+            for severity, n in self.conn.execute(sql, part):
+                out[severity] = out.get(severity, 0) + n
+        return out
+
     def usage(self, versions: Iterable[str] | None = None) -> dict[str, int]:
         """Records trained on, per release version (only ``versions`` when given)."""
         sql = "SELECT version, count(*) FROM release_usage"

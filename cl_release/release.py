@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import datasets as ds
-from .errors import ClReleaseError, GitError, IntegrityError, UserError, VersionError
+from .errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
 from .files import atomic_write_json, atomic_write_text, locked, sha256_bytes, sha256_file
 from .project import Project, check_base_model, is_local_model
 from .registry import Registry, bump_version, utcnow
@@ -210,29 +210,24 @@ def _learned(root: Path, lineage: list[dict[str, Any]]) -> list[dict]:
     return ds.dedupe(records)
 
 
-def _feedback_part(project: Project, strategy: str, parent: dict[str, Any] | None,
+def _feedback_part(project: Project, strategy: str, lineage: list[dict[str, Any]],
                    exclude: set[str]) -> ds.Part | None:
-    """Examples from the feedback store since the parent release (PATCH: corrections only)."""
-    path = project.feedback_path
-    if not path.is_file():
-        return None
-    from .extract import extract_since, normalize_time, rules_from_project
-    from .feedback import FeedbackStore
+    """Examples from the feedback rows the lineage (the parent and its ancestors) has not
+    trained on, by the store's release marks (PATCH: the corrections among them). Rows whose
+    example equals one in ``exclude`` are marked as used too: their content is trained."""
+    from .extract import normalize_time, release_feedback
 
-    since = parent["created_at"] if parent else None
     until = normalize_time(utcnow())
-    store = FeedbackStore(path)
-    try:
-        result = extract_since(store, since, rules_from_project(project, format="messages"),
-                               bump="patch" if strategy == "patch" else "minor", until=until)
-    finally:
-        store.close()
+    used_by = [e["version"] for e in lineage]
+    result = release_feedback(project, used_by, bump="patch" if strategy == "patch" else "minor", until=until)
+    if result is None:
+        return None
     records = ds.dedupe(result.examples, exclude=exclude)
     if not records:
         return None
     role = "corrections" if strategy == "patch" else "new"
-    source = {"name": "feedback", "path": project.rel(path), "since": since, "until": until,
-              "records": len(result.manifest["record_ids"]), "extracted_sha256": result.sha256,
+    source = {"name": "feedback", "path": project.rel(project.feedback_path), "unused_by": used_by,
+              "until": until, "records": len(result.manifest["record_ids"]), "extracted_sha256": result.sha256,
               "skipped": result.manifest["skipped"]}
     return ds.Part("feedback", role, records, sources=[source], record_ids=list(result.manifest["record_ids"]))
 
@@ -283,6 +278,11 @@ def _base_revision(project: Project, name: str, revision: str | None) -> str | N
     return None
 
 
+def serving_version(data: dict[str, Any]) -> str | None:
+    """The version that serves: the champion alias, else the current version."""
+    return (data.get("aliases") or {}).get("champion") or data["current"]
+
+
 def plan_release(project: Project, *, bump: str, from_version: str | None = None, strategy: str | None = None,
                  base_model: str | None = None, notes: str = "", tags: set[str] = frozenset(),
                  extra_new: list[ds.Part] | None = None) -> Plan:
@@ -290,6 +290,8 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
     root = project.root
     registry = Registry(root)
     data = registry.load()
+    if bump == "patch" and from_version is None and data["models"]:
+        from_version = serving_version(data)  # a safety fix goes to what serves
     parent = registry.resolve_parent(data, from_version)
     strategy = _choose_strategy(data, parent, bump, strategy, base_model)
     knobs = strategy_knobs(project.data, strategy)
@@ -343,7 +345,12 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         parts.append(ds.Part("new", "new", new))
         all_sources = sources
     elif strategy == "patch":
-        new = ds.dedupe(corrections, exclude=learned_hashes)
+        # Corrections the lineage has not trained on as corrections: one the model got wrong
+        # after an earlier release trained on the same text is eligible (that is the point).
+        patched = {ds.record_hash(r) for r in _learned(root, [dict(e, datasets=[d for d in e["datasets"]
+                                                                               if d["role"] == "corrections"])
+                                                                for e in lineage])}
+        new = ds.dedupe(corrections, exclude=patched)
         parts.append(ds.Part("corrections", "corrections", new))
         all_sources = c_sources
     elif strategy == "continued_lora":
@@ -354,7 +361,8 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         new = ds.dedupe(learned + domain + corrections)
         parts.append(ds.Part("complete", "complete", new))
         all_sources = sources + c_sources
-    feedback = _feedback_part(project, strategy, parent, exclude={ds.record_hash(r) for r in new} | learned_hashes)
+    feedback = _feedback_part(project, strategy, lineage, exclude={ds.record_hash(r) for r in new}
+                              | (set() if strategy == "patch" else learned_hashes))
     if feedback is not None:
         parts.append(feedback)
         all_sources = all_sources + feedback.sources
@@ -364,9 +372,9 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
     n_new = sum(len(p.records) for p in parts)
     if n_new == 0:
         what = "corrections" if strategy == "patch" else "new examples"
-        since = f" since {parent['version']}" if parent else ""
-        raise UserError(f"no {what}{since}: nothing to train on",
-                        hint="add data files (or log feedback) first; 'cl-release plan' shows the counts")
+        since = f" that {parent['version']} or its ancestors have not trained on" if parent else ""
+        raise NothingToTrain(f"no {what}{since}: nothing to train on",
+                             hint="add data files (or log feedback) first; 'cl-release plan' shows the counts")
     if strategy in CONTINUES_ADAPTER and knobs["replay_ratio"] > 0:
         n = ds.ratio_count(n_new, knobs["replay_ratio"], knobs["general_ratio"])
         replay = ds.sample([r for r in learned], n, f"{seed}:replay:{parent['version']}")
@@ -613,8 +621,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         try:
             plan = plan_release(project, bump=bump, from_version=from_version, strategy=strategy,
                                 base_model=base_model, notes=notes, tags=repo.tags())
-        except UserError as e:
-            if recovered and "nothing to train on" in e.message:
+        except NothingToTrain:
+            if recovered:
                 # The command already did its job: it finished the interrupted release.
                 entry = Registry(root).get(recovered[-1])
                 return ReleaseResult(entry=entry, plan=None, recovered=recovered, commit=repo.head())
@@ -764,15 +772,19 @@ def _alongside(fn, *args) -> _Alongside:
 
 
 def _mark_feedback_used(project: Project, plan: Plan) -> None:
-    """Rows a release trained on are kept by ``feedback prune``."""
-    ids = [i for p in plan.parts for i in p.record_ids]
-    if not ids:
+    """Mark the feedback rows this release trains on, as exactly its rows (a re-run after a
+    crash re-plans and replaces them): later releases of its lineage do not take them again
+    (``extract_unused``) until newer feedback arrives, and ``feedback prune`` keeps them."""
+    if not project.feedback_path.is_file():
         return
+    ids = [i for p in plan.parts for i in p.record_ids]
+    read_at = next((src["until"] for p in plan.parts for src in p.sources if src.get("name") == "feedback"), None)
     from .feedback import FeedbackStore
 
     store = FeedbackStore(project.feedback_path)
     try:
-        store.mark_used(ids, plan.version, "corrections" if plan.strategy == "patch" else "new")
+        store.mark_used(ids, plan.version, "corrections" if plan.strategy == "patch" else "new", replace=True,
+                        read_at=read_at)
     finally:
         store.close()
 

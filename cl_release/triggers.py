@@ -223,20 +223,30 @@ def critical_feedback(store_path: Path, *, since: _dt.datetime | None, until: _d
     return {"with_correction": int(with_c), "without_correction": int(n - with_c)}
 
 
-def new_examples(project, *, since: _dt.datetime | None, until: _dt.datetime) -> dict[str, int]:
-    """Usable training examples (deduplicated, by the project's extraction rules) since ``since``."""
-    path = project.feedback_path
-    if not path.is_file():
+def new_examples(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
+    """Usable training examples (deduplicated, by the project's extraction rules) that a MINOR
+    release on the lineage ``used_by`` would take from the store (the query ``plan`` runs)."""
+    from .extract import CORRECTED, release_feedback
+
+    result = release_feedback(project, used_by, bump="minor", until=iso(until))
+    if result is None:
         return {"examples": 0, "corrections": 0}
-    from .extract import CORRECTED, extract_since, rules_from_project
+    return {"examples": result.manifest["examples"], "corrections": result.manifest["sources"][CORRECTED]}
+
+
+def patch_corrections(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
+    """The feedback corrections a PATCH on the lineage ``used_by`` would train on (the query
+    ``plan patch`` runs): how many, and how many of them are critical or safety reports."""
+    from .extract import release_feedback
     from .feedback import FeedbackStore
 
-    store = FeedbackStore(path)
-    try:
-        result = extract_since(store, iso(since) if since else None, rules_from_project(project), until=iso(until))
-    finally:
-        store.close()
-    return {"examples": result.manifest["examples"], "corrections": result.manifest["sources"][CORRECTED]}
+    result = release_feedback(project, used_by, bump="patch", until=iso(until))
+    if result is None or not result.manifest["examples"]:
+        return {"corrections": 0, "critical": 0}
+    with FeedbackStore(project.feedback_path) as store:
+        severities = store.severities(result.manifest["record_ids"])
+    return {"corrections": result.manifest["examples"],
+            "critical": sum(severities.get(s, 0) for s in CRITICAL_SEVERITIES)}
 
 
 # ---------------------------------------------------------------- the decision
@@ -335,10 +345,11 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
         triggers.append(Trigger("first_release", True, "no release yet", "-", "no released version: make 1.0.0",
                                 "planned", "major"))
     since = parse_time(current["created_at"]) if current else None
-    since_txt = f"since {current['version']}" if current else "so far"
 
-    # 1. enough new high-quality examples; many corrections
-    counts = new_examples(project, since=since, until=now)
+    # 1. enough new high-quality examples; many corrections (what a MINOR on current would take)
+    lineage = [e["version"] for e in Registry.lineage(data, current["version"])] if current else []
+    counts = new_examples(project, used_by=lineage, until=now)
+    since_txt = f"not yet trained by {current['version']}'s lineage" if current else "so far"
     n, need = counts["examples"], conf["min_new_examples"]
     triggers.append(Trigger("new_examples", n >= need, n, need,
                             f"{n} usable examples {since_txt} (need {need})", "planned" if n >= need else None,
@@ -397,10 +408,14 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
                                 f"{age_days:.1f} days since {last_released['version']} (every {every:g} days)",
                                 "planned" if age_days >= every else None, "minor" if age_days >= every else None))
 
-    # 5. critical / safety corrections -> PATCH now (never suppressed)
+    # 5. critical / safety corrections -> PATCH now (never suppressed), from the query a patch
+    # on the serving version runs, so 'status' and 'plan patch' agree on what it would train on
+    serving_lineage = [e["version"] for e in Registry.lineage(data, serving)] if serving else []
+    patch = patch_corrections(project, used_by=serving_lineage, until=now)
     crit = critical_feedback(store, since=since, until=now)
-    k = crit["with_correction"]
-    detail = f"{k} critical/safety corrections {since_txt}"
+    k = patch["critical"]
+    detail = (f"{k} critical/safety corrections not yet trained into {serving or '-'} "
+              f"(a patch would train on {patch['corrections']} corrections)")
     if crit["without_correction"]:
         detail += f"; {crit['without_correction']} flagged without a correction (add one to make a patch)"
     triggers.append(Trigger("critical", k > 0 and current is not None, k, 1, detail,

@@ -210,7 +210,7 @@ def test_plan_json(released):
         assert d["path"] == f"datasets/snapshots/{d['sha256']}.jsonl" and d["examples"] > 0
     assert git(released, "status", "--porcelain") == before  # plan writes nothing
     text = run("-C", released, "plan", "patch", ok=False)
-    assert_one_line_error(text, 2, contains="no corrections since 1.1.0")
+    assert_one_line_error(text, 2, contains="no corrections that 1.1.0 or its ancestors have not trained on")
 
 
 def test_plan_text_and_render(released):

@@ -203,7 +203,7 @@ def test_kill_9_at_every_fault_point_then_a_plain_rerun_completes(repo, trainer,
     calls = len(trainer.calls)
     result = CliRunner().invoke(main, ["-C", str(root), "release", "minor", "--notes", NOTES])
     if rerun == "done":
-        assert result.exit_code == 2 and "no new examples since 1.1.0" in result.stderr, result.output
+        assert result.exit_code == 2 and "no new examples that 1.1.0 or its ancestors have not trained on" in result.stderr, result.output
     else:
         assert result.exit_code == 0, (result.stdout, result.stderr)
     if rerun == "finishes":

@@ -41,6 +41,12 @@ def seed(store: FeedbackStore, *, n: int, start: dt.datetime, spread: dt.timedel
         store.feedback_many(fbs)
 
 
+def trained_by(store: FeedbackStore, version: str, *, at: dt.datetime, **kw) -> None:
+    """``seed(**kw)``, every answer then marked as trained on by release ``version`` (read at ``at``)."""
+    seed(store, **kw)
+    store.mark_used([r["id"] for r in store.rows()], version, "new", read_at=at)
+
+
 def drop_window(store, *, now, share_of_4s: float, n: int = 100, tag: str = "w"):
     """Baseline: 100 answers rated 5 (quality 1.0) two days before ``now``; the last 24 h: ``n``
     answers, ``share_of_4s`` rated 4 (quality 0.75), the rest 5."""
@@ -57,8 +63,14 @@ CASES = [
     ("nothing", REL, {}, lambda s, now: None, 10 * D, False, None, set()),
     ("new-examples", REL, {}, lambda s, now: seed(s, n=200, start=T0 + D), 10 * D, True, "minor", {"new_examples"}),
     ("one-short", REL, {}, lambda s, now: seed(s, n=199, start=T0 + D), 10 * D, False, None, set()),
-    ("old-examples-dont-count", [fake_entry("1.0.0", None, T0 + 5 * D)], {},
-     lambda s, now: seed(s, n=300, start=T0 + D), 10 * D, False, None, set()),
+    ("trained-examples-dont-count", [fake_entry("1.0.0", None, T0 + 5 * D)], {},
+     lambda s, now: trained_by(s, "1.0.0", at=T0 + 5 * D, n=300, start=T0 + D), 10 * D, False, None, set()),
+    ("untrained-examples-logged-before-a-release-count", [fake_entry("1.0.0", None, T0 + 5 * D)], {},
+     lambda s, now: seed(s, n=300, start=T0 + D), 10 * D, True, "minor", {"new_examples"}),
+    ("examples-of-another-branch-count", [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0 + D),
+                                          fake_entry("1.2.0", "1.0.0", T0 + 2 * D)],
+     {}, lambda s, now: trained_by(s, "1.1.0", at=T0 + D, n=300, start=T0 + 0.5 * D), 10 * D, True, "minor",
+     {"new_examples"}),
     ("corrections", REL, {"min_new_examples": 10**6, "planned_corrections": 50},
      lambda s, now: seed(s, n=50, start=T0 + D, rating=1, correction="fixed"), 10 * D, True, "minor", {"corrections"}),
     ("quality-planned", REL, QUIET, lambda s, now: drop_window(s, now=now, share_of_4s=0.28), 10 * D,
