@@ -112,24 +112,37 @@ def champion_history(data: dict[str, Any]) -> list[str]:
 
 
 def set_champion(root: Path, version: str, *, now: _dt.datetime | None = None, reason: str = "") -> dict[str, Any]:
-    """Make ``version`` the champion directly (first deployment, or a safety patch).
-
-    ``current`` (what the next release builds on) follows the champion, unless it already
-    builds on it (a newer release descending from ``version`` that is not deployed yet): the
-    next release must never drop what serves from its lineage."""
+    """Make ``version`` the champion directly (first deployment, or a safety patch); refused
+    while an A/B test runs. See :func:`deploy` for what moves."""
     v = normalize_version(version)
     with _move(root, lambda: f"Champion: {v}" + (f" ({reason})" if reason else "")) as data:
         _released(data, v)
         if state(data):
             raise UserError("an A/B test is running", hint="promote or stop it first ('cl-release ab status')")
-        aliases = data.setdefault("aliases", {})
-        fields: dict[str, Any] = {"from": aliases.get("champion"), "to": v, "reason": reason}
-        current = data["current"]
-        if current != v and not (current and v in {e["version"] for e in Registry.lineage(data, current)}):
-            fields["current"] = {"from": current, "to": v}
-            data["current"] = v
-        event = _event(data, now, "set_champion", **fields)
-        aliases["champion"] = v
+        event = deploy(data, v, now=now, reason=reason)
+    return event
+
+
+def deploy(data: dict[str, Any], version: str, *, now: _dt.datetime | None = None, reason: str = "") -> dict[str, Any]:
+    """Make ``version`` champion in the loaded registry ``data`` (the caller writes and commits
+    it: ``set_champion``, or the release of a patch in the same move as its entry). A running
+    A/B test ends first (its champion no longer serves). ``current`` (what the next release
+    builds on) follows the champion, unless it already builds on it (a newer release
+    descending from ``version``, not deployed yet): the next release never drops what serves
+    from its lineage. Returns the ``set_champion`` event."""
+    running = state(data)
+    if running:
+        _end(data)
+        _event(data, now, "ab_stop", champion=running["champion"], challenger=running["challenger"],
+               reason=f"{version} replaces the champion" + (f" ({reason})" if reason else ""))
+    aliases = data.setdefault("aliases", {})
+    fields: dict[str, Any] = {"from": aliases.get("champion"), "to": version, "reason": reason}
+    current = data["current"]
+    if current != version and not (current and version in {e["version"] for e in Registry.lineage(data, current)}):
+        fields["current"] = {"from": current, "to": version}
+        data["current"] = version
+    event = _event(data, now, "set_champion", **fields)
+    aliases["champion"] = version
     return event
 
 

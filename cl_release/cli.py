@@ -269,14 +269,18 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
 @click.option("--allow-dirty", is_flag=True, help="Release even if the repository has uncommitted changes.")
 @click.option("--force", is_flag=True, help="Release even if a gate fails (needs --reason; recorded).")
 @click.option("--reason", default=None, help="Why the gates are overridden (with --force).")
+@click.option("--deploy/--no-deploy", default=None,
+              help="Make the release champion in the same registry move (default: a patch does, "
+                   "unless abtest.test_patches; other bumps go through 'ab start').")
 @pass_ctx
 @handle_errors
 def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: str, notes_file: Path | None,
-            allow_dirty: bool, force: bool, reason: str | None) -> None:
+            allow_dirty: bool, force: bool, reason: str | None, deploy: bool | None) -> None:
     """Build data, train, evaluate against the parent, gate, record and tag the next version.
 
     On an empty registry any bump makes 1.0.0. A candidate that fails a gate is recorded as
-    rejected (exit 1) and the parent stays current."""
+    rejected (exit 1) and the parent stays current. A patch builds on the version that serves
+    (the champion) and, once it passes its gates, becomes champion."""
     from .gates import release_evaluator
     from .release import check_notes, read_notes_file, run_release
 
@@ -290,7 +294,7 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
     with TrainingProgress() as bar:
         result = run_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy,
                              base_model=base_model, notes=notes, allow_dirty=allow_dirty, progress=bar.say,
-                             train_progress=bar.update, evaluator=evaluator)
+                             train_progress=bar.update, evaluator=evaluator, deploy=deploy)
     e = result.entry
     if result.plan is None:
         click.echo(f"Finished the interrupted release {e['version']} (recorded, committed, tagged); "
@@ -305,6 +309,10 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
         click.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     for why in (e.get("gates") or {}).get("reasons", []):
         click.echo(f"  gate failed: {why}" + ("  (overridden: --force)" if e.get("override") else ""))
+    if result.deployed:
+        d = result.deployed
+        click.echo(f"  champion: {d['to']} (was {d['from'] or '-'})" + (f"; current {d['current']['to']}"
+                                                                      if d.get("current") else ""))
     if e["status"] != "released":
         click.echo(f"Current version stays {e['parent'] or 'none'}; 'cl-release release --force --reason TEXT' overrides.")
         sys.exit(1)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jsonschema
 import orjson
@@ -258,13 +258,18 @@ class Registry:
 
     # -- writes
 
-    def append(self, entry: dict[str, Any], *, make_current: bool) -> None:
+    def append(self, entry: dict[str, Any], *, make_current: bool,
+               then: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        """Add ``entry`` (and make it current); ``then(data)`` changes more in the same write
+        (a patch that becomes champion: one registry move, one commit)."""
         with self.transaction() as data:
             if any(m["version"] == entry["version"] for m in data["models"]):
                 raise RegistryError(f"version {entry['version']} is already in the registry")
             data["models"].append(entry)
             if make_current:
                 data["current"] = entry["version"]
+            if then is not None:
+                then(data)
 
     def rollback(self, version: str) -> dict[str, Any]:
         """Make an earlier released version current; nothing is deleted. Rolling back to the

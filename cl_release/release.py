@@ -579,6 +579,7 @@ class ReleaseResult:
     # Wall seconds per phase (plan, merge, snapshots, train, evaluate, record, git): where a
     # release's time went, beyond the training it runs.
     timings: dict[str, float] = field(default_factory=dict)
+    deployed: dict[str, Any] | None = None  # the set_champion event when the release became champion
 
 
 class _Phases:
@@ -602,8 +603,14 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                 base_model: str | None = None, notes: str = "", allow_dirty: bool = False,
                 progress: Progress = _noop,
                 train_progress: Callable[[int, int, float | None], None] | None = None,
-                evaluator: Callable[[Project, Plan, dict[str, Any]], dict[str, Any]] | None = None) -> ReleaseResult:
-    """Plan, train, record, commit and tag one release. See the module docstring for the order."""
+                evaluator: Callable[[Project, Plan, dict[str, Any]], dict[str, Any]] | None = None,
+                deploy: bool | None = None) -> ReleaseResult:
+    """Plan, train, record, commit and tag one release. See the module docstring for the order.
+
+    ``deploy``: whether a released version also becomes champion, in the same registry move
+    as its entry (so in the same commit). Default: a PATCH does (a safety fix must reach what
+    serves) unless ``abtest.test_patches`` sends patches through an A/B test; other bumps
+    don't (``ab start`` / ``watch`` deploy them as challengers)."""
     from .gitops import ReleaseRepo
     from .merge import merge_version
     from .train import run_training, toolchain_versions
@@ -694,13 +701,28 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         # whose rows may be pruned.
         _mark_feedback_used(project, plan)
         crash_point("before-registry")
-        Registry(root).append(entry, make_current=entry["status"] == "released")
+        released = entry["status"] == "released"
+        if deploy is None:
+            from .abtest import ab_config
+
+            deploy = plan.strategy == "patch" and not ab_config(project)["test_patches"]
+        deployed: list[dict[str, Any]] = []
+        if released and deploy:
+            from .abtest import deploy as deploy_in
+
+            def then(data: dict[str, Any]) -> None:
+                deployed.append(deploy_in(data, plan.version, reason=f"{plan.strategy} release"))
+        else:
+            then = None
+        Registry(root).append(entry, make_current=released, then=then)
         crash_point("registry")
         phases.done("record")
 
         paths = ["registry/model_registry.json"] + [p.path for p in plan.parts]
         title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
             else f"Reject {plan.version} ({plan.strategy}): gates failed"
+        if deployed:
+            title += "; champion"
         message = title + (f"\n\n{notes}" if notes else "")
         try:
             commit = repo.commit(paths, message)
@@ -714,7 +736,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         crash_point("tagged")
         phases.done("git")
         return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit,
-                             timings=phases.seconds)
+                             timings=phases.seconds, deployed=deployed[0] if deployed else None)
 
 
 class _Alongside:

@@ -106,7 +106,10 @@ def _deploy(project, entry: dict[str, Any], it: Iteration, now, say: Progress) -
     data = Registry(project.root).load()
     v = entry["version"]
     champion = (data.get("aliases") or {}).get("champion")
-    if champion is None:
+    if champion == v:  # the release deployed itself (a patch: see run_release's deploy)
+        it.outcome = "champion_set"
+        it.steps.append(f"{v} is champion (deployed by its release)")
+    elif champion is None:
         abtest.set_champion(project.root, v, now=now, reason="first version to serve")
         it.outcome = "champion_set"
         it.steps.append(f"{v} is champion (nothing served before)")

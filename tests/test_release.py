@@ -130,6 +130,33 @@ def test_patch_trains_on_corrections_and_replay_only(tmp_path, trainer):
     assert [s["path"] for s in e["sources"]] == ["datasets/corrections/c1.jsonl"]
 
 
+def test_patch_builds_on_the_serving_version_and_becomes_champion(released, trainer):
+    from cl_release import abtest
+
+    root = released
+    release(root, "minor")  # 1.1.0
+    abtest.set_champion(root, "1.0.0")
+    abtest.start(root, "1.1.0", traffic=0.1)
+    release(root, "major")  # 2.0.0: current, not deployed
+    add_data(root, "corrections-001.jsonl", "datasets/corrections/c1.jsonl")
+    r = release(root, "patch", notes="fix")
+    assert (r.entry["version"], r.entry["parent"]) == ("1.0.1", "1.0.0")  # the champion, not 2.0.0
+    data = registry_data(root)  # committed: the entry and the champion move are one commit
+    assert data["aliases"] == {"champion": "1.0.1"} and "abtest" not in data and data["current"] == "1.0.1"
+    assert [e["action"] for e in data["events"]][-2:] == ["ab_stop", "set_champion"]
+    assert r.deployed["to"] == "1.0.1" and git(root, "status", "--porcelain") == ""
+    assert "champion" in git(root, "log", "-1", "--format=%s")
+    add_data(root, "corrections-001.jsonl", "datasets/corrections/c2.jsonl", commit=False)
+    (root / "datasets/corrections/c2.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "What is the IDLH of phosgene?"},
+                                 {"role": "assistant", "content": "2 ppm"}]}) + "\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "another correction")
+    r = release(root, "patch", deploy=False)
+    data = registry_data(root)
+    assert r.entry["parent"] == "1.0.1" and r.deployed is None and data["aliases"]["champion"] == "1.0.1"
+
+
 def test_major_merges_the_parent_first_and_trains_on_the_complete_data(released, trainer):
     root = released
     release(root, "minor")  # 1.1.0
