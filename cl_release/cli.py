@@ -255,8 +255,16 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
     for src in p.sources:
         if src["name"] == "feedback":
             skipped = ", ".join(f"{k} {v}" for k, v in src["skipped"].items()) or "none"
-            click.echo(f"feedback  {src['records']} usable rows since {src['since'] or 'the beginning'}"
+            window = src["window"]
+            lineage = f"{p.parent}'s lineage" if p.parent else "any release"
+            click.echo(f"feedback  {src['records']} usable rows not yet trained by {lineage}, logged "
+                       f"{(window['first_created_at'] or '?')[:10]} .. {(window['last_created_at'] or '?')[:10]}"
                        f" (skipped: {skipped})")
+            if src["trained_elsewhere"]:
+                click.echo("          of these, trained by releases outside this lineage (abandoned or rejected): "
+                           + ", ".join(f"{v} {n}" for v, n in src["trained_elsewhere"].items()))
+    for warning in p.warnings:
+        click.secho(f"warning   {warning} (release refuses it without --force --reason)", fg="yellow", err=True)
     click.echo("config:")
     click.echo(p.config_text, nl=False)
 
@@ -267,7 +275,8 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
 @click.option("--notes-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
               help="Read the notes from FILE (UTF-8, at most 1 MiB; '-': standard input).")
 @click.option("--allow-dirty", is_flag=True, help="Release even if the repository has uncommitted changes.")
-@click.option("--force", is_flag=True, help="Release even if a gate fails (needs --reason; recorded).")
+@click.option("--force", is_flag=True,
+              help="Release even if a gate fails or a knob is outside its sane range (needs --reason; recorded).")
 @click.option("--reason", default=None, help="Why the gates are overridden (with --force).")
 @click.option("--deploy/--no-deploy", default=None,
               help="Make the release champion in the same registry move (default: a patch does, "
@@ -294,7 +303,8 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
     with TrainingProgress() as bar:
         result = run_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy,
                              base_model=base_model, notes=notes, allow_dirty=allow_dirty, progress=bar.say,
-                             train_progress=bar.update, evaluator=evaluator, deploy=deploy)
+                             train_progress=bar.update, evaluator=evaluator, deploy=deploy,
+                             knob_override=reason if force else None)
     e = result.entry
     if result.plan is None:
         click.echo(f"Finished the interrupted release {e['version']} (recorded, committed, tagged); "

@@ -1309,6 +1309,18 @@ class FeedbackStore:
                 out[severity] = out.get(severity, 0) + n
         return out
 
+    def marks(self, request_ids: Iterable[str]) -> dict[str, int]:
+        """How many of these records each release version trained on (version -> records)."""
+        ids = list(dict.fromkeys(request_ids))
+        out: dict[str, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            sql = (f"SELECT version, count(*) FROM release_usage WHERE request_id IN ({', '.join('?' * len(part))})"
+                   " GROUP BY version")
+            for version, n in self.conn.execute(sql, part):
+                out[version] = out.get(version, 0) + n
+        return dict(sorted(out.items()))
+
     def usage(self, versions: Iterable[str] | None = None) -> dict[str, int]:
         """Records trained on, per release version (only ``versions`` when given)."""
         sql = "SELECT version, count(*) FROM release_usage"

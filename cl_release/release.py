@@ -41,6 +41,7 @@ from .render import (
     STRATEGY_BUMP,
     check_strategy,
     hardware,
+    knob_warnings,
     render_config,
     strategy_knobs,
 )
@@ -125,6 +126,7 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     tokens: int | None = None
     needs_parent_merge: bool = False
+    warnings: list[str] = field(default_factory=list)  # knobs outside their sane range (render.knob_warnings)
     # Axolotl keys the project let run code or read outside the repository (allow_unconfined),
     # with their values: recorded in the registry entry.
     unconfined: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +175,7 @@ class Plan:
             "new_examples": self.new_examples,
             "tokens": self.tokens,
             "knobs": {k: v for k, v in self.knobs.items() if k != "extra"},
+            "warnings": self.warnings,
             "launch": self.launch,
             "output_dir": self.output_dir,
             "config_sha256": self.config_sha256,
@@ -226,9 +229,14 @@ def _feedback_part(project: Project, strategy: str, lineage: list[dict[str, Any]
     if not records:
         return None
     role = "corrections" if strategy == "patch" else "new"
+    from .feedback import FeedbackStore
+
+    with FeedbackStore(project.feedback_path) as store:  # rows an abandoned branch (or a rejected release) had
+        elsewhere = store.marks(result.manifest["record_ids"])
     source = {"name": "feedback", "path": project.rel(project.feedback_path), "unused_by": used_by,
               "until": until, "records": len(result.manifest["record_ids"]), "extracted_sha256": result.sha256,
-              "skipped": result.manifest["skipped"]}
+              "skipped": result.manifest["skipped"], "window": result.manifest["window"],
+              "trained_elsewhere": elsewhere}
     return ds.Part("feedback", role, records, sources=[source], record_ids=list(result.manifest["record_ids"]))
 
 
@@ -403,7 +411,7 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         version="", parent=parent["version"] if parent else None, bump=bump, strategy=strategy,
         base_model=base, train_base=train_base, lora_model_dir=lora_model_dir, parts=final_parts,
         sources=all_sources, knobs=knobs, launch=project.launch, hw=hardware(project.launch), seed=seed,
-        notes=notes, needs_parent_merge=needs_merge,
+        notes=notes, needs_parent_merge=needs_merge, warnings=knob_warnings(strategy, knobs),
     )
     # -- version: next free number; an existing output folder of a different run is taken too
     while True:
@@ -604,13 +612,16 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                 progress: Progress = _noop,
                 train_progress: Callable[[int, int, float | None], None] | None = None,
                 evaluator: Callable[[Project, Plan, dict[str, Any]], dict[str, Any]] | None = None,
-                deploy: bool | None = None) -> ReleaseResult:
+                deploy: bool | None = None, knob_override: str | None = None) -> ReleaseResult:
     """Plan, train, record, commit and tag one release. See the module docstring for the order.
 
     ``deploy``: whether a released version also becomes champion, in the same registry move
     as its entry (so in the same commit). Default: a PATCH does (a safety fix must reach what
     serves) unless ``abtest.test_patches`` sends patches through an A/B test; other bumps
-    don't (``ab start`` / ``watch`` deploy them as challengers)."""
+    don't (``ab start`` / ``watch`` deploy them as challengers).
+
+    A knob outside its sane range (``Plan.warnings``) refuses the release before training,
+    unless ``knob_override`` gives the reason to train anyway (recorded in the entry)."""
     from .gitops import ReleaseRepo
     from .merge import merge_version
     from .train import run_training, toolchain_versions
@@ -635,6 +646,9 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
                 return ReleaseResult(entry=entry, plan=None, recovered=recovered, commit=repo.head())
             raise
         phases.done("plan")
+        if plan.warnings and not (knob_override and knob_override.strip()):
+            raise UserError(f"{plan.version}: " + "; ".join(plan.warnings),
+                            hint="fix the knob in cl-release.yaml, or pass --force --reason TEXT to train anyway")
         if plan.needs_parent_merge:
             progress(f"merging {plan.parent} into its base (merge_and_retrain starts from the merged model)")
             merge_version(project, plan.parent, progress=progress)
@@ -692,6 +706,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
 
         entry = _entry(project, plan, training, source_commit, toolchain_versions())
         entry["status"] = "released"
+        if plan.warnings:
+            entry["knob_override"] = {"reason": knob_override.strip(), "warnings": plan.warnings}
         phases.done("verify")
         if evaluator is not None:
             entry = evaluator(project, plan, entry)

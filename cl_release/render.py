@@ -100,6 +100,24 @@ def strategy_knobs(project_data: dict[str, Any], strategy: str) -> dict[str, Any
     return knobs
 
 
+# Ranges outside which a knob is almost surely a mistake (a LoRA at lr 500 destroys the model
+# and still trains "fine"): plan warns, release refuses unless forced (--force --reason).
+SANE_KNOBS: dict[str, tuple[float, float]] = {
+    "learning_rate": (1e-7, 5e-3),
+    "num_epochs": (1, 20),
+}
+
+
+def knob_warnings(strategy: str, knobs: dict[str, Any]) -> list[str]:
+    """Knobs outside :data:`SANE_KNOBS` (one line each, naming the knob, the value and the range)."""
+    out = []
+    for name, (low, high) in SANE_KNOBS.items():
+        value = knobs.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+            out.append(f"{name} {value:g} is outside {low:g}..{high:g}, the sane range for {strategy}")
+    return out
+
+
 # ---------------------------------------------------------------- hardware
 
 

@@ -290,6 +290,22 @@ def test_registry_records_the_knobs_the_rendered_config_used(released):
     assert set(entry["training"]["token_units"]) == {"tokens_in_mix", "tokens_trained"}
 
 
+def test_a_learning_rate_outside_the_sane_range_is_refused_before_training(root, trainer):
+    with open(root / "cl-release.yaml", "a") as f:
+        f.write("training:\n  learning_rate: 500.0\n")
+    git(root, "commit", "-qam", "lr 500")
+    r = run("-C", root, "plan", "minor")
+    assert "learning_rate 500 is outside 1e-07..0.005" in r.stderr
+    assert json.loads(run("-C", root, "plan", "minor", "--json").stdout)["warnings"] == [
+        "learning_rate 500 is outside 1e-07..0.005, the sane range for initial"]
+    line = assert_one_line_error(run("-C", root, "release", "minor", ok=False), 2, contains="learning_rate 500")
+    assert "--force --reason" in line and trainer.calls == []
+    run("-C", root, "release", "minor", "--force", "--reason", "a deliberate stress test")
+    entry = registry_data(root)["models"][0]
+    assert entry["knob_override"] == {"reason": "a deliberate stress test",
+                                      "warnings": ["learning_rate 500 is outside 1e-07..0.005, the sane range for initial"]}
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")
