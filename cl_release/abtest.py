@@ -283,6 +283,33 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
     started = parse_time(running["started_at"])
     per = version_metrics(project.feedback_path, since=started, until=now, versions=[champ_v, chall_v])
     a, b = per.get(champ_v, Metrics()), per.get(chall_v, Metrics())
+    hours = (now - started).total_seconds() / 3600
+    v = decide(a, b, hours=hours, conf=conf, names=(champ_v, chall_v))
+    return Comparison(
+        champion=champ_v, challenger=chall_v, traffic=running["traffic"], started_at=running["started_at"],
+        now=registry_time(now), duration_hours=round(hours, 3),
+        metrics={champ_v: a.to_dict(), chall_v: b.to_dict()}, improvement=v.improvement, components=v.components,
+        test=v.test, checks=v.checks, decision=v.decision, reasons=v.reasons,
+    )
+
+
+@dataclass
+class Verdict:
+    """What the decision rule reaches on one look: the figures, the checks and the decision."""
+
+    improvement: float | None
+    components: dict[str, Any]
+    test: dict[str, Any]
+    checks: list[dict[str, Any]]
+    decision: str  # promote | stop | wait
+    reasons: list[str]
+
+
+def decide(a: Metrics, b: Metrics, *, hours: float, conf: dict[str, Any],
+           names: tuple[str, str] = ("champion", "challenger")) -> Verdict:
+    """The decision rule on one look: champion metrics ``a``, challenger ``b``, ``hours`` since
+    the start, ``conf`` from :func:`ab_config`. Pure: ``compare`` reads the store, then calls it."""
+    champ_v, chall_v = names
     improvement, parts = weighted_improvement(a, b, conf["weights"])
     if conf["significance_metric"] == "quality":
         test, na, nb = mean_test(a, b), a.quality_n, b.quality_n
@@ -292,7 +319,6 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
     p = test["p_value"]
     test["alpha"] = alpha
     test["significant"] = p is not None and p < alpha
-    hours = (now - started).total_seconds() / 3600
     min_n, min_h, thr = conf["min_samples"], float(conf["min_duration_hours"]), conf["threshold"]
     checks = [
         {"name": "samples", "ok": min(na, nb) >= min_n, "value": {champ_v: na, chall_v: nb}, "need": min_n},
@@ -313,12 +339,7 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
         decision, reasons = "stop", [f"no decision after {hours:.0f} h (max_duration_hours {max_h:g})"] + reasons
     else:
         decision = "wait"
-    return Comparison(
-        champion=champ_v, challenger=chall_v, traffic=running["traffic"], started_at=running["started_at"],
-        now=registry_time(now), duration_hours=round(hours, 3),
-        metrics={champ_v: a.to_dict(), chall_v: b.to_dict()}, improvement=improvement, components=parts,
-        test=test, checks=checks, decision=decision, reasons=reasons,
-    )
+    return Verdict(improvement, parts, test, checks, decision, reasons)
 
 
 @dataclass
