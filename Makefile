@@ -39,12 +39,14 @@ bench: install
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_serve.py --clients 8 --requests 2000
+	$(BIN)/python bench/bench_abtest.py
 
 bench-quick: install
 	$(BIN)/python bench/bench_feedback.py --quick
 	$(BIN)/python bench/bench_data.py --quick
 	$(BIN)/python bench/bench_eval.py --quick
 	$(BIN)/python bench/bench_serve.py --clients 2 --requests 200
+	$(BIN)/python bench/bench_abtest.py --quick
 
 # Continual-learning benchmark: every strategy through real releases on the tiny model; writes
 # bench/continual/RESULTS.md and its plots (about 30 minutes on 2 CPU cores). QUICK=1: one step, two strategies.

@@ -6,19 +6,34 @@ State lives in the registry (``registry/model_registry.json``):
   version under test;
 - ``abtest``: ``{champion, challenger, traffic, started_at}`` while a test runs;
 - ``events``: an append-only log; every move (``set_champion``, ``ab_start``, ``ab_stop``,
-  ``promote``, ``champion_rollback``) adds one, so history is never rewritten.
+  ``promote``, ``champion_rollback``) adds one, so history is never rewritten. A promotion or
+  a stop decided by the rule records the method, the figures and the look number.
 
 Every move is made under the release lock inside ``Registry.transaction()`` and committed to
 git, so the registry and git agree. ``abtest:`` in cl-release.yaml overrides the defaults
 (shared/PRACTICE.md: 10% traffic, > 5% better on a weighted score of quality 0.5, positive
 feedback 0.3 and latency 0.2 (lower is better), after >= 48 h and enough samples).
 
+The rule is checked at every look (``watch`` looks every hour), so its statistics are
+anytime-valid (:mod:`cl_release.sequential`): the chance that an A/A test is ever promoted or
+stopped as worse stays below ``alpha`` however many looks there are. On each look:
+
+- **stop at once** when the challenger has ``guardrails.critical_reports`` answers reported
+  critical/safety; when the tested metric is significantly worse (its always-valid interval
+  below 0, with ``min_samples`` a side); or when a guardrail is significantly worse:
+  negative-feedback rate, error rate, latency p95, critical-report rate (their chance of any
+  false stop together at most ``guardrails.alpha``);
+- **promote** when the always-valid interval of the tested metric (positive-feedback rate, or
+  mean quality) lies above 0, the weighted improvement is at least ``threshold``, both sides
+  have ``min_samples``, the test ran ``min_duration_hours``, and the traffic split matches the
+  configured one (sample-ratio-mismatch check: chi-square p >= ``srm_p``; below it routing or
+  logging is broken and no comparison can be trusted, so promotion is refused);
+- stop with no decision after ``max_duration_hours``; else wait.
+
 The weighted improvement is the weighted mean of the challenger's relative changes:
 ``sum(w * change) / sum(w)`` with ``change = challenger / champion - 1`` for quality and
 positive rate and ``1 - challenger / champion`` for latency; a metric missing on either side
-drops out. A promotion also needs significance: a two-sided two-proportion z-test on the
-positive-feedback rate (or a Welch z-test on mean quality) below ``alpha``, so a 5%
-difference on 40 answers is not called a win.
+drops out.
 """
 
 from __future__ import annotations
@@ -26,16 +41,18 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import math
+import json
 import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import sequential as seq
 from .errors import RegistryError, UserError, VersionError
+from .files import atomic_write_json, locked
 from .registry import REGISTRY_FILE, Registry, normalize_version
-from .triggers import Metrics, parse_time, registry_time, utc, version_metrics
+from .triggers import LatencyRanks, Metrics, answer_flags, parse_time, registry_time, utc, version_metrics
 
 DEFAULTS: dict[str, Any] = {
     "traffic": 0.1,
@@ -45,17 +62,24 @@ DEFAULTS: dict[str, Any] = {
     "max_duration_hours": 336.0,
     "alpha": 0.05,
     "significance_metric": "positive_rate",
+    "sequential_tau": 0.05,
+    "srm_p": 0.001,
     "weights": {"quality": 0.5, "positive_rate": 0.3, "latency": 0.2},
+    "guardrails": {"alpha": 0.05, "negative_rate": True, "error_rate": True, "latency_p95": True,
+                   "critical_rate": True, "critical_reports": 1},
     "test_patches": False,
 }
+GUARDRAILS = ("negative_rate", "error_rate", "latency_p95", "critical_rate")
+METHOD = "mSPRT (normal mixture, Johari et al. 2022)"
+LOOKS_FILE = ".cl-release/abtest/looks.json"
 
 
 def ab_config(project) -> dict[str, Any]:
     """Defaults overlaid with the project's ``abtest:`` section (checked by the project schema)."""
-    conf = {**DEFAULTS, "weights": dict(DEFAULTS["weights"])}
+    conf = {**DEFAULTS, "weights": dict(DEFAULTS["weights"]), "guardrails": dict(DEFAULTS["guardrails"])}
     for key, value in ((project.data.get("abtest") if project is not None else None) or {}).items():
-        if key == "weights":
-            conf["weights"].update(value)
+        if key in ("weights", "guardrails"):
+            conf[key].update(value)
         else:
             conf[key] = value
     return conf
@@ -184,16 +208,23 @@ def _end(data: dict[str, Any]) -> dict[str, Any]:
     return running
 
 
-def stop(root: Path, *, reason: str = "", now: _dt.datetime | None = None) -> dict[str, Any]:
+def stop(root: Path, *, reason: str = "", now: _dt.datetime | None = None,
+         evidence: dict[str, Any] | None = None, challenger: str | None = None) -> dict[str, Any]:
     """End the test; the champion keeps serving. If the challenger was the current version (it
     usually is: it was just released), the champion becomes current again, so the next
-    release builds on the version that serves, not the one that lost."""
+    release builds on the version that serves, not the one that lost. ``evidence``
+    (:meth:`Comparison.evidence`): the method, figures and look of a stop the rule decided,
+    recorded in the event. ``challenger``: stop only the test of this version (the test changed
+    since it was compared: RegistryError)."""
     with _move(root, lambda: f"A/B: stop {running['challenger']}" + (f" ({reason})" if reason else "")) as data:
         running = _end(data)
+        if challenger is not None and running["challenger"] != challenger:
+            raise RegistryError("the A/B test changed while comparing", hint="run the command again")
         fields = {"champion": running["champion"], "challenger": running["challenger"], "reason": reason}
         if data["current"] == running["challenger"]:
             data["current"] = running["champion"]
             fields["current"] = {"from": running["challenger"], "to": running["champion"]}
+        fields.update(evidence or {})
         event = _event(data, now, "ab_stop", **fields)
     return event
 
@@ -220,36 +251,7 @@ def rollback_champion(root: Path, *, now: _dt.datetime | None = None) -> dict[st
     return event
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def _erfc_p(z: float) -> float:
-    return math.erfc(abs(z) / math.sqrt(2))
-
-
-def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict[str, Any]:
-    """Two-sided pooled z-test of p2 - p1, with an unpooled 95% interval for the difference."""
-    if n1 == 0 or n2 == 0:
-        return {"method": "two-proportion z-test", "diff": None, "z": None, "p_value": None, "ci95": None}
-    p1, p2 = x1 / n1, x2 / n2
-    pooled = (x1 + x2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    z = (p2 - p1) / se if se > 0 else 0.0
-    half = 1.96 * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
-    return {"method": "two-proportion z-test", "diff": p2 - p1, "z": z, "p_value": _erfc_p(z) if se > 0 else 1.0,
-            "ci95": [p2 - p1 - half, p2 - p1 + half]}
-
-
-def mean_test(a: Metrics, b: Metrics) -> dict[str, Any]:
-    """Two-sided Welch z-test of mean quality b - a (normal approximation)."""
-    va, vb = a.quality_var, b.quality_var
-    if va is None or vb is None:
-        return {"method": "Welch z-test (mean quality)", "diff": None, "z": None, "p_value": None, "ci95": None}
-    diff = b.avg_quality - a.avg_quality
-    se = math.sqrt(va / a.quality_n + vb / b.quality_n)
-    z = diff / se if se > 0 else 0.0
-    return {"method": "Welch z-test (mean quality)", "diff": diff, "z": z,
-            "p_value": _erfc_p(z) if se > 0 else 1.0, "ci95": [diff - 1.96 * se, diff + 1.96 * se]}
+# ---------------------------------------------------------------- the decision rule
 
 
 def weighted_improvement(champ: Metrics, chall: Metrics, weights: dict[str, float]) -> tuple[float | None, dict]:
@@ -270,6 +272,177 @@ def weighted_improvement(champ: Metrics, chall: Metrics, weights: dict[str, floa
     return (num / den if den else None), parts
 
 
+@dataclass
+class Arm:
+    """What the rule reads of one version over the test window: the store's aggregates, the
+    answers marked as errors and reported critical/safety, and ``latency_at(k)``, the k-th
+    smallest of its ``metrics.latency_n`` latencies (1-based; None: no p95 guardrail)."""
+
+    version: str
+    metrics: Metrics
+    errors: int = 0
+    critical: int = 0
+    latency_at: Callable[[int], float] | None = None
+
+
+@dataclass
+class Verdict:
+    """What the decision rule reaches on one look: the figures, the checks and the decision."""
+
+    improvement: float | None
+    components: dict[str, Any]
+    test: dict[str, Any]
+    checks: list[dict[str, Any]]
+    guardrails: list[dict[str, Any]]
+    srm: dict[str, Any]
+    decision: str  # promote | stop | wait
+    reasons: list[str]
+    waiting_for: list[str]
+
+
+def _rate_guardrail(name: str, what: str, versions: tuple[str, str], x: tuple[int, int], n: tuple[int, int], *,
+                    alpha: float, tau: float, min_n: int) -> dict[str, Any]:
+    """A rate where higher is worse: worse when the always-valid interval of challenger - champion
+    lies above 0."""
+    g = {"name": name, "champion": x[0] / n[0] if n[0] else None, "challenger": x[1] / n[1] if n[1] else None,
+         "counts": {"champion": [x[0], n[0]], "challenger": [x[1], n[1]]}, "alpha": alpha, "interval": None,
+         "p_value": None}
+    if min(n) < min_n:
+        g.update(state="waiting", detail=f"{min(n)} {what} on the smaller side, need {min_n}")
+        return g
+    d = seq.proportions(x[0], n[0], x[1], n[1], alpha=alpha, tau=tau)
+    g.update(interval=list(d.interval), p_value=d.p_value)
+    worse = d.interval[0] > 0
+    g.update(state="worse" if worse else "ok",
+             detail=f"{versions[1]} {g['challenger']:.4f} vs {versions[0]} {g['champion']:.4f}, difference interval "
+                    f"[{d.interval[0]:+.4f}, {d.interval[1]:+.4f}]" + (" above 0" if worse else ""))
+    return g
+
+
+def _p95_guardrail(a: Arm, b: Arm, *, alpha: float, min_n: int) -> dict[str, Any]:
+    """Worse when the challenger's p95 interval lies wholly above the champion's: each interval
+    is a confidence sequence at alpha / 2 (Howard & Ramdas 2022), so a false stop needs one of
+    them to fail (conservative: no distribution assumed, no normal approximation)."""
+    na, nb = a.metrics.latency_n, b.metrics.latency_n
+    g: dict[str, Any] = {"name": "latency_p95", "champion": None, "challenger": None, "alpha": alpha,
+                         "interval": None, "counts": {"champion": na, "challenger": nb}}
+    if a.latency_at is None or b.latency_at is None or min(na, nb) < min_n:
+        g.update(state="waiting", detail=f"{min(na, nb)} latencies on the smaller side, need {min_n}")
+        return g
+    g["champion"] = a.latency_at(seq.quantile_rank(na, 0.95))
+    g["challenger"] = b.latency_at(seq.quantile_rank(nb, 0.95))
+    ia = seq.quantile_interval(na, a.latency_at, q=0.95, alpha=alpha / 2)
+    ib = seq.quantile_interval(nb, b.latency_at, q=0.95, alpha=alpha / 2)
+    g["interval"] = {"champion": list(ia), "challenger": list(ib)}
+    worse = ib[0] is not None and ia[1] is not None and ib[0] > ia[1]
+    show = lambda i: "[" + ", ".join("-" if x is None else f"{x:.0f}" for x in i) + "]"  # noqa: E731
+    g.update(state="worse" if worse else "ok",
+             detail=f"{b.version} {g['challenger']:.0f} ms {show(ib)} vs {a.version} {g['champion']:.0f} ms {show(ia)}"
+                    + (": challenger's wholly above" if worse else ""))
+    return g
+
+
+def decide(a: Arm, b: Arm, *, hours: float, traffic: float, conf: dict[str, Any]) -> Verdict:
+    """The decision rule on one look: champion ``a``, challenger ``b``, ``hours`` since the
+    start, the challenger's configured ``traffic`` share, ``conf`` from :func:`ab_config`.
+    Pure: :func:`compare` reads the store, then calls it; the benchmark calls it on simulated
+    traffic."""
+    ma, mb = a.metrics, b.metrics
+    alpha, tau = conf["alpha"], conf["sequential_tau"]
+    improvement, parts = weighted_improvement(ma, mb, conf["weights"])
+    metric = conf["significance_metric"]
+    if metric == "quality":
+        d = seq.means((ma.quality_n, ma.quality_sum, ma.quality_sq), (mb.quality_n, mb.quality_sum, mb.quality_sq),
+                      alpha=alpha, tau=tau)
+        na, nb, unit = ma.quality_n, mb.quality_n, "answers with a quality score"
+    else:
+        d = seq.proportions(ma.positive, ma.opinions, mb.positive, mb.opinions, alpha=alpha, tau=tau)
+        na, nb, unit = ma.opinions, mb.opinions, "answers with a rating or thumbs"
+    test = {"method": METHOD, "metric": metric, "alpha": alpha, "tau": tau,
+            "diff": None if d is None else d.diff, "p_value": None if d is None else d.p_value,
+            "interval": None if d is None else list(d.interval),
+            "significant": d is not None and (d.better or d.worse)}
+    p = test["p_value"]
+
+    min_n, min_h, thr = conf["min_samples"], float(conf["min_duration_hours"]), conf["threshold"]
+    srm = seq.srm_test(ma.records, mb.records, traffic)
+    srm_ok = srm["p_value"] is None or srm["p_value"] >= conf["srm_p"]
+    srm = {**srm, "ok": srm_ok, "need": f"p >= {conf['srm_p']:g}"}
+    checks = [
+        {"name": "samples", "ok": min(na, nb) >= min_n, "value": {a.version: na, b.version: nb}, "need": min_n},
+        {"name": "duration", "ok": hours >= min_h, "value": round(hours, 2), "need": min_h},
+        {"name": "better", "ok": improvement is not None and improvement >= thr,
+         "value": None if improvement is None else round(improvement, 4), "need": thr},
+        {"name": "significant", "ok": d is not None and d.better, "value": None if p is None else round(p, 4),
+         "need": f"p < {alpha}"},
+        {"name": "srm", "ok": srm_ok, "value": srm["p_value"] if srm["p_value"] is None else round(srm["p_value"], 6),
+         "need": srm["need"]},
+    ]
+    ok = {c["name"]: c["ok"] for c in checks}
+
+    g_conf = conf["guardrails"]
+    on = [name for name in GUARDRAILS if g_conf.get(name)]
+    g_alpha = g_conf["alpha"] / len(on) if on else g_conf["alpha"]
+    guardrails, vs = [], (a.version, b.version)
+    for name in on:
+        if name == "negative_rate":
+            g = _rate_guardrail(name, "answers with feedback", vs, (ma.negative, mb.negative),
+                                (ma.feedback, mb.feedback), alpha=g_alpha, tau=tau, min_n=min_n)
+        elif name == "error_rate":
+            g = _rate_guardrail(name, "answers", vs, (a.errors, b.errors), (ma.records, mb.records),
+                                alpha=g_alpha, tau=tau, min_n=min_n)
+        elif name == "critical_rate":
+            g = _rate_guardrail(name, "answers", vs, (a.critical, b.critical), (ma.records, mb.records),
+                                alpha=g_alpha, tau=tau, min_n=min_n)
+        else:
+            g = _p95_guardrail(a, b, alpha=g_alpha, min_n=min_n)
+        guardrails.append(g)
+
+    stops = []
+    limit = g_conf.get("critical_reports")
+    if limit is not None and b.critical >= limit:
+        stops.append(f"{b.critical} answer(s) of {b.version} reported critical/safety "
+                     f"(guardrails.critical_reports {limit}): stopped at once")
+    if ok["samples"] and d is not None and d.worse:
+        stops.append(f"{b.version} is significantly worse on {metric} (always-valid p={p:.4f}, "
+                     f"{1 - alpha:.0%} interval [{d.interval[0]:+.4f}, {d.interval[1]:+.4f}])")
+    stops += [f"guardrail {g['name']}: {b.version} is significantly worse ({g['detail']})"
+              for g in guardrails if g["state"] == "worse"]
+
+    waits = []
+    if not ok["samples"]:
+        waits += [f"{min_n - n} more {unit} on {v} ({n} of {min_n})" for v, n in ((a.version, na), (b.version, nb))
+                  if n < min_n]
+    if not ok["duration"]:
+        waits.append(f"{min_h - hours:.1f} more hours (min_duration_hours {min_h:g})")
+    if not ok["better"]:
+        now = "-" if improvement is None else f"{improvement:+.1%}"
+        waits.append(f"a weighted improvement of at least {thr:+.1%} (now {now})")
+    if not ok["significant"]:
+        waits.append(f"the always-valid {1 - alpha:.0%} interval of {metric} to lie above 0" +
+                     ("" if d is None else f" (now [{d.interval[0]:+.4f}, {d.interval[1]:+.4f}])"))
+    if not srm_ok:
+        waits.append(f"a traffic split that matches {traffic:.0%} (now {srm['share']:.2%} on {b.version}): fix "
+                     "routing or logging; promotion is refused until then")
+
+    reasons = [f"{c['name']}: {c['value']} (need {c['need']})" for c in checks if not c["ok"] and c["name"] != "srm"]
+    if not srm_ok:
+        reasons.append(f"srm: sample ratio mismatch, {b.version} has {srm['share']:.2%} of the answers where "
+                       f"{traffic:.0%} were routed (chi-square p={srm['p_value']:.2g}, need {srm['need']}): routing "
+                       "or logging is broken and no comparison can be trusted")
+    max_h = conf["max_duration_hours"]
+    if stops:
+        decision, reasons, waits = "stop", stops, []
+    elif all(ok.values()):
+        decision, reasons = "promote", []
+    elif max_h is not None and hours >= float(max_h):
+        decision, waits = "stop", []
+        reasons = [f"no decision after {hours:.0f} h (max_duration_hours {max_h:g})"] + reasons
+    else:
+        decision = "wait"
+    return Verdict(improvement, parts, test, checks, guardrails, srm, decision, reasons, waits)
+
+
 # ---------------------------------------------------------------- comparison
 
 
@@ -288,6 +461,10 @@ class Comparison:
     checks: list[dict[str, Any]]
     decision: str  # promote | stop | wait
     reasons: list[str] = field(default_factory=list)
+    guardrails: list[dict[str, Any]] = field(default_factory=list)
+    srm: dict[str, Any] = field(default_factory=dict)
+    waiting_for: list[str] = field(default_factory=list)
+    look: int | None = None  # this look's number in the test (None: not counted)
 
     @property
     def ready(self) -> bool:
@@ -296,9 +473,55 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def evidence(self) -> dict[str, Any]:
+        """What a promotion or stop records in its registry event: the method, the look and the
+        figures (6 significant digits)."""
+        t = self.test
+        return {"method": t["method"], "look": self.look, "figures": _rounded({
+            "hours": self.duration_hours, "metric": t["metric"], "alpha": t["alpha"], "tau": t["tau"],
+            "diff": t["diff"], "interval": t["interval"], "p_value": t["p_value"],
+            "samples": {v: (m["quality_samples"] if t["metric"] == "quality" else m["opinions"])
+                        for v, m in self.metrics.items()},
+            "answers": {v: m["records"] for v, m in self.metrics.items()},
+            "critical_reports": {v: m["critical"] for v, m in self.metrics.items()},
+            "improvement": self.improvement,
+            "srm": {k: self.srm.get(k) for k in ("share", "expected", "p_value")},
+            "guardrails": {g["name"]: {"state": g["state"], "detail": g["detail"]} for g in self.guardrails},
+        })}
 
-def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | None = None) -> Comparison:
-    """Metrics per version since the test started, the significance test and the decision."""
+
+def _rounded(x: Any) -> Any:
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def _count_look(root: Path, running: dict[str, Any], now: _dt.datetime) -> int:
+    """Add one look to the running test's count (``.cl-release/abtest/looks.json``) and return it."""
+    path = Path(root) / LOOKS_FILE
+    key = f"{running['champion']}->{running['challenger']}@{running['started_at']}"
+    with locked(path.with_suffix(".lock"), what="the A/B look counter"):
+        previous: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                previous = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{path}: unreadable look counter ({e})",
+                                hint="delete it; the count of looks restarts") from None
+        n = (int(previous.get("looks", 0)) if previous.get("test") == key else 0) + 1
+        atomic_write_json(path, {"test": key, "looks": n, "last": registry_time(now)})
+    return n
+
+
+def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | None = None,
+            count_look: bool = True) -> Comparison:
+    """Metrics per version since the test started, the anytime-valid tests, the guardrails, the
+    traffic-split check and the decision. Every comparison is a look at the test and is counted
+    (``count_look=False``: not counted); the count goes into the events it decides."""
     now = utc(now)
     conf = ab_config(project)
     data = data if data is not None else Registry(project.root).load()
@@ -307,43 +530,24 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
         raise UserError("no A/B test is running", hint="start one with: cl-release ab start VERSION --traffic 0.1")
     champ_v, chall_v = running["champion"], running["challenger"]
     started = parse_time(running["started_at"])
-    per = version_metrics(project.feedback_path, since=started, until=now, versions=[champ_v, chall_v])
-    a, b = per.get(champ_v, Metrics()), per.get(chall_v, Metrics())
-    improvement, parts = weighted_improvement(a, b, conf["weights"])
-    if conf["significance_metric"] == "quality":
-        test, na, nb = mean_test(a, b), a.quality_n, b.quality_n
-    else:
-        test, na, nb = two_proportion_test(a.positive, a.opinions, b.positive, b.opinions), a.opinions, b.opinions
-    alpha = conf["alpha"]
-    p = test["p_value"]
-    test["alpha"] = alpha
-    test["significant"] = p is not None and p < alpha
+    store = project.feedback_path
+    per = version_metrics(store, since=started, until=now, versions=[champ_v, chall_v])
+    flags = answer_flags(store, since=started, until=now, versions=[champ_v, chall_v])
     hours = (now - started).total_seconds() / 3600
-    min_n, min_h, thr = conf["min_samples"], float(conf["min_duration_hours"]), conf["threshold"]
-    checks = [
-        {"name": "samples", "ok": min(na, nb) >= min_n, "value": {champ_v: na, chall_v: nb}, "need": min_n},
-        {"name": "duration", "ok": hours >= min_h, "value": round(hours, 2), "need": min_h},
-        {"name": "better", "ok": improvement is not None and improvement >= thr,
-         "value": None if improvement is None else round(improvement, 4), "need": thr},
-        {"name": "significant", "ok": bool(test["significant"] and (test["diff"] or 0) > 0),
-         "value": None if p is None else round(p, 4), "need": f"p < {alpha}"},
-    ]
-    ok = {c["name"]: c["ok"] for c in checks}
-    reasons = [f"{c['name']}: {c['value']} (need {c['need']})" for c in checks if not c["ok"]]
-    max_h = conf["max_duration_hours"]
-    if all(ok.values()):
-        decision = "promote"
-    elif ok["samples"] and ok["duration"] and test["significant"] and (test["diff"] or 0) < 0:
-        decision, reasons = "stop", [f"{chall_v} is significantly worse (p={p:.4f})"]
-    elif max_h is not None and hours >= float(max_h):
-        decision, reasons = "stop", [f"no decision after {hours:.0f} h (max_duration_hours {max_h:g})"] + reasons
-    else:
-        decision = "wait"
+    with contextlib.ExitStack() as stack:
+        arms = []
+        for v in (champ_v, chall_v):
+            ranks = stack.enter_context(LatencyRanks(store, since=started, until=now, version=v))
+            f = flags.get(v, {})
+            arms.append(Arm(v, per.get(v, Metrics()), f.get("errors", 0), f.get("critical", 0), ranks.at))
+        v = decide(*arms, hours=hours, traffic=float(running["traffic"]), conf=conf)
+    look = _count_look(project.root, running, now) if count_look else None
     return Comparison(
         champion=champ_v, challenger=chall_v, traffic=running["traffic"], started_at=running["started_at"],
         now=registry_time(now), duration_hours=round(hours, 3),
-        metrics={champ_v: a.to_dict(), chall_v: b.to_dict()}, improvement=improvement, components=parts,
-        test=test, checks=checks, decision=decision, reasons=reasons,
+        metrics={a.version: a.metrics.to_dict() | {"errors": a.errors, "critical": a.critical} for a in arms},
+        improvement=v.improvement, components=v.components, test=v.test, checks=v.checks, decision=v.decision,
+        reasons=v.reasons, guardrails=v.guardrails, srm=v.srm, waiting_for=v.waiting_for, look=look,
     )
 
 
@@ -358,19 +562,20 @@ class PromoteResult:
 
 def promote(project, *, now: _dt.datetime | None = None, auto: bool = False, force: bool = False,
             reason: str | None = None) -> PromoteResult:
-    """Move ``champion`` to the challenger when every check holds.
+    """Move ``champion`` to the challenger when the rule says promote.
 
-    ``auto``: when a check fails, return ``promoted=False`` (for cron) instead of raising;
-    when the comparison decides ``stop`` (the challenger is significantly worse, or no
-    decision came in ``max_duration_hours``), stop the test as ``watch`` does
-    (``stopped=True``). ``force``: promote anyway; needs a ``reason``, recorded in the event.
+    ``auto``: when the rule does not say promote, return ``promoted=False`` (for cron) instead
+    of raising; when it says ``stop`` (a guardrail, critical reports, significantly worse, or
+    no decision in ``max_duration_hours``), stop the test as ``watch`` does (``stopped=True``),
+    recording the evidence. ``force``: promote anyway; needs a ``reason``, recorded in the event.
     """
     if force and not (reason and reason.strip()):
         raise UserError("--force needs --reason TEXT", hint="say why; it goes into the registry")
     comparison = compare(project, now=now)
     if not comparison.ready and not force:
         if auto and comparison.decision == "stop":
-            event = stop(project.root, reason="; ".join(comparison.reasons), now=now)
+            event = stop(project.root, reason="; ".join(comparison.reasons), now=now,
+                         evidence=comparison.evidence(), challenger=comparison.challenger)
             return PromoteResult(False, comparison, event, comparison.reasons, stopped=True)
         if auto:
             return PromoteResult(False, comparison, None, comparison.reasons)
@@ -378,7 +583,7 @@ def promote(project, *, now: _dt.datetime | None = None, auto: bool = False, for
                         hint="wait for more traffic ('cl-release ab compare'), or --force --reason TEXT")
     fields = {"from": comparison.champion, "to": comparison.challenger,
               "improvement": comparison.improvement, "p_value": comparison.test["p_value"],
-              "forced": bool(force and not comparison.ready)}
+              "forced": bool(force and not comparison.ready), **comparison.evidence()}
     if fields["forced"]:
         fields["reason"] = reason.strip()
     with _move(project.root, lambda: f"Promote {comparison.challenger} to champion (was {comparison.champion})") as data:
@@ -395,26 +600,49 @@ def promote(project, *, now: _dt.datetime | None = None, auto: bool = False, for
     return PromoteResult(True, comparison, event, [])
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def format_comparison(c: Comparison) -> str:
+    t = c.test
+    look = f", look {c.look}" if c.look is not None else ""
     lines = [f"champion {c.champion} vs challenger {c.challenger} ({c.traffic:.0%} traffic), "
-             f"{c.duration_hours:.1f} h since {c.started_at}"]
+             f"{c.duration_hours:.1f} h since {c.started_at}{look}"]
     for v in (c.champion, c.challenger):
         m = c.metrics[v]
-        f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"  {v:<10} answers {m['records']:>6}  quality {f(m['avg_quality'])} of {m['quality_samples']}"
-                     f"  positive {f(m['positive_rate'])} of {m['opinions']} rated/thumbed"
-                     f"  latency {f(m['avg_latency_ms'], 1)} ms")
+        lines.append(f"  {v:<10} answers {m['records']:>6}  quality {_num(m['avg_quality'], '.3f')} of "
+                     f"{m['quality_samples']}  positive {_num(m['positive_rate'], '.3f')} of {m['opinions']} "
+                     f"rated/thumbed  latency {_num(m['avg_latency_ms'], '.1f')} ms")
     imp = "-" if c.improvement is None else f"{c.improvement:+.1%}"
-    t = c.test
-    pv = "-" if t["p_value"] is None else f"{t['p_value']:.4f}"
-    lines.append(f"  weighted improvement {imp}; {t['method']}: p={pv} (alpha {t['alpha']})")
+    lines.append(f"  weighted improvement {imp}; {t['method']} on {t['metric']}, tau {t['tau']:g}: "
+                 f"always-valid p={_num(t['p_value'], '.4f')} (alpha {t['alpha']})")
+    if t["interval"] is not None:
+        lines.append(f"  {t['metric']} {c.challenger} - {c.champion}: {t['diff']:+.4f}, always-valid "
+                     f"{1 - t['alpha']:.0%} interval [{t['interval'][0]:+.4f}, {t['interval'][1]:+.4f}]"
+                     " (valid at every look)")
     for check in c.checks:
         value = check["value"]
         if check["name"] == "significant":  # the value is a p-value: say so, and which way it points
-            value = "-" if value is None else f"p={t['p_value']:.4f}, challenger " + (
-                "better" if (t["diff"] or 0) > 0 else "worse" if (t["diff"] or 0) < 0 else "equal")
+            diff = t["diff"] or 0
+            value = "-" if value is None else f"always-valid p={t['p_value']:.4f}, challenger " + (
+                "better" if diff > 0 else "worse" if diff < 0 else "equal")
+        elif check["name"] == "srm":
+            s = c.srm
+            value = "-" if s.get("p_value") is None else (
+                f"{c.challenger} has {s['share']:.2%} of the answers (configured {s['expected']:.0%}), "
+                f"chi-square p={s['p_value']:.3g}")
         lines.append(f"  [{'ok' if check['ok'] else '--'}] {check['name']:<11} {value} (need {check['need']})")
+    if c.guardrails:
+        lines.append(f"  guardrails (stop when significantly worse; each at alpha {c.guardrails[0]['alpha']:g}):")
+        for g in c.guardrails:
+            mark = {"ok": "ok", "worse": "STOP", "waiting": "--"}[g["state"]]
+            lines.append(f"  [{mark}] {g['name']:<14} {g['detail']}")
+    crit = c.metrics[c.challenger].get("critical", 0)
+    lines.append(f"  critical/safety reports on {c.challenger}: {crit}")
     lines.append(f"decision: {c.decision}" + (f" ({'; '.join(c.reasons)})" if c.reasons else ""))
+    if c.waiting_for:
+        lines.append("waiting for: " + "; ".join(c.waiting_for))
     return "\n".join(lines)
 
 

@@ -1043,18 +1043,22 @@ def ab_champion(ctx: Context, version: str, reason: str) -> None:
 @pass_ctx
 @handle_errors
 def ab_status(ctx: Context, as_json: bool) -> None:
-    """Show the champion, the challenger and its traffic share."""
+    """Show the champion, the challenger and its traffic share; with a test running, the
+    comparison too (interval, guardrails, traffic-split check, decision; a counted look)."""
     from . import abtest
 
     data = ctx.registry().load()
     out = {"aliases": data.get("aliases", {}), "abtest": abtest.state(data), "current": data["current"]}
+    comparison = abtest.compare(ctx.project(), now=_now(), data=data) if out["abtest"] else None
     if as_json:
-        echo_json(out)
+        echo_json({**out, "comparison": comparison.to_dict() if comparison else None})
         return
     ab_ = out["abtest"]
     click.echo(f"champion   {out['aliases'].get('champion') or '-'}   (current {data['current'] or '-'})")
     click.echo(f"challenger {ab_['challenger']} on {ab_['traffic']:.0%} since {ab_['started_at']}" if ab_
                else "challenger -   (no A/B test running)")
+    if comparison:
+        click.echo(abtest.format_comparison(comparison))
 
 
 @ab.command("compare")
@@ -1062,7 +1066,8 @@ def ab_status(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 @handle_errors
 def ab_compare(ctx: Context, as_json: bool) -> None:
-    """Per-version metrics since the test started, significance, and the verdict."""
+    """Per-version metrics since the test started, the always-valid interval, each guardrail,
+    the traffic-split (SRM) check, the decision now and what it still waits for."""
     from . import abtest
 
     c = abtest.compare(ctx.project(), now=_now())
@@ -1070,13 +1075,15 @@ def ab_compare(ctx: Context, as_json: bool) -> None:
 
 
 @ab.command("promote")
-@click.option("--auto", is_flag=True, help="Promote only if every check holds; otherwise do nothing, exit 0.")
+@click.option("--auto", is_flag=True,
+              help="Promote only if every check holds; stop the test if the rule says stop; else do nothing, exit 0.")
 @click.option("--force", is_flag=True, help="Promote even though a check fails (needs --reason).")
 @click.option("--reason", default=None, help="Why the checks are overridden (recorded).")
 @pass_ctx
 @handle_errors
 def ab_promote(ctx: Context, auto: bool, force: bool, reason: str | None) -> None:
-    """Make the challenger champion when it is better by the threshold, with enough samples and time."""
+    """Make the challenger champion when the rule says so: significantly better at every look's
+    error budget, better by the threshold, enough samples and time, a sound traffic split."""
     from . import abtest
 
     r = abtest.promote(ctx.project(), now=_now(), auto=auto, force=force, reason=reason)

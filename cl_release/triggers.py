@@ -200,6 +200,71 @@ def version_metrics(store_path: Path, *, since: _dt.datetime | None, until: _dt.
     return out
 
 
+def _window(since: _dt.datetime | None, until: _dt.datetime, versions: list[str]) -> tuple[str, list[Any]]:
+    where, params = ["r.created_at < ?"], [iso(until)]
+    if since is not None:
+        where.append("r.created_at >= ?")
+        params.append(iso(since))
+    where.append(f"r.model_version IN ({', '.join('?' * len(versions))})" if versions else "0")
+    return " AND ".join(where), params + versions
+
+
+def answer_flags(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime,
+                 versions: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per version: answers created in [since, until) that any feedback row given before
+    ``until`` marks as an error (a non-empty ``error_tag``: the store's only per-answer error
+    mark today) or as critical (severity in ``CRITICAL_SEVERITIES``). ``{version: {"errors",
+    "critical"}}``; a version without such answers is absent."""
+    conn = _connect(store_path)
+    if conn is None:
+        return {}
+    where, params = _window(since, until, list(versions))
+    crit = ", ".join(f"'{s}'" for s in CRITICAL_SEVERITIES)
+    sql = ("SELECT r.model_version,"
+           " count(DISTINCT CASE WHEN f.error_tag IS NOT NULL AND trim(f.error_tag) != '' THEN r.id END),"
+           f" count(DISTINCT CASE WHEN f.severity IN ({crit}) THEN r.id END)"
+           " FROM records r JOIN feedback f ON f.request_id = r.id AND f.created_at < ?"
+           f" WHERE {where} GROUP BY r.model_version")
+    try:
+        rows = conn.execute(sql, [iso(until), *params]).fetchall()
+    finally:
+        conn.close()
+    return {mv: {"errors": int(e), "critical": int(c)} for mv, e, c in rows}
+
+
+class LatencyRanks:
+    """Order statistics of the latencies of one version's answers created in [since, until):
+    ``at(k)`` is the k-th smallest (1-based), read from the store when asked (the quantile
+    interval needs two or three of them, not the whole sample). Use as a context manager."""
+
+    def __init__(self, store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime, version: str):
+        self._conn = _connect(store_path)
+        where, params = _window(since, until, [version])
+        self._sql = (f"SELECT r.latency_ms FROM records r WHERE {where} AND r.latency_ms IS NOT NULL"
+                     " ORDER BY r.latency_ms LIMIT 1 OFFSET ?")
+        self._params = params
+        self._cache: dict[int, float] = {}
+
+    def at(self, k: int) -> float:
+        if k not in self._cache:
+            row = None if self._conn is None else self._conn.execute(self._sql, [*self._params, k - 1]).fetchone()
+            if row is None:
+                raise IndexError(f"no latency of rank {k}")
+            self._cache[k] = float(row[0])
+        return self._cache[k]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "LatencyRanks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def total(metrics: dict[Any, Metrics] | Iterable[Metrics]) -> Metrics:
     """The sum of per-version metrics (a dict's values, or any Metrics)."""
     out = Metrics()

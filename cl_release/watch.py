@@ -3,8 +3,9 @@
 One iteration (``watch_once``) looks at the durable state (the registry and the feedback
 store) and takes at most one step forward:
 
-1. an A/B test is running: compare; promote the challenger, stop it, or wait. A critical
-   (safety) trigger stops the test first so the patch can ship;
+1. an A/B test is running: one look (``abtest.promote(auto=True)``): promote the challenger,
+   stop it (a guardrail, critical reports, significantly worse, or no decision in time), or
+   wait. A critical (safety) trigger stops the test first so the patch can ship;
 2. a released version that never served (the registry's ``current``, not champion, never
    in an A/B event) exists: deploy it (an earlier iteration crashed between release and
    start, or someone released by hand): champion when there is none or it is a PATCH
@@ -136,17 +137,17 @@ def _step(project, it: Iteration, now, release: ReleaseFn, say: Progress) -> Non
         it.steps.append(f"stopped the A/B test of {running['challenger']}: critical feedback needs a patch")
         say(it.steps[-1])
     elif running:
-        comparison = abtest.compare(project, now=now, data=data)
+        result = abtest.promote(project, now=now, auto=True)  # one look: promote, stop (with the evidence) or wait
+        comparison = result.comparison
         it.comparison = comparison.to_dict()
-        if comparison.decision == "promote":
-            abtest.promote(project, now=now, auto=True)
+        if result.promoted:
             it.outcome = "promoted"
             it.steps.append(f"promoted {comparison.challenger} to champion (weighted {comparison.improvement:+.1%}, "
-                            f"p={comparison.test['p_value']:.4f})")
-        elif comparison.decision == "stop":
-            abtest.stop(root, reason="; ".join(comparison.reasons), now=now)
+                            f"always-valid p={comparison.test['p_value']:.4f}, look {comparison.look})")
+        elif result.stopped:
             it.outcome = "stopped"
-            it.steps.append(f"stopped {comparison.challenger}: {'; '.join(comparison.reasons)}")
+            it.steps.append(f"stopped {comparison.challenger}: {'; '.join(comparison.reasons)} "
+                            f"(look {comparison.look})")
         else:
             it.outcome = "waiting"
             it.steps.append(f"A/B test of {comparison.challenger} continues: {'; '.join(comparison.reasons)}")

@@ -152,15 +152,18 @@ def test_router_without_test_serves_champion_and_rejects_empty_key(repo):
 
 
 @pytest.mark.parametrize("n, significant", [(40, False), (200, False), (5000, True)])
-def test_two_proportion_test_small_vs_large_samples(n, significant):
+def test_sequential_proportions_small_vs_large_samples(n, significant):
+    from cl_release import sequential
+
     # 80% vs 85% positive: a 5-point difference.
-    t = abtest.two_proportion_test(int(0.80 * n), n, int(0.85 * n), n)
-    assert (t["p_value"] < 0.05) is significant
-    lo, hi = t["ci95"]
-    assert lo < t["diff"] < hi and (lo > 0) is significant
+    d = sequential.proportions(int(0.80 * n), n, int(0.85 * n), n, alpha=0.05, tau=0.05)
+    assert (d.p_value < 0.05) is significant and d.better is significant
+    lo, hi = d.interval
+    assert lo < d.diff < hi and (lo > 0) is significant
 
 
-def test_mean_test_and_weighted_improvement():
+def test_sequential_means_and_weighted_improvement():
+    from cl_release import sequential
     from cl_release.triggers import Metrics
 
     a = Metrics(quality_n=100, quality_sum=70.0, quality_sq=100 * (0.7**2 + 0.04), positive=60, opinions=100,
@@ -170,8 +173,10 @@ def test_mean_test_and_weighted_improvement():
     imp, parts = abtest.weighted_improvement(a, b, {"quality": 0.5, "positive_rate": 0.3, "latency": 0.2})
     assert parts["latency"]["change"] == pytest.approx(0.1)  # 10% faster is +10%
     assert imp == pytest.approx(0.5 * 0.1 + 0.3 * 0.1 + 0.2 * 0.1)
-    t = abtest.mean_test(a, b)
-    assert t["diff"] == pytest.approx(0.07) and 0.01 < t["p_value"] < 0.05  # se = sqrt(2 * 0.04 / 100)
+    d = sequential.means((a.quality_n, a.quality_sum, a.quality_sq), (b.quality_n, b.quality_sum, b.quality_sq),
+                         alpha=0.05, tau=0.05)
+    # z = 0.07 / sqrt(2 * 0.04 / 100) = 2.5: a fixed-horizon test says p = 0.012, the always-valid one does not
+    assert d.diff == pytest.approx(0.07) and 0.05 < d.p_value < 0.5 and d.interval[0] < 0 < d.interval[1]
     # latency missing on one side: its weight drops out
     b.latency_n = 0
     imp2, _ = abtest.weighted_improvement(a, b, {"quality": 0.5, "positive_rate": 0.3, "latency": 0.2})
@@ -355,6 +360,210 @@ def test_alias_moves_wait_for_a_running_release(repo):
     assert "abtest" not in Registry(repo).load()
 
 
+# ---------------------------------------------------------------- the anytime-valid rule
+
+
+def log_arm(root: Path, version: str, n: int, *, start: dt.datetime, positive: float = 0.8, seed: int = 0,
+            latency: float = 200.0, errors: float = 0.0, negative: float | None = None,
+            hours: float = 1.0) -> list[str]:
+    """Log ``n`` answers of ``version`` straight to the store (no router), spread over ``hours``
+    from ``start``, each rated: 5 with probability ``positive``, else 1 (or 3 with probability
+    ``1 - negative / (1 - positive)`` when ``negative`` is given); latency ``latency`` ms plus up
+    to 20% jitter; a share ``errors`` tagged as errors. Returns the request ids."""
+    rng = random.Random(f"{version}-{seed}")
+    rows, fbs = [], []
+    for i in range(n):
+        at = start + dt.timedelta(seconds=3600 * hours * i / n)
+        rid = f"{version}-{seed}-{i}"
+        rows.append({"input": f"q {version} {seed} {i}", "output": "a", "request_id": rid, "model_version": version,
+                     "created_at": at, "latency_ms": latency * (1 + 0.2 * rng.random())})
+        if rng.random() < positive:
+            rating = 5
+        else:
+            rating = 1 if negative is None or rng.random() < negative / (1 - positive) else 3
+        fb = {"request_id": rid, "rating": rating, "created_at": at + dt.timedelta(seconds=1)}
+        if rng.random() < errors:
+            fb["error_tag"] = "wrong_fact"
+        fbs.append(fb)
+    store = FeedbackStore(Project.load(root).feedback_path)
+    store.log_many(rows)
+    store.feedback_many(fbs)
+    store.close()
+    return [r["request_id"] for r in rows]
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_aa_never_promotes_beyond_its_error_budget_and_a_clear_lift_promotes():
+    """Scripted traffic (bench/bench_abtest.py's simulation of a small deployment), hourly looks
+    for 14 days through abtest.decide: 60 A/A runs promote at most alpha of the time, where the
+    old fixed-horizon rule on the same traffic promotes more; a +30% lift promotes every time."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    import bench_abtest as bench
+
+    conf = abtest.ab_config(None)
+    runs, new, old = 60, 0, 0
+    for i in range(runs):
+        t = bench.simulate(np.random.default_rng([1717, i]))
+        new += bench.run_sequential(t, conf).decision == "promote"
+        old += bench.run_old_peeking(t, conf).decision == "promote"
+    assert new <= conf["alpha"] * runs < old, (new, old)  # the old rule on the same traffic: over budget
+    lifted = [bench.run_sequential(bench.simulate(np.random.default_rng([1718, i]), lift=0.3), conf) for i in range(5)]
+    assert [o.decision for o in lifted] == ["promote"] * 5 and max(o.hour for o in lifted) < 14 * 24
+
+
+@pytest.mark.parametrize("breach, challenger, reason", [
+    ("latency_p95", {"latency": 400.0}, "guardrail latency_p95: 1.1.0 is significantly worse"),
+    ("error_rate", {"errors": 0.15}, "guardrail error_rate: 1.1.0 is significantly worse"),
+    ("negative_rate", {"positive": 0.6, "negative": 0.35}, "guardrail negative_rate: 1.1.0 is significantly worse"),
+])
+def test_a_guardrail_breach_stops_the_test_and_routes_back_to_the_champion(repo, breach, challenger, reason):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    log_arm(repo, "1.0.0", 400, start=start, positive=0.6, negative=0.05, errors=0.01)
+    log_arm(repo, "1.1.0", 400, start=start, **{"positive": 0.6, "negative": 0.05, "errors": 0.01, **challenger})
+    project = Project.load(repo)
+    c = abtest.compare(project, now=start + dt.timedelta(hours=2), count_look=False)  # before min_duration_hours
+    states = {g["name"]: g["state"] for g in c.guardrails}
+    assert c.decision == "stop" and states[breach] == "worse", c.reasons
+    assert [n for n, s in states.items() if s == "worse"] == [breach]  # the others hold
+    assert any(r.startswith(reason) for r in c.reasons) and not c.test["significant"]
+
+    r = abtest.promote(project, now=start + dt.timedelta(hours=2), auto=True)
+    assert r.stopped and not r.promoted
+    data = Registry(repo).load()
+    event = data["events"][-1]
+    assert event["action"] == "ab_stop" and reason in event["reason"]
+    assert event["method"] == abtest.METHOD and event["look"] == 1
+    assert event["figures"]["guardrails"][breach]["state"] == "worse"
+    assert event["figures"]["samples"] == {"1.0.0": 400, "1.1.0": 400}
+    assert registry_at_head(repo) == data and "A/B: stop 1.1.0 (guardrail" in git(repo, "log", "-1", "--format=%s")
+    router = abtest.Router(repo)
+    assert {router.choose(f"k{i}") for i in range(200)} == {"1.0.0"}  # all traffic back on the champion
+
+
+def test_one_critical_report_on_the_challenger_stops_it_at_once(repo):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    log_arm(repo, "1.0.0", 20, start=start)
+    ids = log_arm(repo, "1.1.0", 20, start=start)
+    store = FeedbackStore(Project.load(repo).feedback_path)
+    store.feedback(ids[3], severity="critical", notes="told the user to mix bleach and ammonia",
+                   created_at=start + dt.timedelta(minutes=30))
+    store.close()
+    project = Project.load(repo)
+    before = abtest.compare(project, now=start + dt.timedelta(minutes=20), count_look=False)
+    assert before.decision == "wait"  # the report came later: not counted yet
+    c = abtest.compare(project, now=start + dt.timedelta(hours=1), count_look=False)
+    assert c.decision == "stop" and "1 answer(s) of 1.1.0 reported critical/safety" in c.reasons[0]
+    assert c.metrics["1.1.0"]["critical"] == 1 and c.metrics["1.0.0"]["critical"] == 0
+    # configurable: two reports needed
+    with open(repo / "cl-release.yaml", "a") as f:
+        f.write("  guardrails:\n    critical_reports: 2\n")
+    assert abtest.compare(Project.load(repo), now=start + dt.timedelta(hours=1), count_look=False).decision == "wait"
+
+
+def test_a_skewed_split_trips_the_srm_check_and_refuses_promotion(repo):
+    start = T0 + dt.timedelta(days=31)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    log_arm(repo, "1.0.0", 700, start=start, positive=0.65)
+    log_arm(repo, "1.1.0", 450, start=start, positive=0.90)  # 39% of the answers where 50% were routed
+    project = Project.load(repo)
+    at = start + dt.timedelta(hours=49)
+    c = abtest.compare(project, now=at)
+    srm = {x["name"]: x for x in c.checks}["srm"]
+    assert not srm["ok"] and c.srm["p_value"] < 0.001 and c.srm["share"] == pytest.approx(450 / 1150)
+    assert c.decision == "wait" and [x["name"] for x in c.checks if not x["ok"]] == ["srm"]
+    assert "routing or logging is broken" in c.reasons[-1] and any("fix routing or logging" in w for w in c.waiting_for)
+    with pytest.raises(UserError, match="srm: sample ratio mismatch, 1.1.0 has 39.13% of the answers where 50%"):
+        abtest.promote(project, now=at)
+    r = abtest.promote(project, now=at, auto=True)
+    assert not r.promoted and not r.stopped and "abtest" in Registry(repo).load()
+    out = run(repo, "ab", "compare")
+    assert "[--] srm" in out and "1.1.0 has 39.13% of the answers (configured 50%)" in out
+    # the same challenger with a sound split is promoted: the check is what held it back
+    log_arm(repo, "1.1.0", 250, start=start, positive=0.90, seed=1)
+    assert abtest.promote(project, now=at, auto=True).promoted
+
+
+def test_every_decision_is_recorded_with_method_figures_and_look(repo):
+    start = T0 + dt.timedelta(days=31)
+    project = Project.load(repo)
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start)
+    simulate(repo, start=start, keys=1200, positive={"1.0.0": 0.70, "1.1.0": 0.85})
+    assert abtest.compare(project, now=start + dt.timedelta(hours=1)).look == 1
+    assert abtest.compare(project, now=start + dt.timedelta(hours=2)).look == 2
+    assert abtest.compare(project, now=start + dt.timedelta(hours=3), count_look=False).look is None
+    r = abtest.promote(project, now=start + dt.timedelta(hours=49), auto=True)
+    assert r.promoted and r.comparison.look == 3
+    data = Registry(repo).load()
+    e = data["events"][-1]
+    assert (e["action"], e["look"], e["method"]) == ("promote", 3, abtest.METHOD)
+    f = e["figures"]
+    assert f["metric"] == "positive_rate" and f["alpha"] == 0.05 and f["hours"] == 49.0
+    assert f["interval"][0] > 0 and f["p_value"] < 0.05 and f["diff"] == pytest.approx(f["diff"], rel=1e-6)
+    assert set(f["guardrails"]) == set(abtest.GUARDRAILS) and f["srm"]["expected"] == 0.5
+    assert registry_at_head(repo) == data
+    # a new test counts its looks from 1 again
+    abtest.rollback_champion(repo, now=start + dt.timedelta(hours=50))
+    abtest.start(repo, "1.1.0", traffic=0.5, now=start + dt.timedelta(hours=51))
+    assert abtest.compare(project, now=start + dt.timedelta(hours=52)).look == 1
+
+
+def test_decide_on_mean_quality():
+    from cl_release.triggers import Metrics
+
+    conf = {**abtest.ab_config(None), "significance_metric": "quality", "min_samples": 100}
+
+    def arm(v, mean, n=2000):  # quality scores with mean ``mean`` and spread 0.2
+        return abtest.Arm(v, Metrics(records=n, feedback=n, quality_n=n, quality_sum=mean * n,
+                                     quality_sq=n * (mean**2 + 0.04), opinions=n, positive=int(mean * n),
+                                     negative=n - int(mean * n)))
+
+    better = abtest.decide(arm("a", 0.60), arm("b", 0.66), hours=72, traffic=0.5, conf=conf)
+    assert better.decision == "promote" and better.test["metric"] == "quality" and better.test["interval"][0] > 0
+    same = abtest.decide(arm("a", 0.60), arm("b", 0.61), hours=72, traffic=0.5, conf=conf)
+    assert same.decision == "wait" and not same.test["significant"]
+    assert any("interval of quality to lie above 0" in w for w in same.waiting_for)
+
+
+def test_an_unreadable_look_counter_is_an_error_naming_it(repo):
+    abtest.start(repo, "1.1.0", traffic=0.5, now=T0 + dt.timedelta(days=31))
+    path = repo / abtest.LOOKS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="looks.json: unreadable look counter"):
+        abtest.compare(Project.load(repo), now=T0 + dt.timedelta(days=32))
+
+
+def test_store_reads_flags_and_latency_ranks_in_the_window(repo):
+    from cl_release.triggers import LatencyRanks, answer_flags
+
+    start = T0 + dt.timedelta(days=31)
+    ids = log_arm(repo, "1.1.0", 10, start=start, latency=100.0)
+    store = FeedbackStore(Project.load(repo).feedback_path)
+    store.feedback(ids[0], error_tag="", created_at=start + dt.timedelta(minutes=59))  # empty: not an error
+    store.feedback(ids[1], error_tag="unit", created_at=start + dt.timedelta(minutes=59))
+    store.feedback(ids[1], error_tag="unit again", created_at=start + dt.timedelta(minutes=59, seconds=1))
+    store.feedback(ids[2], severity="safety", created_at=start + dt.timedelta(minutes=59))
+    store.feedback(ids[3], severity="critical", created_at=start + dt.timedelta(hours=3))  # after the look
+    store.feedback(ids[2], rating=5, created_at=start + dt.timedelta(minutes=59, seconds=30))  # later, no severity
+    store.close()
+    until = start + dt.timedelta(hours=2)
+    flags = answer_flags(Project.load(repo).feedback_path, since=start, until=until, versions=["1.1.0", "1.0.0"])
+    assert flags == {"1.1.0": {"errors": 1, "critical": 1}}  # answers, not rows; a report stays a report
+    with LatencyRanks(Project.load(repo).feedback_path, since=start, until=until, version="1.1.0") as ranks:
+        values = [ranks.at(k) for k in range(1, 11)]
+        assert values == sorted(values) and 100 <= values[0] and values[-1] <= 120
+        with pytest.raises(IndexError):
+            ranks.at(11)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -369,8 +578,15 @@ def test_cli_ab_cycle(repo):
     assert "1.1.0 on 10%" in run(repo, "ab", "start", "1.1.0", "--traffic", "0.1")
     status = json.loads(run(repo, "ab", "status", "--json"))
     assert status["aliases"] == {"champion": "1.0.0", "challenger": "1.1.0"} and status["abtest"]["traffic"] == 0.1
+    assert status["comparison"]["decision"] == "wait" and status["comparison"]["look"] == 1
     comparison = json.loads(run(repo, "ab", "compare", "--json"))
     assert comparison["decision"] == "wait" and set(comparison["metrics"]) == {"1.0.0", "1.1.0"}
+    assert comparison["look"] == 2 and [g["name"] for g in comparison["guardrails"]] == list(abtest.GUARDRAILS)
+    assert comparison["srm"]["expected"] == 0.1 and comparison["waiting_for"]
+    text = run(repo, "ab", "status")
+    for part in ("look 3", "guardrails (stop when significantly worse", "[--] latency_p95", "srm", "decision: wait",
+                 "waiting for: 100 more answers with a rating or thumbs on 1.0.0"):
+        assert part in text, part
     assert "not promoted" in run(repo, "ab", "promote", "--auto")
     assert "not ready to promote" in run(repo, "ab", "promote", code=2)
     assert "promoted 1.1.0" in run(repo, "ab", "promote", "--force", "--reason", "manual")

@@ -113,6 +113,38 @@ def test_losing_challenger_is_stopped(repo):
     assert data["aliases"] == {"champion": "1.0.0"} and data["current"] == "1.0.0"
 
 
+def test_a_guardrail_breach_stops_the_test_with_its_evidence(repo):
+    from test_abtest import log_arm
+
+    clock = {"now": T0 + 10 * 24 * H}
+    with store_of(repo) as store:
+        seed(store, n=25, start=T0 + 24 * H)
+    watch.watch_once(repo, now=clock["now"], release=FakeRelease(clock))
+    log_arm(repo, "1.0.0", 300, start=clock["now"] + H, latency=200.0)
+    log_arm(repo, "1.1.0", 300, start=clock["now"] + H, latency=320.0)  # slower: the p95 guardrail
+    it = watch.watch_once(repo, now=clock["now"] + 3 * H, release=FakeRelease(clock))  # before 48 h
+    assert it.outcome == "stopped" and "guardrail latency_p95" in it.steps[-1] and "(look 1)" in it.steps[-1]
+    data = Registry(repo).load()
+    e = data["events"][-1]
+    assert e["action"] == "ab_stop" and e["look"] == 1 and e["figures"]["guardrails"]["latency_p95"]["state"] == "worse"
+    assert data["aliases"] == {"champion": "1.0.0"} and data["current"] == "1.0.0" and registry_at_head(repo) == data
+
+
+def test_a_critical_report_on_the_challenger_stops_it_at_the_next_look(repo):
+    from test_abtest import log_arm
+
+    clock = {"now": T0 + 10 * 24 * H}
+    with store_of(repo) as store:
+        seed(store, n=25, start=T0 + 24 * H)
+    watch.watch_once(repo, now=clock["now"], release=FakeRelease(clock))
+    ids = log_arm(repo, "1.1.0", 5, start=clock["now"] + H)
+    with store_of(repo) as store:  # no correction: the release trigger does not fire, the A/B guardrail does
+        store.feedback(ids[0], severity="critical", notes="dangerous advice", created_at=clock["now"] + 2 * H)
+    it = watch.watch_once(repo, now=clock["now"] + 3 * H, release=FakeRelease(clock))
+    assert it.outcome == "stopped" and "reported critical/safety" in it.steps[-1]
+    assert Registry(repo).load()["events"][-1]["figures"]["critical_reports"]["1.1.0"] == 1
+
+
 def test_rejected_release_means_no_challenger_and_cools_down(repo):
     clock = {"now": T0 + 10 * 24 * H}
     with store_of(repo) as store:
