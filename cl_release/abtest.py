@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator
 from . import sequential as seq
 from .errors import RegistryError, UserError, VersionError
 from .files import atomic_write_json, locked
-from .registry import REGISTRY_FILE, Registry, normalize_version
+from .registry import Registry, committed_change, normalize_version
 from .triggers import LatencyRanks, Metrics, answer_flags, parse_time, registry_time, utc, version_metrics
 
 DEFAULTS: dict[str, Any] = {
@@ -91,16 +91,8 @@ def ab_config(project) -> dict[str, Any]:
 @contextlib.contextmanager
 def _move(root: Path, message: Callable[[], str]) -> Iterator[dict[str, Any]]:
     """Change the registry under the release lock, then commit it (message built afterwards)."""
-    from .gitops import ReleaseRepo
-    from .release import release_lock
-
-    root = Path(root)
-    repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
-    with release_lock(root):
-        repo.check_state()  # before the registry changes
-        with Registry(root).transaction() as data:
-            yield data
-        repo.commit([REGISTRY_FILE], message())
+    with committed_change(root, message) as data:
+        yield data
 
 
 def _event(data: dict[str, Any], now: _dt.datetime | None, action: str, **fields: Any) -> dict[str, Any]:

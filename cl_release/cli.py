@@ -492,11 +492,11 @@ def merge(ctx: Context, version: str) -> None:
     """Merge VERSION's adapter into its base (outputs/vX.Y.Z/merged)."""
     from .gitops import ReleaseRepo
     from .merge import merge_version
+    from .registry import release_lock
 
-    repo = ReleaseRepo(ctx.root)
-    repo.check_state(say)  # before the merge and its registry write, not after
-    entry = merge_version(ctx.project(), version, progress=say)
-    repo.commit(["registry/model_registry.json"], f"Record merged weights of {entry['version']}")
+    with release_lock(ctx.root):  # no release merges or records at the same time
+        ReleaseRepo(ctx.root).check_state(say)  # before the merge, not after it
+        entry = merge_version(ctx.project(), version, progress=say, commit=True)
     click.echo(f"Merged {entry['version']}: {entry['merged']['path']} (sha256 {entry['merged']['sha256'][:16]})")
 
 
@@ -534,6 +534,7 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
     The token comes from HF_TOKEN or 'hf auth login', never from the command line."""
     from . import hub
     from .gitops import ReleaseRepo
+    from .registry import release_lock
 
     project, registry = ctx.project(), ctx.registry()
     data = registry.load()
@@ -543,11 +544,10 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
     if dry_run:
         echo_json(plan.to_dict()) if as_json else click.echo(plan.summary())
         return
-    repo = ReleaseRepo(ctx.root)
-    repo.check_state(say)  # before the upload and its registry write, not after
-    result = hub.push(plan, progress=say)
-    hub.record_push(registry, entry["version"], result)
-    repo.commit(["registry/model_registry.json"], f"Record push of {plan.tag} to {plan.repo_id}")
+    with release_lock(ctx.root):  # held from the upload to its record: nothing interleaves
+        ReleaseRepo(ctx.root).check_state(say)  # before the upload, not after it
+        result = hub.push(plan, progress=say)
+        hub.record_push(registry, entry["version"], result, lock_held=True)
     echo_json(result.to_registry()) if as_json else click.echo(f"Pushed {plan.tag} to {result.url}")
 
 

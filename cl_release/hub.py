@@ -554,11 +554,22 @@ class PushResult:
         }
 
 
-def record_push(registry: Registry, version: str, result: PushResult) -> dict[str, Any]:
-    """Append ``result.to_registry()`` to the entry's ``pushes`` list (under the registry lock)."""
-    with registry.transaction() as data:
-        entry = registry.find(data, version)
-        entry.setdefault("pushes", []).append(result.to_registry())
+def record_push(registry: Registry, version: str, result: PushResult, *, lock_held: bool = False) -> dict[str, Any]:
+    """Append ``result.to_registry()`` to the entry's ``pushes`` list and commit the registry
+    (``committed_change``: under the release lock, so no release interleaves; ``lock_held``:
+    the caller took it around the upload)."""
+    from .registry import committed_change
+
+    with committed_change(registry.root, f"Record push of {result.revision} to {result.repo_id}",
+                          lock_held=lock_held) as data:
+        entry = record_push_in(data, version, result)
+    return entry
+
+
+def record_push_in(data: dict[str, Any], version: str, result: PushResult) -> dict[str, Any]:
+    """Append ``result.to_registry()`` to the entry's ``pushes`` in the loaded registry ``data``."""
+    entry = Registry.find(data, version)
+    entry.setdefault("pushes", []).append(result.to_registry())
     return entry
 
 

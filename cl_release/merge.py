@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .errors import IntegrityError, TrainingError, UserError
 from .project import Project
-from .registry import Registry
+from .registry import Registry, committed_change
 from .weights import ADAPTER_FILE, adapter_sha256, weights_sha256
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -42,8 +42,13 @@ def check_adapter_base(root: Path, entry: dict[str, Any]) -> None:
                              hint="run 'cl-release verify'")
 
 
-def merge_version(project: Project, version: str, *, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Merge ``version``'s adapter into its base; record ``merged`` in its registry entry."""
+def merge_version(project: Project, version: str, *, progress: Callable[[str], None] = lambda m: None,
+                  commit: bool = False) -> dict[str, Any]:
+    """Merge ``version``'s adapter into its base; record ``merged`` in its registry entry.
+
+    The caller holds the release lock (``release_lock``): a release merging its parent, or
+    ``cl-release merge``. ``commit``: commit the record to git (``committed_change``);
+    otherwise the caller commits it (a release, with its own commit)."""
     from .train import run_merge
 
     root = project.root
@@ -79,7 +84,9 @@ def merge_version(project: Project, version: str, *, progress: Callable[[str], N
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         digest = weights_sha256(final)
-    with registry.transaction() as data:
+    change = (committed_change(root, f"Record merged weights of {v}", lock_held=True) if commit
+              else registry.transaction())
+    with change as data:
         e = registry.find(data, v)
         e["merged"] = {"path": f"outputs/v{v}/merged", "sha256": digest}
     return registry.get(v)

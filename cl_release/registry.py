@@ -291,3 +291,33 @@ class Registry:
                 {"at": utcnow(), "action": "rollback", "from": previous, "to": entry["version"]}
             )
         return entry
+
+
+# ---------------------------------------------------------------- changes committed to git
+
+
+def release_lock(root: Path):
+    """The lock every change of a release repository's registry and git state takes (a release
+    holds it for its whole run: a second writer fails at once with a clear error)."""
+    return locked(Path(root) / ".cl-release" / "release.lock", timeout=0,
+                  what="this release repository (a release, merge, push or A/B move is running)")
+
+
+@contextlib.contextmanager
+def committed_change(root: str | Path, message: str | Callable[[], str], *,
+                     lock_held: bool = False) -> Iterator[dict[str, Any]]:
+    """Change the registry and commit it: the one way everything but a release does (rollback,
+    merge and push records, every A/B move). Under the release lock (``lock_held``: the caller
+    took it, around the work whose result is recorded), the git state is checked before
+    anything is written (a stale ``index.lock`` refuses here, not after the registry changed),
+    the body changes the loaded registry (written atomically when it returns), then the
+    registry file is committed with ``message`` (a callable is built after the body)."""
+    from .gitops import ReleaseRepo
+
+    root = Path(root)
+    repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
+    with contextlib.nullcontext() if lock_held else release_lock(root):
+        repo.check_state()
+        with Registry(root).transaction() as data:
+            yield data
+        repo.commit([REGISTRY_FILE], message() if callable(message) else message)

@@ -33,7 +33,7 @@ from . import datasets as ds
 from .errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
 from .files import atomic_write_json, atomic_write_text, locked, sha256_bytes, sha256_file
 from .project import Project, check_base_model, is_local_model
-from .registry import Registry, bump_version, utcnow
+from .registry import Registry, bump_version, release_lock, utcnow
 from .render import (
     COMPLETE_DATA,
     CONTINUES_ADAPTER,
@@ -603,8 +603,6 @@ class _Phases:
         self._t = now
 
 
-def release_lock(root: Path):
-    return locked(root / ".cl-release" / "release.lock", timeout=0, what="this release repository (a release is running)")
 
 
 def run_release(project: Project, *, bump: str, from_version: str | None = None, strategy: str | None = None,

@@ -306,6 +306,16 @@ def test_a_learning_rate_outside_the_sane_range_is_refused_before_training(root,
                                       "warnings": ["learning_rate 500 is outside 1e-07..0.005, the sane range for initial"]}
 
 
+def test_merge_and_push_wait_for_no_one_and_refuse_while_a_release_runs(released):
+    from cl_release.registry import release_lock
+
+    before = git(released, "rev-parse", "HEAD")
+    with release_lock(released):
+        for args in (["merge", "1.1.0"], ["push", "1.1.0"]):
+            assert_one_line_error(run("-C", released, *args, ok=False), contains="a release, merge, push or A/B move")
+    assert git(released, "rev-parse", "HEAD") == before and not (released / "outputs/v1.1.0/merged").exists()
+
+
 def test_release_output(root):
     result = run("-C", root, "release", "minor", "--notes", "first")
     assert result.stdout.startswith("Released 1.0.0 (initial, parent -)")

@@ -529,15 +529,22 @@ def test_tag_created_by_someone_else_meanwhile(release, fake_hub):
     assert repo.tags["v1.1.0"] != repo.branches["main"]  # the other client's tag was not moved
 
 
-def test_record_push_appends_to_the_registry_entry(release, fake_hub):
+def test_record_push_appends_to_the_registry_entry_and_commits_it(release, fake_hub):
+    import subprocess
+
     root, entry, lineage = release
     atomic_write_json(
         root / "registry" / "model_registry.json",
         {"schema_version": 1, "current": "1.1.0", "aliases": {}, "models": lineage},
     )
+    (root / ".gitignore").write_text("outputs/\n.cl-release/\n")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "registry"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
     registry = Registry(root)
     result = hub.push(hub.plan_push(root, entry, lineage, HUB_CFG, merged=False))
     hub.record_push(registry, "1.1.0", result)
     saved = registry.get("1.1.0")
     assert saved["pushes"] == [result.to_registry()]
     assert TOKEN not in (root / "registry" / "model_registry.json").read_text()
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, text=True).stdout  # noqa: E731
+    assert git("status", "--porcelain") == "" and "Record push of v1.1.0" in git("log", "-1", "--format=%s")
