@@ -10,6 +10,7 @@ export AXOLOTL_DO_NOT_TRACK ?= 1
 REPO ?= .
 NOTES ?=
 FROM ?=
+IDS ?=
 RELEASE_ARGS = $(if $(NOTES),--notes "$(NOTES)") $(if $(FROM),--from $(FROM))
 
 .PHONY: install test test-fast demo bench bench-quick bench-continual release-major release-minor release-patch clean
@@ -59,8 +60,10 @@ release-major: install
 release-minor: install
 	$(BIN)/cl-release -C $(REPO) release minor $(RELEASE_ARGS)
 
+# The safety fix, as the runbook names it: `cl-release patch` (the open critical corrections, or
+# IDS="req-1 req-2"): tests added, PATCH of the serving version released, made champion.
 release-patch: install
-	$(BIN)/cl-release -C $(REPO) release patch $(RELEASE_ARGS)
+	$(BIN)/cl-release -C $(REPO) patch $(IDS) $(RELEASE_ARGS)
 
 clean:
 	rm -rf demo-repo .pytest_cache build dist

@@ -328,6 +328,78 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
         sys.exit(1)
 
 
+@main.command(name="patch")
+@click.argument("request_ids", nargs=-1)
+@click.option("--correction", default=None, help="The right answer (with exactly one REQUEST_ID): recorded first.")
+@click.option("--from", "from_version", default=None, metavar="VERSION",
+              help="Patch this version instead of the one that serves (the champion).")
+@click.option("--notes", default="", help="What the patch fixes (default: the incidents and their tests).")
+@click.option("--notes-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Read the notes from FILE (UTF-8, at most 1 MiB; '-': standard input).")
+@click.option("--deploy/--no-deploy", default=None, help="Make the patch champion (default: yes).")
+@click.option("--push/--no-push", default=None, help="Push it to the Hub (default: hub.push_patches).")
+@click.option("--dry-run", is_flag=True, help="Show the tests and the plan; record, add and train nothing.")
+@click.option("--suite", default="registry/regression_tests.jsonl", show_default=True,
+              help="The regression suite the incident tests go into.")
+@click.option("--force", is_flag=True, help="Release even if a gate fails (needs --reason; recorded).")
+@click.option("--reason", default=None, help="Why the gates are overridden (with --force).")
+@pass_ctx
+@handle_errors
+def patch_(ctx: Context, request_ids, correction, from_version, notes, notes_file, deploy, push, dry_run, suite,
+           force, reason) -> None:
+    """Fix a safety incident in one command: record the correction, add it to the regression
+    suite as a critical test, release a PATCH of the serving version that must pass it, make
+    it champion, and (with --push) push it.
+
+    Without REQUEST_IDS it takes every open critical or safety correction (what 'cl-release
+    status' reports as a PATCH due). Each step is idempotent: a re-run after a crash continues,
+    a second run changes nothing."""
+    from .incident import patch
+    from .release import check_notes, read_notes_file
+
+    if notes_file is not None:
+        if notes:
+            raise click.UsageError("pass --notes or --notes-file, not both")
+        notes = read_notes_file(notes_file if str(notes_file) == "-" else _in_root(ctx, notes_file))
+    else:
+        notes = check_notes(notes)
+
+    def show(tests: list[dict]) -> None:
+        click.echo(f"incident tests ({suite}):")
+        for t in tests:
+            click.echo(f"  [{t['criticality']}] {t['id']}: {t['match']} {t['expected']!r}")
+
+    with TrainingProgress() as bar:
+        r = patch(ctx.project(), request_ids, correction=correction, from_version=from_version, notes=notes,
+                  deploy=deploy, push=push, dry_run=dry_run, suite=suite, force=force, reason=reason,
+                  progress=bar.say, show=show, train_progress=bar.update)
+    if not r.request_ids:
+        click.echo("Nothing to patch: no open critical or safety corrections (give the incident's request id, "
+                   "and --correction TEXT, to patch another answer)")
+        return
+    if r.plan is not None:
+        parts = ", ".join(f"{p.role} {len(p.records)}" for p in r.plan.parts)
+        click.echo(f"{'plan' if dry_run else 'patch'}: {r.plan.version} on {r.plan.parent} ({parts})")
+    if dry_run:
+        if r.plan is None:
+            click.echo("nothing to train: the incidents' corrections are already trained on")
+        return
+    if r.release is not None:
+        e = r.release.entry
+        click.echo(f"{e['status'].capitalize()} {e['version']} (patch of {e['parent']})")
+        for why in (e.get("gates") or {}).get("reasons", []):
+            click.echo(f"  gate failed: {why}")
+        if e["status"] != "released":
+            sys.exit(1)
+        if r.release.deployed:
+            click.echo(f"  champion: {r.release.deployed['to']} (was {r.release.deployed['from'] or '-'})")
+    elif r.fixed_in:
+        click.echo(f"Nothing to do: {', '.join(r.request_ids)} already fixed in {r.fixed_in}"
+                   + ("" if r.tests_added else "; the tests are in the suite"))
+    if r.pushed:
+        click.echo(f"  pushed {r.pushed['revision']} to {r.pushed['repo_id']}")
+
+
 class ByteProgress:
     """A rich progress bar on stderr over a byte count (``advance(n)``); nothing when not a
     terminal. It is gone (transient) before the command prints its result."""

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from . import datasets as ds
 from .errors import NothingToTrain, UnknownRequest, UserError
 
 Progress = Callable[[str], None]
@@ -27,9 +28,13 @@ DEFAULT_SUITE = "registry/regression_tests.jsonl"
 PATCH_ANNOTATOR = "cl-release patch"
 CRITICAL = ("critical", "safety")
 
-# A value an answer states: a number with an optional unit or percent ("10 ppm", "2.5 mg/m3",
-# "50%", "-20 °C"). What a correction changes in a safety answer is almost always one of these.
-_VALUE = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)?(?:\s*(?:%|°\s?[CF]|[A-Za-zµ/³]+(?:/[A-Za-z0-9³]+)?))?")
+# A value an answer states: a number with its unit when it has a known one ("10 ppm",
+# "2.5 mg/m3", "50%", "-20 °C", "30 minutes"). What a correction changes in a safety answer
+# is almost always one of these.
+_UNITS = ("ppm|ppb|mg/m3|mg/m³|mg/l|mg/kg|µg|ug|mg|kg|g|t|ml|l|m3|m³|m|cm|mm|km|µm|nm|s|sec|seconds?|min|minutes?"
+          "|h|hours?|days?|weeks?|months?|years?|bar|mbar|psi|pa|kpa|mpa|v|kv|mv|a|ma|w|kw|mw|j|kj|mj|cal|kcal"
+          "|lux|db|ph|mol|mmol|°c|°f|°")
+_VALUE = re.compile(rf"(?<![\w.])-?\d+(?:[.,]\d+)?(?:\s*%|\s*°\s?[CF]\b|\s*(?:{_UNITS})(?![\w/]))?", re.IGNORECASE)
 
 
 def _noop(_msg: str) -> None:
@@ -67,9 +72,9 @@ def incident_tests(record: dict[str, Any], *, criticality: str = "critical") -> 
 def open_incidents(project, *, now=None) -> list[str]:
     """Request ids of the critical or safety corrections a PATCH on the serving version would
     train on (what ``status`` reports as a PATCH due)."""
-    from .extract import normalize_time, release_feedback
-    from .feedback import FeedbackStore
-    from .registry import Registry, utcnow
+    from .extract import release_feedback
+    from .feedback import FeedbackStore, utc_now
+    from .registry import Registry
     from .release import serving_version
 
     data = Registry(project.root).load()
@@ -77,7 +82,7 @@ def open_incidents(project, *, now=None) -> list[str]:
     if serving is None:
         return []
     lineage = [e["version"] for e in Registry.lineage(data, serving)]
-    result = release_feedback(project, lineage, bump="patch", until=normalize_time(now or utcnow()))
+    result = release_feedback(project, lineage, bump="patch", until=now or utc_now())
     if result is None:
         return []
     with FeedbackStore(project.feedback_path) as store:
@@ -119,23 +124,24 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
           notes: str = "", deploy: bool | None = None, push: bool | None = None, dry_run: bool = False,
           suite: str = DEFAULT_SUITE, force: bool = False, reason: str | None = None,
           progress: Progress = _noop, show: Callable[[list[dict[str, Any]]], None] | None = None,
-          train_progress=None, release_fn=None) -> PatchResult:
+          train_progress=None, evaluator=None) -> PatchResult:
     """Run the incident workflow (see the module docstring). ``show`` sees the incident tests
     before anything is written. ``dry_run``: record nothing, add nothing, train nothing; the
-    result holds the tests and the plan. ``push``: default ``hub.push_patches``."""
+    result holds the tests and the plan. ``push``: default ``hub.push_patches``.
+    ``evaluator``: the release gates (default ``gates.release_evaluator(force, reason)``)."""
     from . import evaluate
     from .feedback import FeedbackStore
     from .gates import release_evaluator
-    from .release import NothingToTrain as _Nothing, plan_release, run_release  # noqa: F401
+    from . import release as release_mod
+    from .release import plan_release, run_release
 
     ids = list(dict.fromkeys(request_ids))
     if correction is not None and len(ids) != 1:
         raise UserError("--correction goes with exactly one request id", hint="record the others with 'feedback add'")
     if not ids:
         ids = open_incidents(project)
-        if not ids:
-            raise NothingToTrain("no open critical or safety corrections: nothing to patch",
-                                 hint="pass the incident's request id (and --correction TEXT)")
+        if not ids:  # nothing open: a no-op, as a second run is
+            return PatchResult(request_ids=[], dry_run=dry_run)
     result = PatchResult(request_ids=ids, dry_run=dry_run)
     store = FeedbackStore(project.feedback_path)
     try:
@@ -151,6 +157,7 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
                     result.corrections_recorded.append(ids[0])
                     progress(f"recorded the correction of {ids[0]}")
                 records = [store.get(ids[0])]
+                release_mod.crash_point("incident-correction")
         else:
             records = []
             missing = store.missing(ids)
@@ -169,23 +176,31 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
         result.tests_added = added
         if added:
             progress(f"{suite}: added {', '.join(added)}")
-            _commit_suite(project.root, suite, ids)
+        release_mod.crash_point("incident-tests")
+        _commit_suite(project.root, suite, ids)  # also after a crash between adding and committing
+        release_mod.crash_point("incident-suite")
     # 3. plan, 4. release (and deploy)
-    try:
-        result.plan = plan_release(project, bump="patch", from_version=from_version, notes=notes)
-    except NothingToTrain:
-        result.plan = None
     if dry_run:
+        extra = [ds.Part("incident", "corrections", [_example(r) for r in records])] if correction else None
+        try:
+            result.plan = plan_release(project, bump="patch", from_version=from_version, notes=notes, extra_new=extra)
+        except NothingToTrain:
+            result.plan = None
         return result
-    if result.plan is not None:
-        release = release_fn or run_release
-        result.release = release(project, bump="patch", from_version=from_version, notes=notes or _notes(ids, result),
-                                 progress=progress, train_progress=train_progress, deploy=deploy,
-                                 evaluator=release_evaluator(force=force, reason=reason))
-        entry = result.release.entry
-        if entry["status"] != "released":
+    if evaluator is None:
+        evaluator = release_evaluator(force=force, reason=reason)
+    try:  # run_release first finishes a release an earlier run left half-recorded
+        result.release = run_release(project, bump="patch", from_version=from_version,
+                                     notes=notes or _notes(ids, result), progress=progress,
+                                     train_progress=train_progress, deploy=deploy, evaluator=evaluator)
+    except NothingToTrain:
+        result.release = None
+    if result.release is not None:
+        result.plan = result.release.plan
+        if result.release.entry["status"] != "released":
             return result
     result.fixed_in = _fixed_in(project, ids)
+    release_mod.crash_point("incident-released")
     # 5. push
     if result.fixed_in is not None and (push if push is not None else bool((project.hub or {}).get("push_patches"))):
         result.pushed = _push_once(project, result.fixed_in, progress)
@@ -198,10 +213,21 @@ def _notes(ids: list[str], result: PatchResult) -> str:
 
 
 def _commit_suite(root, suite: str, ids: list[str]) -> None:
-    """Commit the grown suite (a release refuses a dirty repository)."""
+    """Commit the grown suite (a release refuses a dirty repository); a no-op when it is."""
     from .gitops import ReleaseRepo
+    from .registry import release_lock
 
-    ReleaseRepo(root).commit([suite], f"Regression tests for incident {', '.join(ids)}")
+    repo = ReleaseRepo(root)
+    with release_lock(root):
+        repo.check_state()
+        repo.commit([suite], f"Regression tests for incident {', '.join(ids)}")
+
+
+def _example(record: dict[str, Any]) -> dict[str, Any]:
+    """The chat example a corrected record becomes (for a dry run's plan: nothing recorded yet)."""
+    prompt = record["input"]
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    return {"messages": [*turns, {"role": "assistant", "content": record["correction"]}]}
 
 
 def _fixed_in(project, ids: list[str]) -> str | None:

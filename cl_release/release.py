@@ -218,9 +218,10 @@ def _feedback_part(project: Project, strategy: str, lineage: list[dict[str, Any]
     """Examples from the feedback rows the lineage (the parent and its ancestors) has not
     trained on, by the store's release marks (PATCH: the corrections among them). Rows whose
     example equals one in ``exclude`` are marked as used too: their content is trained."""
-    from .extract import normalize_time, release_feedback
+    from .extract import release_feedback
+    from .feedback import utc_now
 
-    until = normalize_time(utcnow())
+    until = utc_now()  # the store's microseconds: an answer logged a moment ago counts
     used_by = [e["version"] for e in lineage]
     result = release_feedback(project, used_by, bump="patch" if strategy == "patch" else "minor", until=until)
     if result is None:

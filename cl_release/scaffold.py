@@ -73,6 +73,7 @@ MAKEFILE = """\
 CL_RELEASE ?= cl-release
 NOTES ?=
 FROM ?=
+IDS ?=
 ARGS = $(if $(NOTES),--notes "$(NOTES)") $(if $(FROM),--from $(FROM))
 
 .PHONY: plan release-major release-minor release-patch list verify
@@ -82,8 +83,8 @@ release-major:
 \t$(CL_RELEASE) release major $(ARGS)
 release-minor:
 \t$(CL_RELEASE) release minor $(ARGS)
-release-patch:
-\t$(CL_RELEASE) release patch $(ARGS)
+release-patch:  # the safety fix: the open critical corrections (IDS="req-1 req-2" for given incidents)
+\t$(CL_RELEASE) patch $(IDS) $(ARGS)
 list:
 \t$(CL_RELEASE) list
 verify:

@@ -514,9 +514,15 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
                     cooldown_until=cooldown_until, config=conf)
 
 
+def next_command(d: Decision) -> str:
+    """The runbook's command for a due update: ``cl-release patch`` for a safety fix (it takes
+    the open critical corrections), ``cl-release release BUMP`` otherwise."""
+    return "cl-release patch" if d.bump == "patch" else f"cl-release release {d.bump}"
+
+
 def format_decision(d: Decision) -> str:
     """Human-readable lines for ``cl-release status``."""
-    head = (f"update due: {d.bump.upper()} ({d.urgency})" if d.due else "no update due")
+    head = (f"update due: {d.bump.upper()} ({d.urgency}); run: {next_command(d)}" if d.due else "no update due")
     lines = [f"{head}   serving {d.serving or '-'}, current {d.current or '-'}"
              + (f", cooldown until {d.cooldown_until}" if d.cooldown_until else "")]
     for t in d.triggers:

@@ -5,7 +5,8 @@
 the process stops at that step of ``run_release`` (a ``crash_point`` name, or ``training``:
 inside the fake training), writes the file ``CL_RELEASE_TEST_MARKER`` and sleeps, so the test
 can kill its process group for real. Pauses inside git itself come from git hooks the test
-installs (they read the same two variables). Not a test module: pytest does not collect it.
+installs (they read the same two variables). ``CL_RELEASE_TEST_NO_GATES=1``: releases are not
+evaluated (the fake adapter has no model). Not a test module: pytest does not collect it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def main() -> None:
     if tokenizer.is_file():  # the fake adapter copies it; no need to train one again
         helpers.seed_tokenizer_json(tokenizer.read_text(encoding="utf-8"))
     trainer = helpers.FakeTrainer().install(_SetAttr())
+    if os.environ.get("CL_RELEASE_TEST_NO_GATES"):  # the fake adapter cannot be evaluated
+        import cl_release.gates as gates
+
+        gates.release_evaluator = lambda **kw: (lambda project, plan, entry: entry)
     step = os.environ.get("CL_RELEASE_TEST_PAUSE")
     if step:
         import cl_release.release as release_mod

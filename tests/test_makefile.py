@@ -101,7 +101,7 @@ def check_line(line: str, bin_dir: Path, monkeypatch) -> str:
 VARIANTS = {"bench-continual": [{}, {"QUICK": "1"}],
             "release-major": [{}, {"NOTES": "a note", "FROM": "1.0.0"}],
             "release-minor": [{}, {"NOTES": "a note", "FROM": "1.0.0"}],
-            "release-patch": [{}, {"NOTES": "a note", "FROM": "1.0.0"}]}
+            "release-patch": [{}, {"NOTES": "a note", "FROM": "1.0.0", "IDS": "req-1 req-2"}]}
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
