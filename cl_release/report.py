@@ -254,6 +254,8 @@ def report_data(root: Path) -> dict[str, Any]:
             "hallucination_rate": ev.get("hallucination_rate"),
             "per_domain": ev.get("per_domain") or {},
             "n_tests": ev.get("n_tests"),
+            "learned": (ev.get("new_data") or {}).get("pass_rate"),
+            "baseline": ev.get("baseline"),
             "gates_passed": g.get("passed"),
             "gate_reasons": g.get("reasons") or [],
             "regressions": g.get("regressions") or {},
@@ -274,9 +276,17 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
     paths = {"lineage": out_dir / "lineage.png"}
     _lineage_png(paths["lineage"], info["models"], info["current"])
     if evaluated:
+        # The base model's scores (recorded with the first release) start the curves: learning shows.
+        base = next((r["baseline"] for r in evaluated if r["parent"] is None and r["baseline"]), None)
+        if base:
+            evaluated = [{"version": "base", "pass_rate": base.get("pass_rate"), "hallucination_rate": None,
+                          "per_domain": base.get("per_domain") or {}, "learned": None}] + evaluated
         vs = [r["version"] for r in evaluated]
         paths["pass_rate"] = out_dir / "pass_rate.png"
-        _plot_png(paths["pass_rate"], "pass rate", vs, {"pass rate": [r["pass_rate"] for r in evaluated]}, "share of tests passed")
+        series = {"pass rate (suite)": [r["pass_rate"] for r in evaluated]}
+        if any(r["learned"] is not None for r in evaluated):
+            series["new-data checks (held out / corrections)"] = [r["learned"] for r in evaluated]
+        _plot_png(paths["pass_rate"], "pass rate", vs, series, "share of tests passed")
         paths["hallucination_rate"] = out_dir / "hallucination_rate.png"
         _plot_png(paths["hallucination_rate"], "hallucination rate", vs,
                   {"hallucination rate": [r["hallucination_rate"] for r in evaluated]}, "share of hallucination tests failed")
@@ -313,12 +323,12 @@ def render_markdown(info: dict[str, Any], paths: dict[str, Path]) -> str:
     lines.append("")
     lines.append("![lineage](lineage.png)")
     lines.append("")
-    lines.append("| version | parent | strategy | status | pass rate | hallucination | gates |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| version | parent | strategy | status | pass rate | new-data checks | hallucination | gates |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in info["versions"]:
         gate = _gate_text(r).replace("|", "\\|")
         lines.append(f"| {r['version']} | {r['parent'] or '-'} | {r['strategy']} | {r['status']} | "
-                     f"{_pct(r['pass_rate'])} | {_pct(r['hallucination_rate'])} | {gate} |")
+                     f"{_pct(r['pass_rate'])} | {_pct(r['learned'])} | {_pct(r['hallucination_rate'])} | {gate} |")
     lines.append("")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Per domain")):
         if key in paths:
@@ -344,14 +354,15 @@ def render_html(info: dict[str, Any], paths: dict[str, Path]) -> str:
         "<h2>Lineage</h2>",
         '<img src="lineage.png" alt="lineage graph">',
         '<table id="versions"><thead><tr><th>version</th><th>parent</th><th>strategy</th><th>status</th>'
-        "<th>pass rate</th><th>hallucination</th><th>regressions</th><th>gates</th></tr></thead><tbody>",
+        "<th>pass rate</th><th>new-data checks</th><th>hallucination</th><th>regressions</th><th>gates</th></tr>"
+        "</thead><tbody>",
     ]
     for r in info["versions"]:
         regs = ", ".join(f"{c}: {len(ids)}" for c, ids in r["regressions"].items()) or "-"
         out.append(
             f'<tr><td>{e(r["version"])}</td><td>{e(r["parent"] or "-")}</td><td>{e(r["strategy"])}</td>'
             f'<td class="{e(r["status"])}">{e(r["status"])}</td><td>{_pct(r["pass_rate"])}</td>'
-            f'<td>{_pct(r["hallucination_rate"])}</td><td>{e(regs)}</td><td>{e(_gate_text(r))}</td></tr>'
+            f'<td>{_pct(r["learned"])}</td><td>{_pct(r["hallucination_rate"])}</td><td>{e(regs)}</td><td>{e(_gate_text(r))}</td></tr>'
         )
     out.append("</tbody></table>")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Pass rate per domain")):

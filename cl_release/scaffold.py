@@ -50,8 +50,8 @@ DEMO_MIX = """\
 """
 
 # The demo model has ~1 M parameters (8B is the real thing): it learns facts only when its LoRA
-# also trains the embeddings and the output layer, at 10x the learning rates and epochs of the
-# packaged strategies (bench/continual/RESULTS.md, "Calibration"; README, "The demo").
+# also trains the embeddings and the output layer, at 10x the learning rates of the packaged
+# strategies and with more epochs (bench/continual/RESULTS.md, "Calibration"; README, "The demo").
 DEMO_TRAINING = """\
 training:                     # the tiny demo model: short sequences, small batches
   sequence_len: 128
@@ -60,12 +60,12 @@ training:                     # the tiny demo model: short sequences, small batc
   lora_alpha: 16
   extra:                      # the LoRA also trains the embeddings and the output layer (Axolotl key)
     lora_modules_to_save: [embed_tokens, lm_head]
-strategies:                   # 10x the packaged learning rates and epochs, for a ~1 M-parameter model
+strategies:                   # a ~1 M-parameter model: 10x the packaged learning rates, more epochs
   initial: {learning_rate: 0.002, num_epochs: 30}
   continued_lora: {learning_rate: 0.002, num_epochs: 10, replay_ratio: 0.6}   # replays all earlier drops here
   patch: {learning_rate: 0.0005, num_epochs: 10, replay_ratio: 0.7}   # replays nearly all earlier data
-  merge_and_retrain: {learning_rate: 0.002, num_epochs: 30}
-  annual_reset: {learning_rate: 0.002, num_epochs: 30}
+  merge_and_retrain: {learning_rate: 0.002, num_epochs: 20}
+  annual_reset: {learning_rate: 0.002, num_epochs: 20}
 gates:                        # the demo's quarterly drops are small: 200 new examples is the real default
   min_new_examples: {minor: 10}
 evaluation:
