@@ -127,6 +127,10 @@ def test_patch_trains_on_corrections_and_replay_only(tmp_path, trainer):
     c1 = hashes(records_of(root / "datasets/corrections/c1.jsonl"))
     assert c1 & q1  # one correction repeats a learned example: it is not trained again
     assert hashes(part(r, "corrections").records) == c1 - q1
+    # no replayed example gives the old answer to a corrected question
+    corrected = {ds.prompt_key(c): ds.record_hash(c) for c in records_of(root / "datasets/corrections/c1.jsonl")}
+    assert not [x for x in part(r, "replay").records
+                if ds.prompt_key(x) in corrected and ds.record_hash(x) != corrected[ds.prompt_key(x)]]
     q2 = hashes(records_of(root / "datasets/domain/q2.jsonl"))
     assert not any(hashes(p.records) & q2 for p in r.plan.parts)
     cfg = trainer.calls[-1]["config"]
