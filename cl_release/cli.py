@@ -252,6 +252,9 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
     click.echo(f"tokens    {p.tokens if p.tokens is not None else 'unknown (tokenizer not available offline)'}")
     for part in p.parts:
         click.echo(f"data      {part.role:<11} {len(part.records):>6} examples  {part.sha256[:12]}  {part.path}")
+    if p.heldout is not None:
+        click.echo(f"checks    {'heldout':<11} {len(p.heldout.records):>6} examples  {p.heldout.sha256[:12]}  "
+                   f"{p.heldout.path}  (kept out of training)")
     for src in p.sources:
         if src["name"] == "feedback":
             skipped = ", ".join(f"{k} {v}" for k, v in src["skipped"].items()) or "none"
@@ -317,6 +320,9 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
                + f"  adapter={e['adapter']['path']}")
     if result.timings:
         click.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    if evaluator.last is not None:
+        show = ((ctx.project().data.get("evaluation") or {}).get("show") or [])
+        _print_before_after(evaluator.last.before_after(show))
     for why in (e.get("gates") or {}).get("reasons", []):
         click.echo(f"  gate failed: {why}" + ("  (overridden: --force)" if e.get("override") else ""))
     if result.deployed:
@@ -423,6 +429,30 @@ class ByteProgress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _print_before_after(ba: dict) -> None:
+    """Pass rate per domain before and after a release, and the answers to ``evaluation.show``."""
+    before, after = ba["before"] or "-", ba["after"]
+    width = max([len("domain")] + [len(r["domain"]) for r in ba["domains"]])
+    col = max(len(before), len(after), 5)
+    click.echo(f"  {'domain':<{width}}  {before:>{col}}  {after:>{col}}")
+    for r in ba["domains"] + [{"domain": "all", **ba["pass_rate"]}]:
+        click.echo(f"  {r['domain']:<{width}}  {_pct(r['before']):>{col}}  {_pct(r['after']):>{col}}")
+    nd = ba.get("new_data")
+    if nd:
+        what = "held-out examples of its new data" if nd["source"] == "heldout" else "corrections"
+        click.echo(f"  learned: {nd['passed']} of {nd['n']} {what} answered right ({_pct(nd['pass_rate'])})")
+    for a in ba["answers"]:
+        click.echo(f"  {a['id']} (expected {a['expected']!r}):")
+        label = max(len(before), len(after))
+        if a["before"] is not None:
+            click.echo(f"    {before:<{label}}  {a['before']!r}")
+        click.echo(f"    {after:<{label}}  {a['after']!r}")
 
 
 class TrainingProgress:

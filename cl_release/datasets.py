@@ -344,6 +344,29 @@ def dedupe(records: Iterable[dict[str, Any]], exclude: set[str] = frozenset()) -
     return out
 
 
+def prompt_key(record: dict[str, Any]) -> str | None:
+    """What a chat record asks: its turns before the last answer, case and whitespace folded
+    (None for a text record, or a chat record that does not end with an answer)."""
+    msgs = record.get("messages")
+    if not msgs or msgs[-1].get("role") != "assistant":
+        return None
+    return normalized_text({"messages": msgs[:-1]})
+
+
+def supersede(records: list[dict[str, Any]], corrections: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` without those a correction replaces: same question (``prompt_key``), another answer."""
+    fixed = {k: record_hash(c) for c in corrections if (k := prompt_key(c)) is not None}
+    if not fixed:
+        return list(records)
+    out = []
+    for r in records:
+        k = prompt_key(r)
+        if k is not None and k in fixed and record_hash(r) != fixed[k]:
+            continue
+        out.append(r)
+    return out
+
+
 def split_by_kind(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     kinds: dict[str, list] = {}
     for r in records:

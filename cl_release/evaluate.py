@@ -427,6 +427,38 @@ def row_from_feedback(record: dict[str, Any], *, defaults: dict[str, Any]) -> di
     return row
 
 
+def check_case(record: dict[str, Any], *, domain: str) -> TestCase | None:
+    """A test built from one training example: its turns before the last answer are the prompt,
+    and the answer (without its final punctuation) must appear in the model's answer (``contains``,
+    case and whitespace folded). None for a text row or a chat row without a final answer.
+
+    This is how the release gate checks that a candidate learned its new data: on held-out
+    examples (paraphrases of facts it trained on) and, for a patch, on the corrections."""
+    msgs = record.get("messages")
+    if not msgs or msgs[-1].get("role") != "assistant" or len(msgs) < 2 or msgs[-2].get("role") == "assistant":
+        return None
+    answer = msgs[-1]["content"].strip().rstrip(".!;").strip() or msgs[-1]["content"].strip()
+    if not answer:
+        return None
+    prompt = msgs[:-1]
+    inp: Any = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else tuple(
+        _FrozenMessage(role=m["role"], content=m["content"]) for m in prompt)
+    digest = hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+    return TestCase(id=f"{domain}-{digest[:12]}", input=inp, expected=answer, match="contains",
+                    criticality="medium", domain=domain, tags=(domain,))
+
+
+def checks_suite(records: Iterable[dict[str, Any]], *, domain: str) -> Suite | None:
+    """A suite of ``check_case`` tests (duplicates dropped); None when no record gives a test."""
+    cases, seen = [], set()
+    for r in records:
+        case = check_case(r, domain=domain)
+        if case is not None and case.id not in seen:
+            seen.add(case.id)
+            cases.append(case)
+    return Suite(cases=cases) if cases else None
+
+
 # ---------------------------------------------------------------- matching
 
 
@@ -673,11 +705,8 @@ def warm_up() -> None:
     """Import what ``load_model`` and ``run_suite`` need (torch, transformers, PEFT: seconds).
 
     The release pipeline calls it in a thread while the training subprocess runs, so the gate
-    evaluation after training does not pay for the imports."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    evaluation after training does not pay for the imports (their chatter goes to the release's
+    train.log: ``chatter.Chatter``)."""
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
 
@@ -935,16 +964,21 @@ def evaluate_model(
     *,
     revision: str | None = None,
     version: str | None = None,
+    loaded: "LoadedModel | None" = None,
 ) -> EvalResult:
     """Evaluate base model + adapter (paths relative to ``root``; ``adapter_dir=None``: base alone).
 
-    Pure: reads the model files, writes nothing.
+    Pure: reads the model files, writes nothing. ``loaded``: the same model already loaded (or
+    loaded on first use), to run several suites with one load.
     """
     from .registry import utcnow
 
     settings = settings or EvalSettings()
     root = Path(root)
-    model, tokenizer = load_model(root, base_path, adapter_dir, settings, revision=revision)
+    if loaded is not None:
+        model, tokenizer = loaded()
+    else:
+        model, tokenizer = load_model(root, base_path, adapter_dir, settings, revision=revision)
     device = str(next(model.parameters()).device.type)
     cases, perf = run_suite(model, tokenizer, suite, settings, device=device)
     adapter_sha = None
@@ -961,6 +995,20 @@ def evaluate_model(
         version=version,
         created_at=utcnow(),
     )
+
+
+class LoadedModel:
+    """A version's model, loaded on the first call and kept: several suites, one load."""
+
+    def __init__(self, root: Path, entry: dict[str, Any], settings: EvalSettings) -> None:
+        self.root, self.settings = Path(root), settings
+        self.base, self.adapter, self.revision = entry_model_paths(entry)
+        self._loaded = None
+
+    def __call__(self):
+        if self._loaded is None:
+            self._loaded = load_model(self.root, self.base, self.adapter, self.settings, revision=self.revision)
+        return self._loaded
 
 
 def entry_model_paths(entry: dict[str, Any]) -> tuple[str, str | None, str | None]:
@@ -1001,12 +1049,14 @@ def _check_adapter(root: Path, entry: dict[str, Any], adapter: str | None) -> st
 
 
 def evaluate_entry(
-    root: Path, entry: dict[str, Any], suite: Suite, settings: EvalSettings | None = None, *, cache: bool = True
+    root: Path, entry: dict[str, Any], suite: Suite, settings: EvalSettings | None = None, *, cache: bool = True,
+    loaded: LoadedModel | None = None,
 ) -> EvalResult:
     """Evaluate a registry entry (or the entry the release pipeline is about to write).
 
     Results are saved to ``outputs/vX.Y.Z/eval/<suite sha256[:16]>.json`` and reused when the
-    suite hash, the result-changing settings and the adapter hash all match.
+    suite hash, the result-changing settings and the adapter hash all match. ``loaded``
+    (a ``LoadedModel`` of this entry) shares one model load between suites.
     """
     settings = settings or EvalSettings()
     root = Path(root)
@@ -1024,7 +1074,8 @@ def evaluate_entry(
         ):
             cached.suite_files = suite.files  # the same tests, maybe from other files: record these
             return cached
-    result = evaluate_model(root, base, adapter, suite, settings, revision=revision, version=entry["version"])
+    result = evaluate_model(root, base, adapter, suite, settings, revision=revision, version=entry["version"],
+                            loaded=loaded)
     result.performance["results_path"] = rel
     result.save(path)
     return result

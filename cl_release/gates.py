@@ -12,8 +12,17 @@ overrides any of them::
       hallucination_tolerance: 0.0   # candidate hallucination rate <= parent's + tolerance
       min_pass_rate: null            # absolute floors; these also apply to a first release
       max_hallucination_rate: null
+      min_new_data_pass_rate: {major: null, minor: 0.8, patch: 0.8}   # or one number / null
 
 A first release (no parent) is held to the absolute gates only.
+
+``min_new_data_pass_rate`` asks whether the candidate learned its new data at all: it must
+pass that share of checks built from the new data (``evaluate.check_case``): for a MINOR (and
+a first release), the held-out examples the plan kept out of training (``holdout_ratio`` of
+the new examples, paraphrases of facts it trained on); for a PATCH, the corrections it trained
+on. The regression-suite gates compare against the parent and pass when nothing changed, so
+only this one notices a release that learned nothing. Skipped (and recorded as skipped) when
+no evaluation runs (no regression suite) or there are no checks.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ DEFAULT_GATES: dict[str, Any] = {
     "hallucination_tolerance": 0.0,
     "min_pass_rate": None,
     "max_hallucination_rate": None,
+    "min_new_data_pass_rate": {"major": None, "minor": 0.8, "patch": 0.8},
 }
+PER_BUMP = ("min_new_examples", "min_new_data_pass_rate")
 _EPS = 1e-9
 
 
@@ -230,8 +241,8 @@ def gate_config(config: dict[str, Any] | None) -> dict[str, Any]:
     for key, value in (config or {}).items():
         if key not in DEFAULT_GATES:
             raise UserError(f"unknown gate {key!r}", hint=f"known gates: {', '.join(DEFAULT_GATES)}")
-        if key == "min_new_examples" and isinstance(value, dict):
-            value = {**DEFAULT_GATES["min_new_examples"], **value}
+        if key in PER_BUMP and isinstance(value, dict):
+            value = {**DEFAULT_GATES[key], **value}
         merged[key] = value
     return merged
 
@@ -241,6 +252,30 @@ def _min_examples(conf: dict[str, Any], bump: str) -> int:
     return int(v.get(bump, 0)) if isinstance(v, dict) else int(v)
 
 
+def new_data_floor(conf: dict[str, Any], bump: str) -> float | None:
+    """The ``min_new_data_pass_rate`` that applies to a ``bump`` release (None: off)."""
+    v = conf["min_new_data_pass_rate"]
+    v = v.get(bump) if isinstance(v, dict) else v
+    return None if v is None else float(v)
+
+
+def _new_data_check(conf: dict[str, Any], bump: str, new_data: EvalResult | None, skipped: str | None,
+                    source: str | None) -> GateCheck | None:
+    floor = new_data_floor(conf, bump)
+    if floor is None:
+        return None
+    name = "min_new_data_pass_rate"
+    if new_data is None:
+        return GateCheck(name, True, None, floor, f"skipped: {skipped or 'no checks from the new data'}")
+    m = new_data.metrics
+    rate = m["pass_rate"] or 0.0
+    what = {"heldout": "held-out examples of the new data", "corrections": "corrections"}.get(source or "", "checks")
+    ok = rate + _EPS >= floor
+    detail = (f"{m['passed']} of {m['n_tests']} {what} answered right ({rate:.0%}), at least {floor:.0%} needed"
+              + ("" if ok else ": the candidate did not learn its new data"))
+    return GateCheck(name, ok, rate, floor, detail)
+
+
 def check(
     candidate: EvalResult | None,
     parent: EvalResult | None,
@@ -248,8 +283,15 @@ def check(
     bump: str,
     new_examples: int,
     config: dict[str, Any] | None = None,
+    new_data: EvalResult | None = None,
+    new_data_source: str | None = None,
+    new_data_skipped: str | None = None,
 ) -> GateDecision:
-    """Apply every gate; ``parent=None`` (first release) applies the absolute gates only."""
+    """Apply every gate; ``parent=None`` (first release) applies the absolute gates only.
+
+    ``new_data``: the candidate's results on the checks built from its new data
+    (``new_data_source``: heldout or corrections); None skips ``min_new_data_pass_rate`` with
+    the reason ``new_data_skipped``."""
     conf = gate_config(config)
     checks: list[GateCheck] = []
 
@@ -263,6 +305,9 @@ def check(
             f"{new_examples} new examples, a {bump} release needs at least {need}",
         )
     )
+    learned = _new_data_check(conf, bump, new_data, new_data_skipped, new_data_source)
+    if learned is not None:
+        checks.append(learned)
     if candidate is None:  # no regression suite: the data gate, and any absolute floor fails
         for key in ("min_pass_rate", "max_hallucination_rate"):
             if conf[key] is not None:
@@ -327,37 +372,105 @@ def check(
 
 
 def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None, *, new_examples: int, suites=None,
-                 suite=None):
+                 suite=None, new_data=None, new_data_source: str | None = None):
     """Everything the release pipeline needs in one call.
 
     Evaluates the candidate (and the parent, from its cached results when present) on the
-    project's suite (``suite``: already loaded) and applies the gates. Returns (decision,
-    candidate_result, parent_result).
-    """
+    project's suite (``suite``: already loaded), and the candidate on ``new_data`` (a suite of
+    checks built from its new data, see ``new_data_checks``) when the gate applies, and applies
+    the gates. Returns (decision, candidate_result, parent_result)."""
+    decision, cand, par, _ = _gate(root, project, candidate_entry, parent_entry, new_examples=new_examples,
+                                   suites=suites, suite=suite, new_data=new_data, new_data_source=new_data_source)
+    return decision, cand, par
+
+
+def _gate(root, project, candidate_entry, parent_entry, *, new_examples, suites, suite, new_data, new_data_source):
     from . import evaluate
 
     suite = suite if suite is not None else evaluate.load_project_suite(root, project, suites)
     settings = evaluate.EvalSettings.from_project(project)
-    cand = evaluate.evaluate_entry(root, candidate_entry, suite, settings)
+    conf = project.data.get("gates") if project is not None else None
+    loaded = evaluate.LoadedModel(root, candidate_entry, settings)
+    cand = evaluate.evaluate_entry(root, candidate_entry, suite, settings, loaded=loaded)
+    nd, skipped = None, None
+    if new_data_floor(gate_config(conf), candidate_entry["bump"]) is not None:
+        if new_data is None:
+            skipped = "no checks: nothing of the new data was held out (holdout_ratio) and there are no corrections"
+        else:
+            nd = evaluate.evaluate_entry(root, candidate_entry, new_data, settings, loaded=loaded)
     par = evaluate.evaluate_entry(root, parent_entry, suite, settings) if parent_entry is not None else None
-    decision = check(
-        cand, par, bump=candidate_entry["bump"], new_examples=new_examples,
-        config=(project.data.get("gates") if project is not None else None),
-    )
-    return decision, cand, par
+    decision = check(cand, par, bump=candidate_entry["bump"], new_examples=new_examples, config=conf,
+                     new_data=nd, new_data_source=new_data_source, new_data_skipped=skipped)
+    return decision, cand, par, nd
+
+
+def new_data_checks(plan) -> tuple[Any, str | None]:
+    """(suite, source) of the checks built from a release plan's new data: its held-out examples
+    (source ``heldout``), else its corrections (a patch; ``corrections``); (None, None) if neither."""
+    from . import evaluate
+
+    heldout = getattr(plan, "heldout", None)
+    if heldout is not None and heldout.records:
+        return evaluate.checks_suite(heldout.records, domain="heldout"), "heldout"
+    corrections = [r for p in getattr(plan, "parts", []) if p.role == "corrections" for r in p.records]
+    if corrections:
+        return evaluate.checks_suite(corrections, domain="corrections"), "corrections"
+    return None, None
+
+
+@dataclass
+class ReleaseEvaluation:
+    """What the gate evaluator measured for one candidate (``ReleaseEvaluator.last``)."""
+
+    candidate: EvalResult
+    before: EvalResult | None  # the parent, or the base model for a first release
+    before_label: str | None  # the parent's version, or "base"
+    new_data: EvalResult | None = None
+    new_data_source: str | None = None
+
+    def before_after(self, show: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """Pass rate per domain before and after (domains in suite order), and the answers
+        to the tests named in ``show`` (``evaluation.show``), before and after."""
+        after = self.candidate
+        domains: list[str] = []
+        for c in after.cases:
+            if c.domain not in domains:
+                domains.append(c.domain)
+        per_b = (self.before.metrics.get("per_domain") or {}) if self.before is not None else {}
+        per_a = after.metrics.get("per_domain") or {}
+        rows = [{"domain": d, "before": (per_b.get(d) or {}).get("pass_rate"),
+                 "after": (per_a.get(d) or {}).get("pass_rate")} for d in domains]
+        b_cases = self.before.by_id() if self.before is not None else {}
+        a_cases = after.by_id()
+        answers = []
+        for tid in show:
+            if tid in a_cases:
+                answers.append({"id": tid, "before": b_cases[tid].output if tid in b_cases else None,
+                                "after": a_cases[tid].output, "expected": a_cases[tid].expected})
+        out: dict[str, Any] = {"before": self.before_label, "after": after.version, "domains": rows, "answers": answers,
+                               "pass_rate": {"before": self.before.pass_rate if self.before is not None else None,
+                                             "after": after.pass_rate}}
+        if self.new_data is not None:
+            m = self.new_data.metrics
+            out["new_data"] = {"source": self.new_data_source, "n": m["n_tests"], "passed": m["passed"],
+                               "pass_rate": m["pass_rate"]}
+        return out
 
 
 class ReleaseEvaluator:
     """The ``evaluator(project, plan, entry) -> entry`` hook of ``release.run_release``.
 
     Evaluates the candidate entry and its parent, applies the gates and records
-    ``evaluation`` (summary), ``gates`` (the decision) and ``status`` (released/rejected) in
-    the entry. ``force`` keeps a failing candidate ``released`` and records
-    ``override: {reason, at, reasons}``; it needs a reason.
+    ``evaluation`` (summary; ``new_data``: the candidate's checks on its new data; ``baseline``:
+    the base model's scores, for a first release), ``gates`` (the decision) and ``status``
+    (released/rejected) in the entry. ``force`` keeps a failing candidate ``released`` and records
+    ``override: {reason, at, reasons}``; it needs a reason. ``last`` holds what was measured
+    (``ReleaseEvaluation``) for the caller to show.
 
     ``prepare(project, plan)`` runs while the candidate trains (in a thread): it imports the
     inference libraries and loads the suite, so the evaluation after training starts warm. It
     does not load a model or evaluate anything (the training may be using all of the GPU).
+    Their import-time chatter goes to the release's ``train.log``, not the terminal.
     """
 
     def __init__(self, *, force: bool = False, reason: str | None = None, suites=None):
@@ -366,6 +479,8 @@ class ReleaseEvaluator:
                             hint="say why the gates are overridden; it goes into the registry")
         self.force, self.reason, self.suites = force, reason, suites
         self._suite = None
+        self._chatter = None
+        self.last: ReleaseEvaluation | None = None
 
     def _missing(self, project) -> list[str]:
         from .evaluate import suite_paths
@@ -374,28 +489,53 @@ class ReleaseEvaluator:
 
     def prepare(self, project, plan) -> None:
         from . import evaluate
+        from .chatter import Chatter
 
         if self._missing(project):
             return
         self._suite = evaluate.load_project_suite(project.root, project, self.suites)
-        evaluate.warm_up()
+        with Chatter() as self._chatter:
+            evaluate.warm_up()
 
     def __call__(self, project, plan, entry: dict) -> dict:
+        from . import evaluate
         from .registry import Registry, utcnow
 
         parent_entry = Registry.find(Registry(project.root).load(), entry["parent"]) if entry.get("parent") else None
         entry = dict(entry)
+        self.last = None
+        if self._chatter is not None and getattr(plan, "output_dir", None):
+            self._chatter.write(project.root / plan.output_dir / "train.log")
+        self._chatter = None
         missing = self._missing(project)
         if missing:
             # No regression suite yet: only the data gates apply, and the entry says so.
             decision = check(None, None, bump=entry["bump"], new_examples=plan.new_examples,
-                             config=project.data.get("gates"))
+                             config=project.data.get("gates"),
+                             new_data_skipped="no evaluation ran (no regression suite)")
             entry["evaluation"] = {"skipped": f"no regression suite ({', '.join(missing)}); "
                                               "add tests with 'cl-release eval add'"}
         else:
-            decision, cand, _ = release_gate(project.root, project, entry, parent_entry,
-                                             new_examples=plan.new_examples, suites=self.suites, suite=self._suite)
+            checks, source = new_data_checks(plan)
+            suite = self._suite if self._suite is not None else evaluate.load_project_suite(
+                project.root, project, self.suites)
+            decision, cand, par, nd = _gate(project.root, project, entry, parent_entry,
+                                            new_examples=plan.new_examples, suites=self.suites, suite=suite,
+                                            new_data=checks, new_data_source=source)
             entry["evaluation"] = cand.summary()
+            before = par
+            if parent_entry is None:  # a first release: the base model is what it is compared with
+                before = _baseline(project, entry, suite)
+                entry["evaluation"]["baseline"] = {
+                    "model": before.model.get("base"), "pass_rate": before.pass_rate, "suite_sha256": before.suite_sha256,
+                    "per_domain": {d: v["pass_rate"] for d, v in before.metrics["per_domain"].items()}}
+            if nd is not None:
+                m = nd.metrics
+                entry["evaluation"]["new_data"] = {
+                    "source": source, "n_checks": m["n_tests"], "passed": m["passed"], "pass_rate": m["pass_rate"],
+                    "suite_sha256": nd.suite_sha256, "results": nd.performance.get("results_path"),
+                    "failed": [c.id for c in nd.cases if not c.passed][:50]}
+            self.last = ReleaseEvaluation(cand, before, parent_entry["version"] if parent_entry else "base", nd, source)
         self._suite = None
         entry["gates"] = decision.to_dict()
         if decision.passed:
@@ -406,6 +546,15 @@ class ReleaseEvaluator:
         else:
             entry["status"] = "rejected"
         return entry
+
+
+def _baseline(project, entry: dict, suite) -> EvalResult:
+    """The base model alone (no adapter) on the suite: the "before" of a first release."""
+    from . import evaluate
+
+    base, _adapter, revision = evaluate.entry_model_paths(entry)
+    settings = evaluate.EvalSettings.from_project(project)
+    return evaluate.evaluate_model(project.root, base, None, suite, settings, revision=revision, version="base")
 
 
 def release_evaluator(*, force: bool = False, reason: str | None = None, suites=None) -> ReleaseEvaluator:

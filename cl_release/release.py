@@ -53,6 +53,9 @@ PREPARED = "outputs/.prepared"
 # is normal, more is a mistake (a log file, a binary).
 MAX_NOTES_BYTES = 1024 * 1024
 LEARNED_ROLES = {"new", "complete", "corrections"}
+# Examples kept out of training: the release's held-out checks (gates.min_new_data_pass_rate).
+HELDOUT = "heldout"
+HOLDOUT_STRATEGIES = {"initial", "continued_lora"}  # the strategies whose new data is sampled for checks
 
 Progress = Callable[[str], None]
 
@@ -130,6 +133,13 @@ class Plan:
     # Axolotl keys the project let run code or read outside the repository (allow_unconfined),
     # with their values: recorded in the registry entry.
     unconfined: dict[str, Any] = field(default_factory=dict)
+    # New examples kept out of training: the held-out checks of gates.min_new_data_pass_rate.
+    heldout: ds.Part | None = None
+
+    @property
+    def snapshot_parts(self) -> list[ds.Part]:
+        """Every part written to a snapshot: the training parts and the held-out checks."""
+        return self.parts + ([self.heldout] if self.heldout is not None else [])
 
     @property
     def output_dir(self) -> str:
@@ -149,7 +159,9 @@ class Plan:
 
     @property
     def new_examples(self) -> int:
-        return sum(len(p.records) for p in self.parts if p.role in ("new", "corrections"))
+        """New examples of this release: trained on, or held out as its checks."""
+        held = len(self.heldout.records) if self.heldout is not None else 0
+        return sum(len(p.records) for p in self.parts if p.role in ("new", "corrections")) + held
 
     def fingerprint(self) -> str:
         """Identifies the exact training run: same fingerprint, same inputs."""
@@ -171,6 +183,7 @@ class Plan:
                 {"name": p.name, "role": p.role, "examples": len(p.records), "path": p.path, "sha256": p.sha256}
                 for p in self.parts
             ],
+            "heldout": _heldout_record(self.heldout),
             "sources": self.sources,
             "new_examples": self.new_examples,
             "tokens": self.tokens,
@@ -199,12 +212,16 @@ def _source_records(project: Project, role: str) -> tuple[list[dict], list[dict[
     return records, sources
 
 
-def _learned(root: Path, lineage: list[dict[str, Any]]) -> list[dict]:
-    """Every example the lineage trained on as new, complete or corrections data (deduped)."""
+def _learned(root: Path, lineage: list[dict[str, Any]], roles=LEARNED_ROLES) -> list[dict]:
+    """Every example the lineage trained on as new, complete or corrections data (deduped);
+    with ``roles``, the examples of those roles (``{HELDOUT}``: the lineage's held-out checks)."""
     records: list[dict] = []
     for entry in lineage:
-        for d in entry["datasets"]:
-            if d["role"] in LEARNED_ROLES:
+        parts = list(entry["datasets"])
+        if entry.get(HELDOUT):
+            parts.append({**entry[HELDOUT], "role": HELDOUT})
+        for d in parts:
+            if d["role"] in roles:
                 path = root / d["path"]
                 if not path.is_file():
                     raise IntegrityError(f"{d['path']}: data snapshot of {entry['version']} is missing",
@@ -346,6 +363,11 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
     corrections, c_sources = _source_records(project, "corrections")
     learned = _learned(root, lineage)
     learned_hashes = {ds.record_hash(r) for r in learned}
+    # An example held out as a check by an ancestor stays out of the lineage's training sets.
+    heldout_hashes = {ds.record_hash(r) for r in _learned(root, lineage, {HELDOUT})}
+    # A correction replaces every earlier example that asks the same thing: those are neither
+    # replayed nor retrained (a retrain would otherwise learn the wrong and the right answer).
+    fixes = _learned(root, lineage, {"corrections"}) + (corrections if strategy in COMPLETE_DATA | {"patch"} else [])
     parts: list[ds.Part] = []
     if strategy == "initial":
         new = ds.dedupe(domain)
@@ -356,21 +378,19 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
     elif strategy == "patch":
         # Corrections the lineage has not trained on as corrections: one the model got wrong
         # after an earlier release trained on the same text is eligible (that is the point).
-        patched = {ds.record_hash(r) for r in _learned(root, [dict(e, datasets=[d for d in e["datasets"]
-                                                                               if d["role"] == "corrections"])
-                                                                for e in lineage])}
-        new = ds.dedupe(corrections, exclude=patched)
+        patched = {ds.record_hash(r) for r in _learned(root, lineage, {"corrections"})}
+        new = ds.dedupe(corrections, exclude=patched | heldout_hashes)
         parts.append(ds.Part("corrections", "corrections", new))
         all_sources = c_sources
     elif strategy == "continued_lora":
-        new = ds.dedupe(domain, exclude=learned_hashes)
+        new = ds.dedupe(domain, exclude=learned_hashes | heldout_hashes)
         parts.append(ds.Part("new", "new", new))
         all_sources = sources
     else:
-        new = ds.dedupe(learned + domain + corrections)
+        new = ds.dedupe(ds.supersede(learned + domain, fixes) + corrections, exclude=heldout_hashes)
         parts.append(ds.Part("complete", "complete", new))
         all_sources = sources + c_sources
-    feedback = _feedback_part(project, strategy, lineage, exclude={ds.record_hash(r) for r in new}
+    feedback = _feedback_part(project, strategy, lineage, exclude={ds.record_hash(r) for r in new} | heldout_hashes
                               | (set() if strategy == "patch" else learned_hashes))
     if feedback is not None:
         parts.append(feedback)
@@ -384,9 +404,14 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         since = f" that {parent['version']} or its ancestors have not trained on" if parent else ""
         raise NothingToTrain(f"no {what}{since}: nothing to train on",
                              hint="add data files (or log feedback) first; 'cl-release plan' shows the counts")
+    heldout = None
+    if strategy in HOLDOUT_STRATEGIES:
+        parts, heldout = _hold_out(parts, knobs, f"{seed}:holdout:{parent['version'] if parent else 'root'}")
+        n_new = sum(len(p.records) for p in parts)
     if strategy in CONTINUES_ADAPTER and knobs["replay_ratio"] > 0:
         n = ds.ratio_count(n_new, knobs["replay_ratio"], knobs["general_ratio"])
-        replay = ds.sample([r for r in learned], n, f"{seed}:replay:{parent['version']}")
+        replay = ds.sample(ds.supersede(learned, fixes), n,
+                           f"{seed}:replay:{parent['version']}")
         if replay:
             parts.append(ds.Part("replay", "replay", replay))
     if knobs["general_ratio"] > 0 and general:
@@ -407,12 +432,15 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
             part.sha256 = sha256_bytes(blob)
             part.path = f"{ds.SNAPSHOT_DIR}/{part.sha256}.jsonl"
             final_parts.append(part)
+    if heldout is not None:  # chat records only
+        heldout.sha256 = sha256_bytes(ds.dump_jsonl(heldout.records))
+        heldout.path = f"{ds.SNAPSHOT_DIR}/{heldout.sha256}.jsonl"
 
     plan = Plan(
         version="", parent=parent["version"] if parent else None, bump=bump, strategy=strategy,
         base_model=base, train_base=train_base, lora_model_dir=lora_model_dir, parts=final_parts,
         sources=all_sources, knobs=knobs, launch=project.launch, hw=hardware(project.launch), seed=seed,
-        notes=notes, needs_parent_merge=needs_merge, warnings=knob_warnings(strategy, knobs),
+        notes=notes, needs_parent_merge=needs_merge, warnings=knob_warnings(strategy, knobs), heldout=heldout,
     )
     # -- version: next free number; an existing output folder of a different run is taken too
     while True:
@@ -424,6 +452,35 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         taken.add(plan.version)
     plan.tokens = count_tokens(root, plan)
     return plan
+
+
+def _hold_out(parts: list[ds.Part], knobs: dict[str, Any], seed: str) -> tuple[list[ds.Part], ds.Part | None]:
+    """Move a seeded sample of the new chat examples (``holdout_ratio`` of them, at most
+    ``holdout_max``) out of the training parts: the release's held-out checks. Nothing is
+    held out when it would leave no new example to train on."""
+    pool = [r for p in parts if p.role == "new" for r in p.records if "messages" in r]
+    k = min(int(knobs.get("holdout_max", 0)), round(len(pool) * float(knobs.get("holdout_ratio", 0.0))))
+    trained = sum(len(p.records) for p in parts if p.role == "new")
+    if k < 1 or trained - k < 1:
+        return parts, None
+    held = ds.sample(pool, k, seed)
+    held_hashes = {ds.record_hash(r) for r in held}
+    out = []
+    for p in parts:
+        if p.role == "new":
+            p = ds.Part(p.name, p.role, [r for r in p.records if ds.record_hash(r) not in held_hashes],
+                        sources=p.sources, record_ids=p.record_ids)
+            if not p.records:
+                continue
+        out.append(p)
+    return out, ds.Part(HELDOUT, HELDOUT, held)
+
+
+def _heldout_record(part: ds.Part | None) -> dict[str, Any] | None:
+    """The registry entry's ``heldout`` field: the snapshot of the held-out checks."""
+    if part is None:
+        return None
+    return {"path": part.path, "sha256": part.sha256, "examples": len(part.records)}
 
 
 def _render(project: Project, plan: Plan) -> None:
@@ -535,7 +592,8 @@ def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
             except (ValueError, KeyError):
                 head_versions = set()
         pending = [m for m in data["models"] if m["version"] not in head_versions]
-        paths = [rel] + [d["path"] for m in pending for d in m["datasets"] if (root / d["path"]).exists()]
+        paths = [rel] + [d["path"] for m in pending for d in m["datasets"] + ([m[HELDOUT]] if m.get(HELDOUT) else [])
+                         if (root / d["path"]).exists()]
         versions = ", ".join(m["version"] for m in pending) or "registry updates"
         progress(f"finishing an interrupted operation: committing {versions}")
         repo.commit(paths, f"Record {versions} (finished after an interruption)")
@@ -657,7 +715,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             phases.done("plan")
         crash_point("planned")
 
-        for part in plan.parts:
+        for part in plan.snapshot_parts:
             rel, digest = ds.write_snapshot(root, part.records)
             assert rel == part.path and digest == part.sha256
         crash_point("snapshots")
@@ -681,6 +739,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             atomic_write_text(root / plan.config_path, plan.config_text)
             atomic_write_json(out / "plan.json", plan.to_dict())
             mix = ", ".join(f"{p.role} {len(p.records)}" for p in plan.parts)
+            mix += f"; held out as checks: {len(plan.heldout.records)}" if plan.heldout else ""
             progress(f"training {plan.version} ({plan.strategy}; examples: {mix}) ...")
             with _alongside(getattr(evaluator, "prepare", None), project, plan) as prepared:
                 result = run_training(root, plan.config_path, plan.launch, mixed_precision=plan.hw["mixed_precision"],
@@ -733,7 +792,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         crash_point("registry")
         phases.done("record")
 
-        paths = ["registry/model_registry.json"] + [p.path for p in plan.parts]
+        paths = ["registry/model_registry.json"] + [p.path for p in plan.snapshot_parts]
         title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
             else f"Reject {plan.version} ({plan.strategy}): gates failed"
         if deployed:
@@ -835,7 +894,7 @@ def _verify_plan_inputs(root: Path, plan: Plan) -> None:
         if now != src["sha256"]:
             raise IntegrityError(f"{src['path']} changed while {plan.version} was training",
                                  hint="nothing was recorded; run the release again to train on the current data")
-    for part in plan.parts:
+    for part in plan.snapshot_parts:
         if sha256_file(root / part.path) != part.sha256:
             raise IntegrityError(f"{part.path} no longer matches its hash", hint="nothing was recorded; run again")
 
@@ -864,7 +923,7 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
     train_base = dict(plan.train_base)
     if train_base.get("sha256") is None and is_local_model(root, train_base["path"]):
         train_base["sha256"] = weights_sha256(root / train_base["path"])
-    return {
+    entry = {
         "version": plan.version,
         "parent": plan.parent,
         "bump": plan.bump,
@@ -890,6 +949,9 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
         "notes": plan.notes,
         **({"unconfined": plan.unconfined} if plan.unconfined else {}),
     }
+    if plan.heldout is not None:
+        entry[HELDOUT] = _heldout_record(plan.heldout)
+    return entry
 
 
 # ---------------------------------------------------------------- rollback and verify
@@ -952,8 +1014,9 @@ def verify(root: Path) -> list[Check]:
 
     for m in data["models"]:
         v = m["version"]
-        for d in m["datasets"]:
-            checks.append(Check(v, f"dataset {d['name']}", d["path"], d["sha256"], file_hash(d["path"])))
+        for d in m["datasets"] + ([m[HELDOUT]] if m.get(HELDOUT) else []):
+            name = d.get("name", HELDOUT)
+            checks.append(Check(v, f"dataset {name}", d["path"], d["sha256"], file_hash(d["path"])))
         checks.append(Check(v, "config", m["config"]["path"], m["config"]["sha256"], file_hash(m["config"]["path"])))
         adapter = m["adapter"]["path"]
         checks.append(Check(v, "adapter", adapter, m["adapter"]["sha256"], file_hash(f"{adapter}/{ADAPTER_FILE}")))

@@ -46,6 +46,11 @@ COMMON_KNOBS: dict[str, Any] = {
     "max_steps": None,
     "replay_ratio": 0.0,
     "general_ratio": 0.0,
+    # Share of a release's new examples kept out of training as held-out checks (the
+    # min_new_data_pass_rate gate), at most holdout_max of them; applies to new data
+    # (initial, continued_lora), not to corrections or a major's complete data.
+    "holdout_ratio": 0.0,
+    "holdout_max": 200,
     "extra": {},
 }
 
@@ -54,8 +59,9 @@ COMMON_KNOBS: dict[str, Any] = {
 # fresh rate it learned them but forgot earlier tasks unless half the mix was replay
 # (bench/continual/RESULTS.md, "Defaults"). Same rate as a fresh LoRA, 1 epoch, 50% replay.
 STRATEGY_KNOBS: dict[str, dict[str, Any]] = {
-    "initial": {"learning_rate": 2e-4, "num_epochs": 3},
-    "continued_lora": {"learning_rate": 2e-4, "num_epochs": 1, "lora_dropout": 0.1, "replay_ratio": 0.5},
+    "initial": {"learning_rate": 2e-4, "num_epochs": 3, "holdout_ratio": 0.1},
+    "continued_lora": {"learning_rate": 2e-4, "num_epochs": 1, "lora_dropout": 0.1, "replay_ratio": 0.5,
+                       "holdout_ratio": 0.1},
     "merge_and_retrain": {"learning_rate": 2e-4, "num_epochs": 3},
     "annual_reset": {"learning_rate": 2e-4, "num_epochs": 3},
     "patch": {"learning_rate": 5e-5, "num_epochs": 2, "lora_dropout": 0.1, "replay_ratio": 0.1},

@@ -281,6 +281,8 @@ def report_data(root: Path) -> dict[str, Any]:
             "n_tests": ev.get("n_tests"),
             "suite": ev.get("suite_sha256"),
             "by_suite": evaluations_of(m),
+            "learned": (ev.get("new_data") or {}).get("pass_rate"),
+            "baseline": ev.get("baseline"),
             "gates_passed": g.get("passed"),
             "gate_reasons": g.get("reasons") or [],
             "regressions": g.get("regressions") or {},
@@ -301,10 +303,18 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
     paths = {"lineage": out_dir / "lineage.png"}
     _lineage_png(paths["lineage"], info["models"], info["current"])
     if evaluated:
+        # The base model's scores (recorded with the first release) start the curves: learning shows.
+        base = next((r["baseline"] for r in evaluated if r["parent"] is None and r["baseline"]), None)
+        if base:
+            evaluated = [{"version": "base", "pass_rate": base.get("pass_rate"), "hallucination_rate": None,
+                          "per_domain": base.get("per_domain") or {}, "learned": None,
+                          "by_suite": {base.get("suite_sha256") or "unknown": base}}] + evaluated
         vs = [r["version"] for r in evaluated]
         paths["pass_rate"] = out_dir / "pass_rate.png"
-        _plot_png(paths["pass_rate"], "pass rate, per suite", vs, suite_series(evaluated, "pass_rate"),
-                  "share of tests passed")
+        series = suite_series(evaluated, "pass_rate")
+        if any(r["learned"] is not None for r in evaluated):
+            series["new-data checks (held out / corrections)"] = [r["learned"] for r in evaluated]
+        _plot_png(paths["pass_rate"], "pass rate, per suite", vs, series, "share of tests passed")
         paths["hallucination_rate"] = out_dir / "hallucination_rate.png"
         _plot_png(paths["hallucination_rate"], "hallucination rate, per suite", vs,
                   suite_series(evaluated, "hallucination_rate"), "share of hallucination tests failed")
@@ -348,12 +358,13 @@ def render_markdown(info: dict[str, Any], paths: dict[str, Path]) -> str:
     lines.append("")
     lines.append("![lineage](lineage.png)")
     lines.append("")
-    lines.append("| version | parent | strategy | status | pass rate | hallucination | suite (release time) | gates |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| version | parent | strategy | status | pass rate | new-data checks | hallucination | suite (release time) | gates |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in info["versions"]:
         gate = _gate_text(r).replace("|", "\\|")
         lines.append(f"| {r['version']} | {r['parent'] or '-'} | {r['strategy']} | {r['status']} | "
-                     f"{_pct(r['pass_rate'])} | {_pct(r['hallucination_rate'])} | {_suite_cell(r)} | {gate} |")
+                     f"{_pct(r['pass_rate'])} | {_pct(r['learned'])} | {_pct(r['hallucination_rate'])} | {_suite_cell(r)} | "
+                     f"{gate} |")
     lines.append("")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Per domain")):
         if key in paths:
@@ -379,16 +390,16 @@ def render_html(info: dict[str, Any], paths: dict[str, Path]) -> str:
         "<h2>Lineage</h2>",
         '<img src="lineage.png" alt="lineage graph">',
         '<table id="versions"><thead><tr><th>version</th><th>parent</th><th>strategy</th><th>status</th>'
-        "<th>pass rate</th><th>hallucination</th><th>suite (release time)</th><th>regressions</th><th>gates</th>"
-        "</tr></thead><tbody>",
+        "<th>pass rate</th><th>new-data checks</th><th>hallucination</th><th>suite (release time)</th>"
+        "<th>regressions</th><th>gates</th></tr></thead><tbody>",
     ]
     for r in info["versions"]:
         regs = ", ".join(f"{c}: {len(ids)}" for c, ids in r["regressions"].items()) or "-"
         out.append(
             f'<tr><td>{e(r["version"])}</td><td>{e(r["parent"] or "-")}</td><td>{e(r["strategy"])}</td>'
             f'<td class="{e(r["status"])}">{e(r["status"])}</td><td>{_pct(r["pass_rate"])}</td>'
-            f'<td>{_pct(r["hallucination_rate"])}</td><td>{e(_suite_cell(r))}</td><td>{e(regs)}</td>'
-            f'<td>{e(_gate_text(r))}</td></tr>'
+            f'<td>{_pct(r["learned"])}</td><td>{_pct(r["hallucination_rate"])}</td><td>{e(_suite_cell(r))}</td>'
+            f'<td>{e(regs)}</td><td>{e(_gate_text(r))}</td></tr>'
         )
     out.append("</tbody></table>")
     for key, title in (("pass_rate", "Pass rate"), ("hallucination_rate", "Hallucination rate"), ("per_domain", "Pass rate per domain")):

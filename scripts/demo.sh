@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The whole release loop on the embedded tiny model, offline, with real Axolotl training:
 # 1.0.0 (initial) -> 1.1.0 (continued LoRA + replay) -> 1.1.1 (patch) -> 2.0.0 (merge and
-# retrain) -> roll back to 1.1.0 -> 1.2.0 (built on 1.1.0). Usage: scripts/demo.sh [DIR]
+# retrain) -> roll back to 1.1.0 -> 1.2.0 (built on 1.1.0). Every release prints its pass rate
+# per domain before and after, and its answer to one fixed question. Usage: scripts/demo.sh [DIR]
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cl="${CL_RELEASE:-$here/.venv/bin/cl-release}"
 dir="${1:-$here/demo-repo}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+# A ~1 M-parameter model trains fastest on one CPU thread (two threads are slower, much slower
+# on a busy machine).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 step() { printf '\n\033[1;34m== %s\033[0m\n' "$*"; }
 commit() { git -C "$dir" add -A && git -C "$dir" commit -q -m "$1"; }
+start=$(date +%s)
 
 if [ -e "$dir" ]; then
   step "removing the previous demo repository $dir"
@@ -18,11 +23,11 @@ fi
 step "cl-release init --demo $dir"
 "$cl" init "$dir" --demo
 
-step "1.0.0: initial LoRA on the Q1 domain data"
-"$cl" -C "$dir" plan minor | head -8
+step "1.0.0: initial LoRA on the Q1 domain data (exposure limits)"
+"$cl" -C "$dir" plan minor | sed -n '1,7p'
 "$cl" -C "$dir" release minor --notes "Initial release: exposure limits (IDLH)"
 
-step "1.1.0: new Q2 data, continued LoRA from 1.0.0 with replay"
+step "1.1.0: new Q2 data (storage temperatures), continued LoRA from 1.0.0 with replay"
 cp "$dir/datasets/incoming/q2-storage.jsonl" "$dir/datasets/domain/"
 commit "Add Q2 storage data"
 "$cl" -C "$dir" release minor --notes "Q2: storage temperatures"
@@ -30,12 +35,12 @@ commit "Add Q2 storage data"
 step "1.1.1: safety patch from corrections"
 cp "$dir/datasets/incoming/corrections-001.jsonl" "$dir/datasets/corrections/"
 commit "Add corrections"
-"$cl" -C "$dir" release patch --notes "Fix IDLH answers for ammonia, chlorine, phosgene, arsine"
+"$cl" -C "$dir" release patch --notes "Fix IDLH answers for chlorine, phosgene, arsine"
 
 step "2.0.0: merge 1.1.1 into the base and retrain on the complete data"
 "$cl" -C "$dir" release major --notes "Yearly merge and retrain"
 
-step "roll back to 1.1.0 and build 1.2.0 on it"
+step "roll back to 1.1.0 and build 1.2.0 on it (new Q3 data: protective equipment)"
 "$cl" -C "$dir" rollback 1.1.0
 cp "$dir/datasets/incoming/q3-protection.jsonl" "$dir/datasets/domain/"
 commit "Add Q3 protection data"
@@ -45,7 +50,9 @@ step "merged weights of 1.2.0, and what a push would upload"
 "$cl" -C "$dir" merge 1.2.0
 "$cl" -C "$dir" push 1.2.0 --merged --dry-run
 
-step "lineage"
+step "lineage and report"
 "$cl" -C "$dir" list
 "$cl" -C "$dir" verify
+"$cl" -C "$dir" report
 git -C "$dir" tag
+echo "demo finished in $(( $(date +%s) - start ))s; report: $dir/outputs/reports/index.html"

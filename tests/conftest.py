@@ -36,6 +36,19 @@ def _offline_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HOME", str(hf_home))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """The demo base model (``cl-release init --demo``) is prepared once per test session, in the
+    session's temporary folder, never in the user's cache."""
+    saved = os.environ.get("CL_RELEASE_CACHE")
+    os.environ["CL_RELEASE_CACHE"] = str(tmp_path_factory.getbasetemp() / "cl-release-cache")
+    yield
+    if saved is None:
+        os.environ.pop("CL_RELEASE_CACHE", None)
+    else:
+        os.environ["CL_RELEASE_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama model + tokenizer trained on the demo corpus (built once per session)."""

@@ -512,6 +512,8 @@ def test_release_rejected_by_a_gate_keeps_the_parent_current(tmp_path, monkeypat
     rejected = data["models"][-1]
     assert rejected["status"] == "rejected" and "v1.1.0" not in tags(root)
     assert rejected["evaluation"]["skipped"].startswith("no regression suite")
+    learned = {c["name"]: c for c in rejected["gates"]["checks"]}["min_new_data_pass_rate"]
+    assert learned["passed"] and learned["detail"] == "skipped: no evaluation ran (no regression suite)"
 
     forced = run("-C", root, "release", "minor", "--force", "--reason", "regulator deadline")
     assert "Released 1.2.0" in forced.stdout

@@ -268,3 +268,23 @@ def test_nesting_depth():
     assert [datasets.nesting_depth(v) for v in (1, "s", [], {}, [[1]], {"a": [{}]}, [[[]], 1])] == [0, 0, 1, 1, 2, 3, 3]
     deep = json.loads("[" * 500 + "]" * 500)
     assert datasets.nesting_depth(deep) == datasets.MAX_NESTING + 1  # stops counting past the limit
+
+
+def _qa(q, a, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": msgs}
+
+
+def test_prompt_key_is_the_question_folded():
+    assert datasets.prompt_key(_qa("What is  X?", "1")) == datasets.prompt_key(_qa("what is x?", "2"))
+    assert datasets.prompt_key(_qa("What is X?", "1", system="s")) != datasets.prompt_key(_qa("What is X?", "1"))
+    assert datasets.prompt_key({"text": "plain"}) is None
+    assert datasets.prompt_key({"messages": [{"role": "user", "content": "q"}]}) is None
+
+
+def test_a_correction_supersedes_earlier_answers_to_the_same_question():
+    old, other, text = _qa("IDLH of chlorine?", "25 ppm"), _qa("IDLH of ammonia?", "300 ppm"), {"text": "t"}
+    fix, same = _qa("IDLH of Chlorine?", "10 ppm"), _qa("IDLH of ammonia?", "300 ppm")
+    assert datasets.supersede([old, other, text], [fix, same]) == [other, text]  # a confirmation keeps its twin
+    assert datasets.supersede([old, other], []) == [old, other]

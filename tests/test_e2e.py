@@ -1,4 +1,5 @@
-"""End to end with real Axolotl on the tiny model: 1.0.0 -> 1.1.0 (continued LoRA), merge, verify."""
+"""End to end with real Axolotl on the demo model: 1.0.0 -> 1.1.0 (continued LoRA) learn their data,
+merge, verify; a release at learning rate 0 is rejected by the new-data gate."""
 
 from __future__ import annotations
 
@@ -60,7 +61,24 @@ def test_lineage_and_tags(demo_repo: Path):
     assert tags == ["v1.0.0", "v1.1.0"]
     config = (demo_repo / "outputs/v1.1.0/axolotl.yml").read_text()
     assert 'lora_model_dir: "outputs/v1.0.0/adapter"' in config
-    assert "learning_rate: 0.0002" in config
+    assert "learning_rate: 0.002" in config  # the demo project's rate for the tiny model
+
+
+def test_the_demo_releases_learn_their_data(demo_repo: Path):
+    """The targets of the demo (README, "The demo"): the base knows no domain fact, 1.0.0 answers
+    >= 80% of the Q1 tests, 1.1.0 >= 80% of Q1 + Q2, each on >= 80% of its held-out checks."""
+    reg = json.loads((demo_repo / "registry/model_registry.json").read_text())
+    first, second = reg["models"]
+    assert first["evaluation"]["baseline"]["per_domain"]["idlh"] == 0.0
+    assert first["evaluation"]["per_domain"]["idlh"] >= 0.8
+    q12 = [c for c in json.loads((demo_repo / second["evaluation"]["results"]).read_text())["cases"]
+           if c["domain"] in ("idlh", "storage")]
+    assert sum(c["passed"] for c in q12) >= 0.8 * len(q12)
+    for entry in (first, second):
+        new_data = entry["evaluation"]["new_data"]
+        assert new_data["source"] == "heldout" and new_data["n_checks"] == entry["heldout"]["examples"] == 10
+        assert new_data["pass_rate"] >= 0.8, new_data
+        assert {c["name"]: c["passed"] for c in entry["gates"]["checks"]}["min_new_data_pass_rate"] is True
 
 
 def test_continued_from_parent_weights(demo_repo: Path):
@@ -73,14 +91,15 @@ def test_continued_from_parent_weights(demo_repo: Path):
     changed = 0
     for name, p in parent.items():
         c = child[name]
+        cos = torch.nn.functional.cosine_similarity(p.flatten(), c.flatten(), dim=0)
         if "lora_A" in name:
-            # A fresh LoRA re-draws A at random: cosine similarity near 0. Continued: near 1.
-            cos = torch.nn.functional.cosine_similarity(p.flatten(), c.flatten(), dim=0)
-            assert cos > 0.99, (name, float(cos))
+            # A fresh LoRA re-draws A at random: cosine similarity near 0. Continued: near 1
+            # (0.92-1.0 at the demo's learning rate, 2e-3 for 10 epochs).
+            assert cos > 0.8, (name, float(cos))
         if "lora_B" in name:
-            # A fresh LoRA starts B at zero; 1.0.0's trained B is kept and moved slightly.
+            # A fresh LoRA starts B at zero; 1.0.0's trained B is kept and moved (cosine >= 0.65 here).
             assert p.abs().sum() > 0
-            assert (c - p).norm() < 0.5 * p.norm(), name
+            assert cos > 0.4, (name, float(cos))
         changed += int(not torch.equal(p, c))
     assert changed > 0, "1.1.0 produced the same weights as 1.0.0"
     assert json.loads((demo_repo / "outputs/v1.1.0/adapter/adapter_config.json").read_text())["r"] == 8
@@ -136,3 +155,32 @@ def test_verify_then_one_byte_changed(demo_repo: Path):
         assert "MISMATCH 1.1.0" in result.output and snapshot.name in result.output
     finally:
         snapshot.write_bytes(original)
+
+
+def test_a_release_that_learns_nothing_is_rejected(demo_repo: Path):
+    """Learning rate 0: the adapter does not move, the regression gates see no change (no
+    regression), and the new-data gate rejects it with its figures. (Runs last: it adds 1.2.0.)"""
+    import torch
+    import yaml
+
+    project = demo_repo / "cl-release.yaml"
+    settings = yaml.safe_load(project.read_text())
+    settings["strategies"]["continued_lora"].update({"learning_rate": 0, "num_epochs": 1})
+    project.write_text(yaml.safe_dump(settings, sort_keys=False))
+    shutil.copy(demo_repo / "datasets/incoming/q3-protection.jsonl", demo_repo / "datasets/domain/")
+    subprocess.run(["git", "-C", str(demo_repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(demo_repo), "commit", "-qm", "Q3 data, learning rate 0"], check=True)
+    result = CliRunner().invoke(main, ["-C", str(demo_repo), "release", "minor", "--notes", "lr 0"])
+    assert result.exit_code == 1, result.output
+    assert "Rejected 1.2.0" in result.output
+    assert "held-out examples of the new data answered right" in result.output
+    assert "the candidate did not learn its new data" in result.output
+    reg = json.loads((demo_repo / "registry/model_registry.json").read_text())
+    entry = reg["models"][-1]
+    assert entry["status"] == "rejected" and reg["current"] == "1.1.0"
+    reasons = entry["gates"]["reasons"]
+    assert len(reasons) == 1 and "at least 80% needed" in reasons[0]  # only the new-data gate saw it
+    assert entry["evaluation"]["new_data"]["pass_rate"] < 0.8
+    parent = lora_tensors(demo_repo / "outputs/v1.1.0/adapter")
+    child = lora_tensors(demo_repo / "outputs/v1.2.0/adapter")
+    assert parent.keys() == child.keys() and all(torch.equal(parent[k], child[k]) for k in parent)

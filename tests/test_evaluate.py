@@ -404,7 +404,7 @@ def test_suite_paths_from_the_project_file_stay_confined(tmp_path):
     assert e.value.field == "evaluation.suites[0]" and e.value.line == 5 and "'..'" in str(e.value)
 
 
-def fake_evaluate_model(root, base, adapter, suite, settings=None, *, revision=None, version=None):
+def fake_evaluate_model(root, base, adapter, suite, settings=None, *, revision=None, version=None, loaded=None):
     cases = [ev.CaseResult(id=c.id, passed=c.id != "b", output=f"answer {c.id}", criticality=c.criticality,
                            domain=c.domain, tags=list(c.tags), match=c.match, expected=c.expected) for c in suite.cases]
     return ev.EvalResult(suite_sha256=suite.sha256, suite_files=suite.files, cases=cases,

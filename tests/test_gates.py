@@ -105,6 +105,143 @@ def test_first_release_gets_only_absolute_gates():
     assert [c.name for c in d.checks if not c.passed] == ["min_pass_rate", "max_hallucination_rate"]
 
 
+# ---------------------------------------------------------------- did the candidate learn its new data?
+
+
+def learned(version, n_passed, n=10):
+    return res(version, {f"heldout-{i}": i < n_passed for i in range(n)}, suite="h" * 64)
+
+
+def test_new_data_gate_rejects_a_candidate_that_did_not_learn_with_the_figures():
+    cand, parent = res("1.1.0", {"a": True}), res("1.0.0", {"a": True})  # the suite cannot tell
+    d = gates.check(cand, parent, bump="minor", new_examples=250, new_data=learned("1.1.0", 1),
+                    new_data_source="heldout")
+    assert not d.passed
+    assert d.reasons == ["1 of 10 held-out examples of the new data answered right (10%), at least 80% needed: "
+                         "the candidate did not learn its new data"]
+    (c,) = [c for c in d.checks if c.name == "min_new_data_pass_rate"]
+    assert (c.value, c.threshold) == (0.1, 0.8)
+    assert gates.check(cand, parent, bump="minor", new_examples=250, new_data=learned("1.1.0", 8),
+                       new_data_source="heldout").passed
+    patch = gates.check(cand, parent, bump="patch", new_examples=3, new_data=learned("1.1.1", 7, n=9),
+                        new_data_source="corrections")
+    assert patch.reasons == ["7 of 9 corrections answered right (78%), at least 80% needed: "
+                             "the candidate did not learn its new data"]
+
+
+def test_new_data_gate_per_bump_off_for_major_and_skipped_without_checks():
+    r = res("2.0.0", {"a": True})
+    major = gates.check(r, None, bump="major", new_examples=0, new_data=learned("2.0.0", 0))
+    assert major.passed and "min_new_data_pass_rate" not in [c.name for c in major.checks]
+    on = gates.check(r, None, bump="major", new_examples=0, new_data=learned("2.0.0", 0),
+                     config={"min_new_data_pass_rate": {"major": 0.5}})
+    assert not on.passed
+    off = gates.check(r, None, bump="minor", new_examples=300, new_data=learned("2.0.0", 0),
+                      config={"min_new_data_pass_rate": None})
+    assert off.passed and "min_new_data_pass_rate" not in [c.name for c in off.checks]
+    skipped = gates.check(r, None, bump="minor", new_examples=300, new_data_skipped="no checks")
+    (c,) = [c for c in skipped.checks if c.name == "min_new_data_pass_rate"]
+    assert skipped.passed and c.value is None and c.detail == "skipped: no checks"
+    no_suite = gates.check(None, None, bump="patch", new_examples=3, new_data_skipped="no evaluation ran")
+    assert no_suite.passed and [c.detail for c in no_suite.checks][-1] == "skipped: no evaluation ran"
+
+
+def test_checks_are_built_from_examples_answer_without_final_punctuation():
+    rec = {"messages": [{"role": "user", "content": "What is the IDLH of chlorine?"},
+                        {"role": "assistant", "content": "The IDLH of chlorine is 10 ppm."}]}
+    sys_rec = {"messages": [{"role": "system", "content": "Be brief."}] + rec["messages"]}
+    suite = ev.checks_suite([rec, rec, sys_rec, {"text": "no question here"}], domain="heldout")
+    assert len(suite) == 2
+    case, with_system = suite.cases
+    assert (case.input, case.expected, case.match, case.domain) == (
+        "What is the IDLH of chlorine?", "The IDLH of chlorine is 10 ppm", "contains", "heldout")
+    assert [m["role"] for m in with_system.messages()] == ["system", "user"]
+    assert ev.match_output(case, "the IDLH of  chlorine is 10 ppm.") and not ev.match_output(case, "… 25 ppm.")
+    assert ev.checks_suite([{"text": "t"}], domain="heldout") is None
+
+
+def _fake_evaluation(monkeypatch, *, learns: bool):
+    """Evaluation without a model: regression tests pass; held-out checks pass only if ``learns``.
+    Records which suites each version was evaluated on."""
+    seen = []
+
+    def fake_entry(root, entry, suite, settings=None, *, cache=True, loaded=None):
+        seen.append((entry["version"], [c.domain for c in suite.cases], [c for c in suite.cases]))
+        cases = [ev.CaseResult(id=c.id, passed=(c.domain not in ("heldout", "corrections")) or learns,
+                               output="out", criticality=c.criticality, domain=c.domain, tags=list(c.tags),
+                               match=c.match, expected=c.expected) for c in suite.cases]
+        return ev.EvalResult(suite_sha256=suite.sha256, cases=cases, metrics=ev.compute_metrics(cases),
+                             performance={"results_path": f"outputs/v{entry['version']}/eval/x.json"}, settings={},
+                             model={"base": "models/base"}, version=entry["version"])
+
+    def fake_model(root, base, adapter, suite, settings=None, **k):
+        return fake_entry(root, {"version": k.get("version") or "base"}, suite)
+
+    monkeypatch.setattr(ev, "evaluate_entry", fake_entry)
+    monkeypatch.setattr(ev, "evaluate_model", fake_model)
+    monkeypatch.setattr(ev, "warm_up", lambda: None)
+    return seen
+
+
+def _repo_with_suite(tmp_path):
+    from helpers import commit_all, make_release_repo
+
+    root = make_release_repo(tmp_path)
+    (root / "registry/regression_tests.jsonl").write_text(json.dumps(
+        {"id": "t1", "input": "What is the IDLH of ammonia?", "expected": "ppm"}) + "\n")
+    commit_all(root, "suite")
+    return root
+
+
+def test_release_that_learned_nothing_is_rejected_and_force_records_the_override(tmp_path, monkeypatch):
+    from cl_release import datasets as ds
+    from helpers import FakeTrainer, add_data, registry_data
+
+    FakeTrainer().install(monkeypatch)
+    root = _repo_with_suite(tmp_path)
+    seen = _fake_evaluation(monkeypatch, learns=True)
+    first = CliRunner().invoke(main, ["-C", str(root), "release", "minor"])
+    assert first.exit_code == 0, first.output
+    assert "learned: 5 of 5 held-out examples of its new data answered right (100%)" in first.output
+    assert "  domain" in first.output and "base" in first.output  # before (the base model) and after
+    entry = registry_data(root)["models"][0]
+    assert entry["evaluation"]["new_data"]["n_checks"] == 5 and entry["evaluation"]["baseline"]["pass_rate"] == 1.0
+    # the checks are exactly the held-out examples, which training never saw
+    held = ds.snapshot_records(root, entry["heldout"]["path"])
+    (checks,) = [cases for v, domains, cases in seen if v == "1.0.0" and set(domains) == {"heldout"}]
+    assert sorted(c.input for c in checks) == sorted(r["messages"][0]["content"] for r in held)
+
+    seen = _fake_evaluation(monkeypatch, learns=False)
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
+    rejected = CliRunner().invoke(main, ["-C", str(root), "release", "minor"])
+    assert rejected.exit_code == 1
+    assert ("gate failed: 0 of 5 held-out examples of the new data answered right (0%), at least 80% needed: "
+            "the candidate did not learn its new data") in rejected.output
+    data = registry_data(root)
+    assert data["current"] == "1.0.0" and data["models"][-1]["status"] == "rejected"
+    forced = CliRunner().invoke(main, ["-C", str(root), "release", "minor", "--force", "--reason", "known gap"])
+    assert forced.exit_code == 0, forced.output
+    entry = registry_data(root)["models"][-1]
+    assert entry["status"] == "released" and entry["override"]["reason"] == "known gap"
+    assert any("did not learn its new data" in r for r in entry["override"]["reasons"])
+    assert entry["gates"]["passed"] is False
+
+
+def test_patch_is_checked_on_its_corrections(tmp_path, monkeypatch):
+    from helpers import FakeTrainer, add_data, registry_data
+
+    FakeTrainer().install(monkeypatch)
+    root = _repo_with_suite(tmp_path)
+    _fake_evaluation(monkeypatch, learns=True)
+    assert CliRunner().invoke(main, ["-C", str(root), "release", "minor"]).exit_code == 0
+    add_data(root, "corrections-001.jsonl", "datasets/corrections/c1.jsonl")
+    seen = _fake_evaluation(monkeypatch, learns=False)
+    result = CliRunner().invoke(main, ["-C", str(root), "release", "patch"])
+    assert result.exit_code == 1 and "0 of 10 corrections answered right" in result.output
+    (checks,) = [cases for v, domains, cases in seen if set(domains) == {"corrections"}]
+    assert len(checks) == 10 and registry_data(root)["models"][-1]["status"] == "rejected"
+
+
 # ---------------------------------------------------------------- a crafted pair of trained versions
 # Two LoRA adapters trained in-process (PEFT + a short torch loop, ~10 s on two idle cores).
 

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -78,7 +79,9 @@ def test_first_release_is_1_0_0_initial_for_any_bump(root, trainer, bump):
     assert call["config"]["learning_rate"] == 2e-4 and "lora_model_dir" not in call["config"]
     assert call["config"]["base_model"] == "models/base"
     q1 = records_of(root / "datasets" / "domain" / "q1.jsonl")
-    assert hashes(part(r, "new").records) == hashes(q1)
+    held = hashes(r.plan.heldout.records)
+    assert len(held) == round(0.1 * len(q1))  # initial: 10% of the new examples are held-out checks
+    assert hashes(part(r, "new").records) == hashes(q1) - held
     assert {p.role for p in r.plan.parts} == {"new", "general"}
 
 
@@ -101,7 +104,8 @@ def test_minor_is_continued_lora_on_new_data_with_replay(released, trainer):
     q1 = hashes(records_of(root / "datasets/domain/q1.jsonl"))
     q2 = hashes(records_of(root / "datasets/domain/q2.jsonl"))
     new, replay = part(r, "new"), part(r, "replay")
-    assert hashes(new.records) == q2  # only what 1.0.0 did not learn
+    assert hashes(new.records) | hashes(r.plan.heldout.records) == q2  # only what 1.0.0 did not learn
+    assert not hashes(new.records) & hashes(r.plan.heldout.records)
     assert hashes(replay.records) <= q1 and replay.records
     total = sum(len(p.records) for p in r.plan.parts)
     assert 0.45 <= len(replay.records) / total <= 0.55  # ~50% of the mix
@@ -118,11 +122,15 @@ def test_patch_trains_on_corrections_and_replay_only(tmp_path, trainer):
     r = release(root, "patch", notes="fix")
     e = r.entry
     assert (e["version"], e["strategy"], e["parent"]) == ("1.0.1", "patch", "1.0.0")
-    assert sorted(p.role for p in r.plan.parts) == ["corrections", "replay"]
+    assert sorted(p.role for p in r.plan.parts) == ["corrections", "replay"] and r.plan.heldout is None
     q1 = hashes(records_of(root / "datasets/domain/q1.jsonl"))
     c1 = hashes(records_of(root / "datasets/corrections/c1.jsonl"))
     assert c1 & q1  # one correction repeats a learned example: the model still got it wrong, so it is trained
     assert hashes(part(r, "corrections").records) == c1
+    # no replayed example gives the old answer to a corrected question
+    corrected = {ds.prompt_key(c): ds.record_hash(c) for c in records_of(root / "datasets/corrections/c1.jsonl")}
+    assert not [x for x in part(r, "replay").records
+                if ds.prompt_key(x) in corrected and ds.record_hash(x) != corrected[ds.prompt_key(x)]]
     q2 = hashes(records_of(root / "datasets/domain/q2.jsonl"))
     assert not any(hashes(p.records) & q2 for p in r.plan.parts)
     cfg = trainer.calls[-1]["config"]
@@ -174,10 +182,57 @@ def test_major_merges_the_parent_first_and_trains_on_the_complete_data(released,
     assert e["train_base"]["merged_from"] == "1.1.0" and e["train_base"]["path"] == "outputs/v1.1.0/merged"
     assert e["train_base"]["sha256"] == sha256_file(merged / "model.safetensors")
     everything = set()
-    for f in ("domain/q1.jsonl", "domain/q2.jsonl", "corrections/c1.jsonl"):
+    for f in ("domain/q1.jsonl", "domain/q2.jsonl"):
         everything |= hashes(records_of(root / "datasets" / f))
-    assert hashes(part(r, "complete").records) == everything
+    corrections = records_of(root / "datasets/corrections/c1.jsonl")
+    asked = {ds.prompt_key(c) for c in corrections}
+    superseded = {h for h in everything if any(ds.prompt_key(x) in asked and ds.record_hash(x) == h
+                                                for x in records_of(root / "datasets/domain/q1.jsonl"))} - hashes(corrections)
+    assert superseded  # the corrections replace old answers: those are not retrained
+    held = set().union(*(hashes(ds.snapshot_records(root, m["heldout"]["path"])) for m in registry_data(root)["models"][:2]))
+    assert len(held) == 5 + 5
+    assert hashes(part(r, "complete").records) == (everything - superseded - held) | hashes(corrections)
+    assert r.plan.heldout is None and "heldout" not in e
     assert e["base_model"]["name"] == "models/base"
+
+
+# ---------------------------------------------------------------- held-out checks
+
+
+def test_held_out_examples_are_recorded_and_never_trained(released, trainer):
+    root = released
+    first = registry_data(root)["models"][0]
+    held = first["heldout"]
+    assert held["examples"] == 5 and sha256_file(root / held["path"]) == held["sha256"]
+    held_hashes = hashes(ds.snapshot_records(root, held["path"]))
+    cfg = trainer.calls[0]["config"]
+    assert held["path"] not in [d["path"] for d in cfg["datasets"]]
+    trained = set().union(*(hashes(ds.snapshot_records(root, d["path"])) for d in cfg["datasets"]))
+    assert trained and not trained & held_hashes
+    assert held["path"] in git(root, "ls-files").split()
+    assert [c.ok for c in verify(root) if c.path == held["path"]] == [True]
+    plan_json = json.loads((root / "outputs/v1.0.0/plan.json").read_text())
+    assert plan_json["heldout"] == held
+    # the next release neither trains on them nor replays them; its checks come from its own new data
+    r = release(root, "minor")
+    for d in trainer.calls[-1]["config"]["datasets"]:
+        assert not hashes(ds.snapshot_records(root, d["path"])) & held_hashes
+    assert hashes(r.plan.heldout.records) <= hashes(records_of(root / "datasets/domain/q2.jsonl"))
+    # held-out files stay out of training even when the lineage is retrained from scratch (major)
+    r = release(root, "major")
+    assert not hashes(part(r, "complete").records) & held_hashes
+
+
+def test_holdout_is_seeded_and_configurable(root):
+    a, b = plan_release(load_project(root), bump="minor"), plan_release(load_project(root), bump="minor")
+    assert a.heldout.sha256 == b.heldout.sha256 and len(a.heldout.records) == 5
+    project_yaml = (root / "cl-release.yaml").read_text()
+    (root / "cl-release.yaml").write_text(project_yaml.replace("mix:\n", "mix:\n  holdout_max: 2\n"))
+    assert len(plan_release(load_project(root), bump="minor").heldout.records) == 2
+    (root / "cl-release.yaml").write_text(project_yaml + "strategies:\n  initial: {holdout_ratio: 0.0}\n")
+    p = plan_release(load_project(root), bump="minor")
+    assert p.heldout is None and len(part(SimpleNamespace(plan=p), "new").records) == 48
+    assert "heldout" not in [d["role"] for d in p.to_dict()["datasets"]] and p.to_dict()["heldout"] is None
 
 
 def test_annual_reset_needs_a_base_model(released, trainer):
@@ -219,7 +274,7 @@ def test_from_builds_on_an_earlier_version(released, trainer):
     assert trainer.calls[-1]["config"]["lora_model_dir"] == "outputs/v1.0.0/adapter"
     # new data is measured against 1.0.0's lineage: q2 and q3 are both new here
     q23 = hashes(records_of(root / "datasets/domain/q2.jsonl")) | hashes(records_of(root / "datasets/domain/q3.jsonl"))
-    assert hashes(part(r, "new").records) == q23
+    assert hashes(part(r, "new").records) | hashes(r.plan.heldout.records) == q23
     assert registry_data(root)["current"] == "1.2.0"
     with pytest.raises(VersionError, match="unknown version 9.0.0"):
         release(root, "minor", from_version="9.0.0")
@@ -294,7 +349,8 @@ def test_commit_and_tag(released):
     assert git(root, "log", "-1", "--format=%B").startswith("Release 1.1.0 (continued_lora, parent 1.0.0)\n\nQ2")
     assert "cl-release 1.1.0 (continued_lora, parent 1.0.0)" in git(root, "tag", "-n5", "-l", "v1.1.0")
     committed = set(git(root, "show", "--name-only", "--format=", "HEAD").split())
-    assert committed == {"registry/model_registry.json"} | {p.path for p in r.plan.parts}
+    assert committed == {"registry/model_registry.json"} | {p.path for p in r.plan.snapshot_parts}
+    assert r.plan.heldout.path in committed
     assert any(m["version"] == "1.1.0" for m in registry_at_head(root)["models"])
     assert_registry_consistent_with_git(root)
 
@@ -727,7 +783,8 @@ def test_invalid_record_names_file_line_and_field(released):
     commit_all(root)
     with pytest.raises(DataError) as e:
         plan_release(load_project(root), bump="minor")
-    assert str(e.value).startswith("datasets/domain/q2.jsonl:25: messages[0].role: unknown role 'robot'")
+    line = len((root / "datasets/domain/q2.jsonl").read_text().splitlines())
+    assert str(e.value).startswith(f"datasets/domain/q2.jsonl:{line}: messages[0].role: unknown role 'robot'")
 
 
 def test_no_new_data_is_a_user_error_with_a_hint(root):

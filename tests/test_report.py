@@ -72,7 +72,7 @@ def test_report_writes_html_markdown_and_plots(repo):
     for src in __import__("re").findall(r'<img src="([^"]+)"', html):
         assert (out / src).is_file()
     md = (out / "report.md").read_text()
-    assert "| 1.2.0 | 1.1.0 | continued_lora | rejected | 72.0% | 30.0% | suite 555555555555 (32 tests) | failed: 1 critical" in md
+    assert "| 1.2.0 | 1.1.0 | continued_lora | rejected | 72.0% | - | 30.0% | suite 555555555555 (32 tests) | failed: 1 critical" in md
     assert "![Per domain](per_domain.png)" in md
 
 
@@ -94,7 +94,7 @@ def test_an_evaluation_on_a_grown_suite_keeps_the_release_time_one_and_charts_by
     assert series == {"suite 666666666666 (33 tests)": [None, 0.6, None, None],
                       "suite 555555555555 (32 tests)": [0.5, 0.7, 0.72, 0.75]}
     md = (report.build_report(repo, repo / "site")["markdown"]).read_text()
-    assert "| 1.1.0 | 1.0.0 | continued_lora | released | 70.0% | 20.0% | suite 555555555555 (32 tests) |" in md
+    assert "| 1.1.0 | 1.0.0 | continued_lora | released | 70.0% | - | 20.0% | suite 555555555555 (32 tests) |" in md
 
 
 def test_report_is_byte_identical_when_rerun(repo):
@@ -149,3 +149,32 @@ def test_report_renders_in_headless_chromium(repo):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "4/4 images" in out.stdout
+
+
+def test_report_starts_at_the_base_model_and_shows_the_new_data_checks(repo, monkeypatch):
+    from cl_release import report
+
+    reg = repo / "registry/model_registry.json"
+    data = json.loads(reg.read_text())
+    data["models"][0]["evaluation"]["baseline"] = {"model": "models/tiny-llama", "pass_rate": 0.1,
+                                                   "per_domain": {"idlh": 0.0, "storage": 0.0},
+                                                   "suite_sha256": "5" * 64}
+    data["models"][1]["evaluation"]["new_data"] = {"source": "heldout", "n_checks": 10, "passed": 9, "pass_rate": 0.9}
+    atomic_write_json(reg, data)
+    plotted = {}
+    real_plot = report._plot_png
+
+    def spy(path, title, versions, series, ylabel):
+        plotted[title] = (versions, series)
+        real_plot(path, title, versions, series, ylabel)
+
+    monkeypatch.setattr(report, "_plot_png", spy)
+    paths = report.build_report(repo, repo / "site")
+    versions, series = plotted["pass rate per domain, suite 555555555555 (32 tests)"]
+    assert versions[0] == "base" and series["idlh"][:3] == [0.0, 0.5, 0.8]
+    series = plotted["pass rate, per suite"][1]
+    assert series["new-data checks (held out / corrections)"][:3] == [None, None, 0.9]
+    assert series["suite 555555555555 (32 tests)"][:3] == [0.1, 0.5, 0.7]  # the base on the same suite's line
+    assert ("| 1.1.0 | 1.0.0 | continued_lora | released | 70.0% | 90.0% | 20.0% | suite 555555555555 (32 tests) "
+            "| passed |") in paths["markdown"].read_text()
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -40,44 +39,21 @@ def base_key(settings: dict, data_seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _encode(tok, record: dict) -> tuple[list[int], list[int]]:
-    """Token ids and labels: loss on the assistant's answer only (as Axolotl's chat_template)."""
-    full = tok.apply_chat_template(record["messages"], tokenize=False)
-    prompt = tok.apply_chat_template(record["messages"][:-1], tokenize=False, add_generation_prompt=True)
-    ids = tok(full, add_special_tokens=False)["input_ids"]
-    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    return ids, [-100] * n + ids[n:]
-
-
-def _encode_text(tok, text: str) -> tuple[list[int], list[int]]:
-    """Plain text, loss on every token."""
-    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return ids, list(ids)
-
-
 def _texts_for_tokenizer(all_facts) -> list[str]:
-    texts = []
-    for dom, pairs in all_facts.items():
-        for r in training_records(dom, pairs):
-            texts.extend(m["content"] for m in r["messages"])
-    # Every entity name repeated so that BPE merges it into one token: a fact is then one
-    # token -> one answer, which a small model learns in a few epochs (multi-token invented
-    # names take it hundreds; see RESULTS.md).
-    for pairs in all_facts.values():
-        texts.extend(" ".join(f"of {e}?" for _ in range(40)) for e, _v in pairs)
-    return texts
+    """Every training text, and every entity name repeated so that BPE merges it into one token
+    (``cl_release.tinymodel.tokenizer_texts``; see RESULTS.md)."""
+    from cl_release.tinymodel import tokenizer_texts
+
+    records = [r for dom, pairs in all_facts.items() for r in training_records(dom, pairs)]
+    return tokenizer_texts(records, [], [e for pairs in all_facts.values() for e, _v in pairs])
 
 
-def prepare_base(out_root: Path, *, data_seed: int = 0, settings: dict | None = None,
-                 log=print, on_epoch=None) -> Path:
-    """Build (or reuse) the base model; returns its folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cl_release.tinymodel import build_tiny_model
+def prepare_base(out_root: Path, *, data_seed: int = 0, settings: dict | None = None, log=print) -> Path:
+    """Build (or reuse) the base model; returns its folder. The training itself is
+    ``cl_release.tinymodel.pretrain`` (the demo base model's preparation, same loop)."""
+    from cl_release.tinymodel import build_tiny_model, pretrain
 
     settings = settings or BASE_SETTINGS
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     key = base_key(settings, data_seed)
     out = Path(out_root) / "base" / key
     if (out / "done.json").is_file():
@@ -88,53 +64,16 @@ def prepare_base(out_root: Path, *, data_seed: int = 0, settings: dict | None = 
     all_facts = facts(data_seed)
     build_tiny_model(tmp, _texts_for_tokenizer(all_facts), seed=settings["seed"],
                      vocab_size=settings["vocab_size"], **settings["model"])
-    tok = AutoTokenizer.from_pretrained(tmp)
-    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    enc = [_encode(tok, r) for r in training_records("general", all_facts["general"])]
-    if settings.get("lm_texts"):
-        # Plain-text LM loss on sentences that use every entity name and every answer phrase
-        # but state no task fact (what a pretrained model knows: the words, not the facts).
-        # Without them the output rows of every token that is not a general-set answer
-        # ("IDLH", " 75", " ppm", ...) are pushed down for the whole base training and a
-        # LoRA (which does not touch lm_head) cannot bring them back (RESULTS.md).
-        enc += [_encode_text(tok, t) for t in lm_texts(all_facts)]
-    torch.manual_seed(settings["seed"])
-    rng = random.Random(settings["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
-    bs = settings["batch_size"]
-    steps = settings["epochs"] * ((len(enc) + bs - 1) // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=steps, pct_start=0.05)
-    model.train()
+    # Plain-text LM loss on sentences that use every entity name and every answer phrase but
+    # state no task fact (what a pretrained model knows: the words, not the facts). Without
+    # them the output rows of every token that is not a general-set answer ("IDLH", " 75",
+    # " ppm", ...) are pushed down for the whole base training and a LoRA (which does not
+    # touch lm_head) cannot bring them back (RESULTS.md).
+    texts = lm_texts(all_facts) if settings.get("lm_texts") else []
     t0 = time.perf_counter()
-    step = 0
-    for epoch in range(settings["epochs"]):
-        order = list(range(len(enc)))
-        rng.shuffle(order)
-        total = 0.0
-        for i in range(0, len(order), bs):
-            batch = [enc[j] for j in order[i:i + bs]]
-            n = max(len(b[0]) for b in batch)
-            ids = torch.full((len(batch), n), tok.pad_token_id)
-            labels = torch.full((len(batch), n), -100)
-            mask = torch.zeros((len(batch), n), dtype=torch.long)
-            for k, (b, lab) in enumerate(batch):
-                ids[k, :len(b)] = torch.tensor(b)
-                labels[k, :len(b)] = torch.tensor(lab)
-                mask[k, :len(b)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            total += loss.item()
-            step += 1
-        if on_epoch is not None:
-            on_epoch(epoch, model, tok)
-        if epoch % 5 == 0 or epoch == settings["epochs"] - 1:
-            log(f"base model: epoch {epoch + 1}/{settings['epochs']} loss {total / ((len(enc) + bs - 1) // bs):.4f} ({time.perf_counter() - t0:.0f}s)")
-    model.eval()
-    model.save_pretrained(tmp, safe_serialization=True)
+    pretrain(tmp, training_records("general", all_facts["general"]), texts, epochs=settings["epochs"],
+             lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
+             threads=int(os.environ.get("OMP_NUM_THREADS", "1")), log=lambda m: log(f"base model: {m}"))
     (tmp / "done.json").write_text(json.dumps({"key": key, "settings": settings, "data_seed": data_seed,
                                                "train_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     if out.exists():
