@@ -66,17 +66,28 @@ def ab_config(project) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _move(root: Path, message: Callable[[], str]) -> Iterator[dict[str, Any]]:
-    """Change the registry under the release lock, then commit it (message built afterwards)."""
+    """Change the registry under the release lock, then commit it (message built afterwards).
+
+    With ``serve.upstream_admin`` (the adapter-admin hook, :func:`cl_release.serve.vllm.adapter_admin`)
+    the model server loads every version that starts serving before the registry says so, and
+    unloads every version that stopped serving after the commit."""
     from .gitops import ReleaseRepo
     from .release import release_lock
+    from .serve.vllm import adapter_admin
 
     root = Path(root)
     repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository
+    admin = adapter_admin(root)
     with release_lock(root):
         repo.check_state()  # before the registry changes
         with Registry(root).transaction() as data:
+            before = set(serving(data).values()) - {None}
             yield data
+            if admin is not None:
+                admin.load(data, sorted(set(serving(data).values()) - {None} - before))
         repo.commit([REGISTRY_FILE], message())
+        if admin is not None:
+            admin.unload(sorted(before - set(serving(data).values())), committed=True)
 
 
 def _event(data: dict[str, Any], now: _dt.datetime | None, action: str, **fields: Any) -> dict[str, Any]:
@@ -91,6 +102,15 @@ def _released(data: dict[str, Any], version: str) -> dict[str, Any]:
         raise VersionError(f"version {entry['version']} is {entry['status']}, not released",
                            hint="only released versions can serve")
     return entry
+
+
+def serving(data: dict[str, Any]) -> dict[str, str | None]:
+    """The versions that serve: ``{"champion": V, "challenger": V or None}``; the champion is
+    the ``champion`` alias, else the current version (None before the first release)."""
+    running = state(data)
+    if running:
+        return {"champion": running["champion"], "challenger": running["challenger"]}
+    return {"champion": (data.get("aliases") or {}).get("champion") or data["current"], "challenger": None}
 
 
 def state(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -436,12 +456,11 @@ class Router:
             data = self._registry.load()
             self._versions = frozenset(m["version"] for m in data["models"])
             running = state(data)
-            champion = (data.get("aliases") or {}).get("champion") or data["current"]
+            champion, challenger = serving(data).values()
             if champion is None:
                 raise RegistryError("no version to serve", hint="release one, then: cl-release ab champion VERSION")
             if running:
-                plan = (running["champion"], running["challenger"], float(running["traffic"]),
-                        f"{running['champion']}->{running['challenger']}")
+                plan = (champion, challenger, float(running["traffic"]), f"{champion}->{challenger}")
             else:
                 plan = (champion, None, 0.0, "")
             self._plan, self._stamp = plan, stamp
@@ -455,6 +474,11 @@ class Router:
         if challenger is not None and bucket(key, salt) < traffic:
             return {"version": challenger, "arm": "challenger"}
         return {"version": champion, "arm": "champion"}
+
+    def serving(self) -> dict[str, Any]:
+        """``{champion, challenger, traffic}`` now (challenger None and traffic 0 without a test)."""
+        champion, challenger, traffic, _ = self._current_plan()
+        return {"champion": champion, "challenger": challenger, "traffic": traffic}
 
     def choose(self, key: str) -> str:
         """The version to serve for ``key``."""
