@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -428,11 +429,12 @@ class Router:
     works). A key always gets the same version while the same test runs; the challenger gets
     ``traffic`` of the keys. Raising the traffic of a running test keeps every key that already
     saw the challenger on it. The registry is re-read when the file changes, so a promotion
-    reaches a running service without a restart. Log the chosen version with
+    reaches a running service without a restart (``recheck_s``: look at the file at most that
+    often, for servers that route thousands of requests a second). Log the chosen version with
     ``FeedbackStore.log(..., model_version=version)``.
     """
 
-    def __init__(self, project_or_root: Any):
+    def __init__(self, project_or_root: Any, *, recheck_s: float = 0.0):
         root = project_or_root if isinstance(project_or_root, (str, os.PathLike)) else project_or_root.root
         self.root = Path(root)
         self._registry = Registry(self.root)
@@ -440,8 +442,13 @@ class Router:
         self._stamp: tuple | None = None
         self._plan: tuple[str, str | None, float, str] | None = None
         self._versions: frozenset[str] = frozenset()
+        self.recheck_s = recheck_s
+        self._checked = 0.0
 
     def _current_plan(self) -> tuple[str, str | None, float, str]:
+        if self.recheck_s and self._plan is not None and time.monotonic() - self._checked < self.recheck_s:
+            return self._plan
+        self._checked = time.monotonic()
         try:
             st = os.stat(self._registry.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -121,9 +121,10 @@ class Gateway:
         self.max_body_bytes = int(conf["max_body_bytes"])
         self.store = FeedbackStore(project.feedback_path)
         self.writer = GroupWriter(self.store, synchronous=conf["synchronous"])
-        self.router = Router(project)
+        self.router = Router(project, recheck_s=float(conf["registry_recheck_s"]))
         self.backend = backend
         self.verbose = verbose
+        self.fast_paths = True  # POST /log and /feedback answered by the guard (see FAST_PATHS)
         self._entries: tuple[tuple, dict[str, dict]] = ((), {})
 
     # -- lifecycle (the app's lifespan)
@@ -190,6 +191,39 @@ class Gateway:
         return self.router.assign(key)
 
 
+# ---------------------------------------------------------------- the collector's writes
+
+
+async def log_answer(gw: Gateway, body: m.LogRequest) -> bytes:
+    """``POST /log``: store one answer; the reply's body once it is committed."""
+    fields = body.model_dump(exclude_unset=True)
+    key = fields.pop("route_key", None)
+    version = fields.get("model_version")
+    if key is not None and version is None:
+        fields["model_version"] = version = gw.route_key(key)["version"]
+    elif isinstance(version, str) and not gw.router.knows(version):
+        raise ApiError(422, f"field 'model_version': {version!r} is not a version in the registry")
+    try:
+        rid = await gw.writer.log(fields)
+    except ClReleaseError as e:
+        raise store_error(e) from None
+    return orjson.dumps({"request_id": rid, "model_version": version})
+
+
+async def add_feedback(gw: Gateway, body: m.FeedbackRequest) -> bytes:
+    """``POST /feedback``: store feedback on a logged answer; the reply's body once committed."""
+    try:
+        fid = await gw.writer.feedback(body.model_dump(exclude_unset=True))
+    except ClReleaseError as e:
+        raise store_error(e) from None
+    return orjson.dumps({"id": fid, "request_id": body.request_id})
+
+
+# The collector's writes, also answered by the guard without FastAPI's request machinery
+# (Gateway.fast_paths): the same models, functions and error messages, a third of the CPU.
+FAST_PATHS = {"/log": (m.LogRequest, log_answer), "/feedback": (m.FeedbackRequest, add_feedback)}
+
+
 # ---------------------------------------------------------------- the guard: auth, limits, log lines
 
 
@@ -198,9 +232,12 @@ class Guard:
     read, one log line for a client that went away (no traceback), a one-line 500 for a bug,
     and with ``verbose`` an access log with secrets redacted."""
 
-    def __init__(self, app, gateway: Gateway):
-        self.app = app
+    def __init__(self, app: FastAPI, gateway: Gateway):
+        self.app = self.fastapi = app
         self.gw = gateway
+
+    def openapi(self) -> dict:
+        return self.fastapi.openapi()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -228,6 +265,8 @@ class Guard:
             refusal = self._refuse(scope, route, method)
             if refusal is not None:
                 await self._send_error(send_, path, *refusal)
+            elif gw.fast_paths and method == "POST" and route in FAST_PATHS:
+                await self._fast(route, receive_, send_)
             else:
                 await self.app(scope, receive_, send_)
         except Exception as e:  # noqa: BLE001
@@ -278,6 +317,35 @@ class Guard:
         if ctype != b"application/json":
             return 415, "Content-Type must be application/json", {}, n > 0
         return None
+
+    async def _fast(self, route: str, receive, send) -> None:
+        """A collector write: the body (its size checked by ``_refuse``), the model, the write."""
+        from pydantic import ValidationError
+
+        model, write = FAST_PATHS[route]
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            try:
+                body = model.model_validate_json(raw)
+            except ValidationError as e:
+                raise validation_error(route, [{**x, "loc": ("body", *x["loc"])} for x in e.errors()]) from None
+            payload, status = await write(self.gw, body), 201
+        except ApiError as e:
+            payload, status = error_body(route, e.status, e.message, param=e.param, code=e.code), e.status
+        except ClReleaseError as e:
+            err = store_error(e)
+            payload, status = error_body(route, err.status, err.message), err.status
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _send_error(self, send, path: str, status: int, message: str, headers: dict, close: bool) -> None:
         body = error_body(path, status, message)
@@ -361,8 +429,8 @@ def upstream_error(e: UpstreamError, headers: dict[str, str]) -> ApiError:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(gw: Gateway) -> FastAPI:
-    """The FastAPI app over ``gw``."""
+def create_app(gw: Gateway) -> "Guard":
+    """The gateway's ASGI app: :class:`Guard` in front of the FastAPI app (``.fastapi``) over ``gw``."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -416,31 +484,13 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.post("/log", status_code=201, response_model=m.LogResponse, summary="Store one model answer",
               responses={**collector, 409: {"model": m.Error, "description": "request_id logged with other content"}})
     async def log(body: m.LogRequest):
-        fields = body.model_dump(exclude_unset=True)
-        key = fields.pop("route_key", None)
-        version = fields.get("model_version")
-        if key is not None and version is None:
-            fields["model_version"] = version = gw.route_key(key)["version"]
-        elif isinstance(version, str) and not gw.router.knows(version):
-            raise ApiError(422, f"field 'model_version': {version!r} is not a version in the registry")
-        try:
-            rid = await gw.writer.log(fields)
-        except ClReleaseError as e:
-            raise store_error(e) from None
-        return Response(orjson.dumps({"request_id": rid, "model_version": version}), status_code=201,
-                        media_type="application/json")
+        return Response(await log_answer(gw, body), status_code=201, media_type="application/json")
 
     @app.post("/feedback", status_code=201, response_model=m.FeedbackResponse,
               summary="Record feedback on a logged answer",
               responses={**collector, 404: {"model": m.Error, "description": "no logged answer has this request_id"}})
     async def feedback(body: m.FeedbackRequest):
-        fields = body.model_dump(exclude_unset=True)
-        try:
-            fid = await gw.writer.feedback(fields)
-        except ClReleaseError as e:
-            raise store_error(e) from None
-        return Response(orjson.dumps({"id": fid, "request_id": body.request_id}), status_code=201,
-                        media_type="application/json")
+        return Response(await add_feedback(gw, body), status_code=201, media_type="application/json")
 
     @app.get("/route", response_model=m.RouteResponse, summary="The model version to serve for a user or session",
              responses={400: {"model": m.Error}, 401: {"model": m.Error},
@@ -534,8 +584,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return Response(orjson.dumps(out), media_type="application/json", headers=headers)
 
     _document_security(app)
-    app.add_middleware(Guard, gateway=gw)
-    return app
+    return Guard(app, gw)
 
 
 def _api(e: ApiError, headers: dict[str, str]) -> ApiError:

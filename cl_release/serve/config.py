@@ -24,8 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "batch_wait_ms": 2.0,  # local: how long a batch waits for more requests once one arrived
     "device": "auto",  # local: auto | cpu | cuda
     "synchronous": "full",  # SQLite synchronous of the log writer: full (fsync per group commit) | normal
+    "registry_recheck_s": 0.25,  # how often the gateway looks for an A/B move in the registry
 }
-BACKENDS = ("local", "openai")
+BACKENDS = ("local", "openai", "none")
 # The name each served version has upstream (vLLM's --lora-modules NAME=PATH).
 LORA_PREFIX = "v"
 

@@ -69,6 +69,9 @@ def _protocols():
         return orjson.dumps({"error": {"status": 400, "message": f"bad HTTP request: {detail}"}})
 
     class H11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(_Corked(transport, self.loop))
+
         def send_400_response(self, msg: str) -> None:
             import h11
 
@@ -87,6 +90,9 @@ def _protocols():
         return H11
 
     class HttpTools(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(_Corked(transport, self.loop))
+
         def send_400_response(self, msg: str) -> None:
             data = body(msg)
             self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -94,6 +100,44 @@ def _protocols():
             self.transport.close()
 
     return HttpTools
+
+
+class _Corked:
+    """The connection's transport, sending what one turn of the event loop wrote in one system
+    call: a response's header and body leave as one packet, with one ``send`` instead of two
+    (the collector's small answers spent a third of their time in ``send``)."""
+
+    def __init__(self, transport, loop):
+        self._t = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._buf:
+            self._loop.call_soon(self._flush)
+        self._buf.append(bytes(data))
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._t.write_eof()
+
+    def __getattr__(self, name: str):
+        return getattr(self._t, name)
 
 
 class GatewayServer:
@@ -120,7 +164,7 @@ class GatewayServer:
         import uvicorn
 
         return uvicorn.Config(app, http=_protocols(), lifespan="on", access_log=False, log_config=None,
-                              server_header=False, timeout_keep_alive=60, backlog=512, **kw)
+                              server_header=False, proxy_headers=False, timeout_keep_alive=60, backlog=512, **kw)
 
     def serve_forever(self) -> None:
         import uvicorn
@@ -185,7 +229,7 @@ def build_gateway(project, *, token: str, options: dict[str, Any], verbose: bool
     from .backends import make_backend
 
     conf = {**serve_config(project), **{k: v for k, v in options.items() if v is not None}}
-    if conf["backend"] not in BACKENDS + ("none",):
+    if conf["backend"] not in BACKENDS:
         raise UserError(f"unknown backend {conf['backend']!r}", hint="use local, openai or none")
     holder: dict[str, Any] = {}
     backend = make_backend(conf["backend"], project, conf, served=lambda: holder["gw"].served_entries())
