@@ -44,7 +44,7 @@ bench-quick: install
 	$(BIN)/python bench/bench_feedback.py --quick
 	$(BIN)/python bench/bench_data.py --quick
 	$(BIN)/python bench/bench_eval.py --quick
-	$(BIN)/python bench/bench_serve.py --clients 2 --requests 200
+	$(BIN)/python bench/bench_serve.py --quick
 
 # Continual-learning benchmark: every strategy through real releases on the tiny model; writes
 # bench/continual/RESULTS.md and its plots (about 30 minutes on 2 CPU cores). QUICK=1: one step, two strategies.

@@ -118,8 +118,12 @@ class FakeVLLM:
         finish = "length" if len(words) >= int(body.get("max_tokens") or 16) else "stop"
         base = {"id": "cmpl-fake", "created": int(time.time()), "model": model}
         if not body.get("stream"):
-            if self.mode == "cut":
-                raise ConnectionResetError("fake: connection dropped")
+            if self.mode == "cut":  # the head, a piece of the body, then the connection drops
+                async def piece():
+                    yield b'{"id": "cmpl-fake", '
+                    raise ConnectionResetError("fake: connection dropped")
+
+                return StreamingResponse(piece(), media_type="application/json", headers={"content-length": "1000"})
             return self._json({**base, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish,
                  "logprobs": None}], "usage": usage})
@@ -185,8 +189,11 @@ def main() -> None:
     ap.add_argument("--base", default="base-model")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--no-record", action="store_true", help="do not keep the request bodies (long benchmarks)")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="answer after this long, as a model would")
     args = ap.parse_args()
     fake = FakeVLLM(args.base, dict(x.split("=", 1) for x in args.lora), record=not args.no_record)
+    if args.delay_ms:
+        fake.mode, fake.delay = "slow", args.delay_ms / 1000
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))

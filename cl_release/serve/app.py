@@ -50,7 +50,6 @@ ROUTES: dict[str, frozenset[str]] = {
     "/log": frozenset({"POST"}), "/feedback": frozenset({"POST"}),
     "/v1/chat/completions": frozenset({"POST"}), "/v1/models": frozenset({"GET", "HEAD"}),
 }
-BODY_MODELS = {"/log": m.LogRequest, "/feedback": m.FeedbackRequest, "/v1/chat/completions": m.ChatCompletionRequest}
 ALIASES = ("champion", "challenger")
 MAX_STOP = 4  # OpenAI's limit on stop strings
 # Query parameters whose values never reach the log (a client may send its token as ?token=).
@@ -124,7 +123,7 @@ class Gateway:
         self.router = Router(project, recheck_s=float(conf["registry_recheck_s"]))
         self.backend = backend
         self.verbose = verbose
-        self.fast_paths = True  # POST /log and /feedback answered by the guard (see FAST_PATHS)
+        self.fast_paths = True  # POST endpoints answered by the guard (see POSTS)
         self._entries: tuple[tuple, dict[str, dict]] = ((), {})
 
     # -- lifecycle (the app's lifespan)
@@ -191,11 +190,20 @@ class Gateway:
         return self.router.assign(key)
 
 
-# ---------------------------------------------------------------- the collector's writes
+# ---------------------------------------------------------------- the POST endpoints
+#
+# Each takes (gateway, validated body, the body as parsed JSON, the ASGI scope) and returns the
+# response; FastAPI's routes call them (and document them), and the guard calls them directly
+# (Gateway.fast_paths): the same models, functions and error messages, without FastAPI's
+# per-request machinery, which cost as much CPU as the rest of a /log together.
 
 
-async def log_answer(gw: Gateway, body: m.LogRequest) -> bytes:
-    """``POST /log``: store one answer; the reply's body once it is committed."""
+def _json(payload: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(payload, status_code=status, media_type="application/json", headers=headers)
+
+
+async def log_answer(gw: Gateway, body: m.LogRequest, raw: dict, scope) -> Response:
+    """``POST /log``: store one answer; answered once it is committed."""
     fields = body.model_dump(exclude_unset=True)
     key = fields.pop("route_key", None)
     version = fields.get("model_version")
@@ -207,21 +215,63 @@ async def log_answer(gw: Gateway, body: m.LogRequest) -> bytes:
         rid = await gw.writer.log(fields)
     except ClReleaseError as e:
         raise store_error(e) from None
-    return orjson.dumps({"request_id": rid, "model_version": version})
+    return _json(orjson.dumps({"request_id": rid, "model_version": version}), 201)
 
 
-async def add_feedback(gw: Gateway, body: m.FeedbackRequest) -> bytes:
-    """``POST /feedback``: store feedback on a logged answer; the reply's body once committed."""
+async def add_feedback(gw: Gateway, body: m.FeedbackRequest, raw: dict, scope) -> Response:
+    """``POST /feedback``: store feedback on a logged answer; answered once it is committed."""
     try:
         fid = await gw.writer.feedback(body.model_dump(exclude_unset=True))
     except ClReleaseError as e:
         raise store_error(e) from None
-    return orjson.dumps({"id": fid, "request_id": body.request_id})
+    return _json(orjson.dumps({"id": fid, "request_id": body.request_id}), 201)
 
 
-# The collector's writes, also answered by the guard without FastAPI's request machinery
-# (Gateway.fast_paths): the same models, functions and error messages, a third of the CPU.
-FAST_PATHS = {"/log": (m.LogRequest, log_answer), "/feedback": (m.FeedbackRequest, add_feedback)}
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def chat_completion(gw: Gateway, body: m.ChatCompletionRequest, raw: dict, scope) -> Response:
+    """``POST /v1/chat/completions``: resolve the version, generate, capture, answer."""
+    started = time.perf_counter()
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    if gw.backend is None:
+        raise ApiError(503, "this server has no model backend (serve.backend: none); it only collects")
+    key = body.user or _header(scope, b"x-cl-release-key") or None
+    version, arm = gw.resolve(body.model, key, rid)
+    headers = {"X-Request-Id": rid, "X-CL-Release-Version": version, "X-CL-Release-Arm": arm}
+    gen = _generation(gw, body, raw, rid, version, headers)
+    capture = Capture(gw, gen, body, key=key, arm=arm, started=started, client=_client(scope))
+    if body.stream:
+        try:
+            events = await gw.backend.stream(gen)
+        except UpstreamError as e:
+            raise upstream_error(e, headers) from None
+        except ClReleaseError as e:
+            raise _api(store_error(e), headers) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(capture.sse(events, include_usage), headers=headers)
+    try:
+        out = await gw.backend.complete(gen)
+    except UpstreamError as e:
+        raise upstream_error(e, headers) from None
+    except ClReleaseError as e:
+        raise _api(store_error(e), headers) from None
+    out.update(id=rid, object="chat.completion", created=int(time.time()), model=version)
+    texts = [(c.get("message") or {}).get("content") or "" for c in out["choices"]]
+    reasons = [c.get("finish_reason") for c in out["choices"]]
+    try:
+        await capture.write(texts, reasons, out.get("usage"))
+    except ClReleaseError as e:
+        raise _api(store_error(e), headers) from None
+    return _json(orjson.dumps(out), headers=headers)
+
+
+POSTS = {"/log": (m.LogRequest, log_answer), "/feedback": (m.FeedbackRequest, add_feedback),
+         "/v1/chat/completions": (m.ChatCompletionRequest, chat_completion)}
 
 
 # ---------------------------------------------------------------- the guard: auth, limits, log lines
@@ -265,8 +315,8 @@ class Guard:
             refusal = self._refuse(scope, route, method)
             if refusal is not None:
                 await self._send_error(send_, path, *refusal)
-            elif gw.fast_paths and method == "POST" and route in FAST_PATHS:
-                await self._fast(route, receive_, send_)
+            elif gw.fast_paths and method == "POST" and route in POSTS:
+                await self._fast(scope, route, receive_, send_)
             else:
                 await self.app(scope, receive_, send_)
         except Exception as e:  # noqa: BLE001
@@ -318,11 +368,12 @@ class Guard:
             return 415, "Content-Type must be application/json", {}, n > 0
         return None
 
-    async def _fast(self, route: str, receive, send) -> None:
-        """A collector write: the body (its size checked by ``_refuse``), the model, the write."""
+    async def _fast(self, scope, route: str, receive, send) -> None:
+        """A POST endpoint without FastAPI: the body (its size checked by ``_refuse``), the
+        model, the endpoint's function, the response; errors as FastAPI's handlers make them."""
         from pydantic import ValidationError
 
-        model, write = FAST_PATHS[route]
+        model, handler = POSTS[route]
         chunks = []
         while True:
             message = await receive()
@@ -331,21 +382,21 @@ class Guard:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        raw = b"".join(chunks)
         try:
             try:
-                body = model.model_validate_json(raw)
+                raw = orjson.loads(b"".join(chunks))
+            except orjson.JSONDecodeError as e:
+                raise ApiError(400, f"invalid JSON: {e}", code="invalid_json") from None
+            try:
+                body = model.model_validate(raw)
             except ValidationError as e:
                 raise validation_error(route, [{**x, "loc": ("body", *x["loc"])} for x in e.errors()]) from None
-            payload, status = await write(self.gw, body), 201
+            response = await handler(self.gw, body, raw, scope)
         except ApiError as e:
-            payload, status = error_body(route, e.status, e.message, param=e.param, code=e.code), e.status
+            response = error_response(route, e)
         except ClReleaseError as e:
-            err = store_error(e)
-            payload, status = error_body(route, err.status, err.message), err.status
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+            response = error_response(route, store_error(e))
+        await response(scope, receive, send)
 
     async def _send_error(self, send, path: str, status: int, message: str, headers: dict, close: bool) -> None:
         body = error_body(path, status, message)
@@ -399,7 +450,7 @@ def validation_error(path: str, errors: list[dict]) -> ApiError:
     if not name and kind in ("model_attributes_type", "dict_type", "model_type"):
         return ApiError(bad, f"expected a JSON object, got {type(e.get('input')).__name__}")
     if kind == "extra_forbidden":
-        model = BODY_MODELS.get(path)
+        model = POSTS[path][0] if path in POSTS else None
         known = f" (known: {', '.join(sorted(model.model_fields))})" if model is not None and "." not in name else ""
         return ApiError(bad, f"unknown field {name!r}{known}", param=name)
     if kind == "missing":
@@ -483,14 +534,14 @@ def create_app(gw: Gateway) -> "Guard":
 
     @app.post("/log", status_code=201, response_model=m.LogResponse, summary="Store one model answer",
               responses={**collector, 409: {"model": m.Error, "description": "request_id logged with other content"}})
-    async def log(body: m.LogRequest):
-        return Response(await log_answer(gw, body), status_code=201, media_type="application/json")
+    async def log(body: m.LogRequest, request: Request):
+        return await log_answer(gw, body, await request.json(), request.scope)
 
     @app.post("/feedback", status_code=201, response_model=m.FeedbackResponse,
               summary="Record feedback on a logged answer",
               responses={**collector, 404: {"model": m.Error, "description": "no logged answer has this request_id"}})
-    async def feedback(body: m.FeedbackRequest):
-        return Response(await add_feedback(gw, body), status_code=201, media_type="application/json")
+    async def feedback(body: m.FeedbackRequest, request: Request):
+        return await add_feedback(gw, body, await request.json(), request.scope)
 
     @app.get("/route", response_model=m.RouteResponse, summary="The model version to serve for a user or session",
              responses={400: {"model": m.Error}, 401: {"model": m.Error},
@@ -550,38 +601,7 @@ def create_app(gw: Gateway) -> "Guard":
                   "description": "The answer (JSON), or with stream=true server-sent events of ChatCompletionChunk",
                   "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}}}})
     async def chat(body: m.ChatCompletionRequest, request: Request):
-        started = time.perf_counter()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if gw.backend is None:
-            raise ApiError(503, "this server has no model backend (serve.backend: none); it only collects")
-        key = body.user or request.headers.get("x-cl-release-key") or None
-        version, arm = gw.resolve(body.model, key, rid)
-        headers = {"X-Request-Id": rid, "X-CL-Release-Version": version, "X-CL-Release-Arm": arm}
-        gen = _generation(gw, body, await request.json(), rid, version, headers)
-        capture = Capture(gw, gen, body, key=key, arm=arm, started=started, client=_client(request.scope))
-        if body.stream:
-            try:
-                events = await gw.backend.stream(gen)
-            except UpstreamError as e:
-                raise upstream_error(e, headers) from None
-            except ClReleaseError as e:
-                raise _api(store_error(e), headers) from None
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(capture.sse(events, include_usage), headers=headers)
-        try:
-            out = await gw.backend.complete(gen)
-        except UpstreamError as e:
-            raise upstream_error(e, headers) from None
-        except ClReleaseError as e:
-            raise _api(store_error(e), headers) from None
-        out.update(id=rid, object="chat.completion", created=int(time.time()), model=version)
-        texts = [(c.get("message") or {}).get("content") or "" for c in out["choices"]]
-        reasons = [c.get("finish_reason") for c in out["choices"]]
-        try:
-            await capture.write(texts, reasons, out.get("usage"))
-        except ClReleaseError as e:
-            raise _api(store_error(e), headers) from None
-        return Response(orjson.dumps(out), media_type="application/json", headers=headers)
+        return await chat_completion(gw, body, await request.json(), request.scope)
 
     _document_security(app)
     return Guard(app, gw)
@@ -661,9 +681,10 @@ class Capture:
                                      **({"choice": i} if len(texts) > 1 else {})}})
         return out
 
-    async def write(self, texts: list[str], reasons: list, usage: dict | None) -> None:
+    async def write(self, texts: list[str], reasons: list, usage: dict | None, *, aborted: bool = False,
+                    error: str | None = None) -> None:
         """Log and wait for the commit."""
-        for fut in [self.gw.writer.log(r) for r in self._records(texts, reasons, usage)]:
+        for fut in [self.gw.writer.log(r) for r in self._records(texts, reasons, usage, aborted=aborted, error=error)]:
             await fut
 
     def write_later(self, texts: list[str], reasons: list, usage: dict | None, *, error: str | None) -> None:
@@ -706,8 +727,11 @@ class Capture:
                 yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         except UpstreamError as e:
             logged = True
-            self.write_later(["".join(t) for t in texts], reasons, usage, error=str(e))
             say(f"cl-release serve: upstream failed during stream {self.gen.request_id}: {e}")
+            try:  # committed before the client hears of it
+                await self.write(["".join(t) for t in texts], reasons, usage, aborted=True, error=str(e))
+            except ClReleaseError as le:
+                say(f"cl-release serve: logging the aborted stream {self.gen.request_id} failed: {le}")
             err = error_body("/v1/", e.status, str(e), code="upstream_error")
             yield b"data: " + err + b"\n\n"
             return

@@ -12,7 +12,7 @@ loading at runtime.
   with no restart. :meth:`AdapterAdmin.sync` (``cl-release serve sync-adapters``) makes the
   upstream hold exactly the served versions, after a crash or a failed unload.
 
-httpx is imported inside functions; this module is imported by every A/B move.
+The admin calls use the standard library (urllib); this module is imported by every A/B move.
 """
 
 from __future__ import annotations
@@ -102,41 +102,49 @@ class AdapterAdmin:
     """Load and unload the LoRA modules of versions on a vLLM server (``base_url`` with /v1)."""
 
     def __init__(self, root: Path, base_url: str, *, api_key: str | None = None, timeout: float = 60.0,
-                 repo_path: str | None = None, transport: Any = None):
+                 repo_path: str | None = None):
         self.root = Path(root)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
         self.repo_path = repo_path or str(self.root.resolve())
-        self._transport = transport
 
-    def _client(self):
-        import httpx
+    def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        """(status, body) of one request to the upstream's API."""
+        import socket
+        import urllib.error
+        import urllib.request
 
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout, transport=self._transport)
-
-    def _call(self, method: str, path: str, body: dict | None = None):
-        import httpx
-
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with self._client() as c:
-                return c.request(method, path, json=body)
-        except httpx.TimeoutException:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (TimeoutError, socket.timeout):
             raise UpstreamTimeout(f"the model server at {self.base_url} did not answer {path} in {self.timeout:g} s") from None
-        except httpx.HTTPError as e:
-            raise UpstreamError(f"the model server at {self.base_url} is unreachable: {type(e).__name__}: {e}",
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise UpstreamTimeout(f"the model server at {self.base_url} did not answer {path} in "
+                                      f"{self.timeout:g} s") from None
+            raise UpstreamError(f"the model server at {self.base_url} is unreachable: {reason}",
                                 hint="start it, or turn serve.upstream_admin off") from None
 
     def loaded(self) -> set[str]:
         """The versions whose LoRA module the upstream holds (``GET /v1/models``)."""
         from .backends.openai import upstream_message
 
-        r = self._call("GET", "/models")
-        if r.status_code != 200:
-            raise UpstreamError(f"the model server's /v1/models answered {r.status_code}: {upstream_message(r.content)}")
+        status, payload = self._call("GET", "/models")
+        if status != 200:
+            raise UpstreamError(f"the model server's /v1/models answered {status}: {upstream_message(payload)}")
         try:
-            ids = [m["id"] for m in r.json()["data"]]
+            ids = [m["id"] for m in json.loads(payload)["data"]]
         except (ValueError, KeyError, TypeError):
             raise UpstreamError("the model server's /v1/models is not an OpenAI model list") from None
         return {i[len(LORA_PREFIX):] for i in ids if isinstance(i, str) and i.startswith(LORA_PREFIX)}
@@ -156,10 +164,10 @@ class AdapterAdmin:
             if v in have:
                 continue
             path = f"{self.repo_path}/{_adapter_dir(Registry.find(data, v))}"
-            r = self._call("POST", "/load_lora_adapter", {"lora_name": lora_name(v), "lora_path": path})
-            if r.status_code != 200:
+            status, payload = self._call("POST", "/load_lora_adapter", {"lora_name": lora_name(v), "lora_path": path})
+            if status != 200:
                 raise UpstreamError(f"the model server did not load {lora_name(v)} from {path}: "
-                                    f"{r.status_code} {upstream_message(r.content)}",
+                                    f"{status} {upstream_message(payload)}",
                                     hint="nothing was changed in the registry; vLLM needs "
                                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and the path on its machine "
                                          "(serve.upstream_repo_path)")
@@ -180,10 +188,10 @@ class AdapterAdmin:
             for v in versions:
                 if v not in have:
                     continue
-                r = self._call("POST", "/unload_lora_adapter", {"lora_name": lora_name(v)})
-                if r.status_code != 200:
+                status, payload = self._call("POST", "/unload_lora_adapter", {"lora_name": lora_name(v)})
+                if status != 200:
                     raise UpstreamError(f"the model server did not unload {lora_name(v)}: "
-                                        f"{r.status_code} {upstream_message(r.content)}")
+                                        f"{status} {upstream_message(payload)}")
                 done.append(v)
         except UpstreamError as e:
             if committed:

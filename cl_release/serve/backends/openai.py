@@ -13,14 +13,13 @@ upstream is the deployment's problem (wrong key, adapter not loaded): a 502 that
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator
 
-import httpx
 import orjson
 
 from ...errors import UpstreamError, UpstreamTimeout
 from ..config import lora_name
+from ..upstream import Answer, Pool
 from . import Backend, Generation, Stream
 
 _DEPLOYMENT = {401: "refused the gateway's API key (serve.upstream_api_key_env)",
@@ -58,26 +57,20 @@ def _status_error(status: int, payload: bytes, version: str) -> UpstreamError:
 class OpenAIBackend(Backend):
     name = "openai"
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
-        self._transport = transport
-        self.client: httpx.AsyncClient | None = None
+        self.pool: Pool | None = None
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, transport=self._transport,
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-        )
+        self.pool = Pool(self.base_url, headers=headers, timeout=self.timeout)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     def _body(self, gen: Generation, stream: bool) -> bytes:
         body = dict(gen.body)
@@ -95,18 +88,32 @@ class OpenAIBackend(Backend):
     def _where(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    async def complete(self, gen: Generation) -> dict[str, Any]:
+    async def _post(self, gen: Generation, stream: bool) -> Answer:
         try:
-            r = await self.client.post("/chat/completions", content=self._body(gen, False),
-                                       headers={"Content-Type": "application/json"})
-        except httpx.TimeoutException:
+            answer = await self.pool.post("/chat/completions", self._body(gen, stream),
+                                          accept="text/event-stream" if stream else "application/json")
+        except TimeoutError:
             raise UpstreamTimeout(f"the model server did not answer in {self.timeout:g} s ({self._where()})") from None
-        except httpx.HTTPError as e:
+        except OSError as e:
             raise UpstreamError(f"the model server is unreachable ({self._where()}): {type(e).__name__}: {e}") from None
-        if r.status_code != 200:
-            raise _status_error(r.status_code, r.content, gen.version)
+        if answer.status != 200:
+            try:
+                payload = await answer.read()
+            except (OSError, TimeoutError):
+                payload = b""
+            raise _status_error(answer.status, payload, gen.version)
+        return answer
+
+    async def complete(self, gen: Generation) -> dict[str, Any]:
+        answer = await self._post(gen, False)
         try:
-            out = orjson.loads(r.content)
+            payload = await answer.read()
+        except TimeoutError:
+            raise UpstreamTimeout(f"the model server did not finish its answer in {self.timeout:g} s") from None
+        except OSError as e:
+            raise UpstreamError(f"the model server cut its answer off: {e}") from None
+        try:
+            out = orjson.loads(payload)
             if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
                 raise ValueError("no choices")
             for c in out["choices"]:
@@ -117,48 +124,27 @@ class OpenAIBackend(Backend):
         return out
 
     async def stream(self, gen: Generation) -> Stream:
-        req = self.client.build_request("POST", "/chat/completions", content=self._body(gen, True),
-                                        headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-        try:
-            r = await self.client.send(req, stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(f"the model server did not answer in {self.timeout:g} s ({self._where()})") from None
-        except httpx.HTTPError as e:
-            raise UpstreamError(f"the model server is unreachable ({self._where()}): {type(e).__name__}: {e}") from None
-        if r.status_code != 200:
-            try:
-                payload = await r.aread()
-            except httpx.HTTPError:
-                payload = b""
-            finally:
-                await r.aclose()
-            raise _status_error(r.status_code, payload, gen.version)
-        return _UpstreamStream(r, self.timeout, self._where())
+        return _UpstreamStream(await self._post(gen, True), self.timeout)
 
 
 class _UpstreamStream(Stream):
-    def __init__(self, response: httpx.Response, timeout: float, where: str):
-        self.response = response
+    def __init__(self, answer: Answer, timeout: float):
+        self.answer = answer
         self.timeout = timeout
-        self.where = where
-        self._closing: asyncio.Task | None = None
 
     def cancel(self) -> None:
-        if self._closing is None and not self.response.is_closed:
-            try:
-                self._closing = asyncio.get_running_loop().create_task(self.response.aclose())
-            except RuntimeError:  # no loop any more: the connection goes with it
-                pass
+        self.answer.close()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        finished = False
+        finished = done = False
         try:
-            async for line in self.response.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in self.answer.lines():  # read to the end: the connection is reused
+                if done or not line.startswith(b"data:"):
                     continue  # comments, event names, blank separators
                 data = line[5:].strip()
-                if data == "[DONE]":
-                    return
+                if data == b"[DONE]":
+                    done = finished = True
+                    continue
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -166,15 +152,16 @@ class _UpstreamStream(Stream):
                 if not isinstance(chunk, dict):
                     raise UpstreamError("the model server sent a stream event that is not a JSON object")
                 if "error" in chunk:
-                    raise UpstreamError(f"the model server failed mid-stream: {upstream_message(orjson.dumps(chunk))}")
+                    raise UpstreamError(f"the model server failed mid-stream: {upstream_message(data)}")
                 finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
                                            for c in chunk.get("choices") or ())
                 yield chunk
             if not finished:  # no [DONE] and no finish_reason: cut off
                 raise UpstreamError("the model server ended the stream before the answer was finished")
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(f"the model server stopped sending for {self.timeout:g} s ({self.where})") from None
-        except httpx.HTTPError as e:
+        except TimeoutError:
+            raise UpstreamTimeout(f"the model server stopped sending for {self.timeout:g} s") from None
+        except OSError as e:
             raise UpstreamError(f"the model server cut the stream off: {type(e).__name__}: {e}") from None
         finally:
-            await self.response.aclose()
+            if not self.answer.closed:
+                self.answer.close()
