@@ -280,25 +280,6 @@ def bench_proxy(tmp: Path, args) -> dict:
 # ---------------------------------------------------------------- 3. local batching
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
-    """A LoRA adapter with random (non-zero) weights on the tiny model, saved as PEFT does."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                     task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.5)
-    peft_model.save_pretrained(out)
-    return out
-
-
 def tiny_release(tmp: Path) -> tuple[Path, dict]:
     """A folder with the tiny model under models/ and one adapter, and its registry entry."""
     from cl_release.files import sha256_file
@@ -307,7 +288,10 @@ def tiny_release(tmp: Path) -> tuple[Path, dict]:
     root = tmp / "local"
     texts = corpus_from_jsonl(sorted((REPO / "datasets" / "demo").rglob("*.jsonl")))
     build_tiny_model(root / "models" / "tiny", texts, seed=0)
-    make_adapter(root / "models" / "tiny", root / "outputs" / "v1.0.0" / "adapter")
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import random_adapter
+
+    random_adapter(root / "models" / "tiny", root / "outputs" / "v1.0.0" / "adapter")
     entry = {"version": "1.0.0", "base_model": {"name": "models/tiny", "revision": None},
              "adapter": {"path": "outputs/v1.0.0/adapter",
                          "sha256": sha256_file(root / "outputs" / "v1.0.0" / "adapter" / "adapter_model.safetensors")}}

@@ -6,7 +6,7 @@
   one word a token; streamed as SSE chunks when asked, with a usage chunk for
   ``stream_options.include_usage``;
 - ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``: vLLM's runtime LoRA updating
-  (400 for a name already loaded, 404 for unloading one that is not);
+  (400 for a name already loaded, 404 for unloading one that is not; ``admin_fail``: 500);
 - ``POST /fake/mode {"mode": ...}``: what the next chat requests meet: ``ok``, ``error`` (a 500),
   ``slow`` (an answer after ``delay`` s), ``cut`` (a stream cut off after two chunks, or a
   connection closed without an answer), ``refuse`` (a 400 as for a prompt too long);
@@ -39,6 +39,7 @@ class FakeVLLM:
         self.delay = 0.0
         self.requests: list[dict[str, Any]] = []
         self.admin_calls: list[tuple[str, dict]] = []
+        self.admin_fail = False  # load and unload answer 500
         self.record = record
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -68,6 +69,8 @@ class FakeVLLM:
     async def load(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
         self.admin_calls.append(("load", body))
+        if self.admin_fail:
+            return self._error("adapter slots busy (fake)", 500)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
             return self._error("lora_name and lora_path are required", 400)
@@ -79,6 +82,8 @@ class FakeVLLM:
     async def unload(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
         self.admin_calls.append(("unload", body))
+        if self.admin_fail:
+            return self._error("adapter slots busy (fake)", 500)
         name = body.get("lora_name")
         if name not in self.loras:
             return self._error(f"The lora adapter '{name}' cannot be found.", 404)

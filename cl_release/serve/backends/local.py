@@ -2,7 +2,7 @@
 
 The base model is loaded once (per distinct base: versions trained on another version's merged
 weights have their own), with the evaluation runner's code (:func:`cl_release.evaluate.load_base_model`),
-and each served version's LoRA adapter is added to it as a named PEFT adapter (``v1.2.0``). A
+and each served version's LoRA adapter is added to it as a named PEFT adapter (``v1_2_0``). A
 version that starts serving later (``ab start``) is added when its first request comes; one that
 stopped serving is dropped then. Prompts go through the version's own chat template
 (:func:`cl_release.evaluate.render_messages`), as in its gate evaluation.
@@ -184,7 +184,7 @@ class LocalBackend(Backend):
             mkey = (base, revision)
             settings = ev.EvalSettings(device=self.device)
             model = self._models.get(mkey)
-            name = lora_name(version) if adapter else None
+            name = _adapter_name(version) if adapter else None
             tok_dir = ev.adapter_tokenizer_dir(self.root, adapter) if adapter else None
             tokenizer = ev.load_tokenizer(self.root, base, tok_dir, revision=revision)
             if model is None:
@@ -262,6 +262,11 @@ class LocalBackend(Backend):
                 torch.manual_seed(gen0.seed)
             model.generate(**enc, generation_config=cfg, stopping_criteria=[_RowsDone()], streamer=streamer)
         streamer.finish()
+
+
+def _adapter_name(version: str) -> str:
+    """The version's PEFT adapter name (PEFT refuses dots: ``v1_2_0``)."""
+    return lora_name(version).replace(".", "_")
 
 
 class _Job:
