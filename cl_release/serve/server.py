@@ -57,49 +57,59 @@ def log_config(debug: bool = False) -> None:
         lg.setLevel(logging.WARNING)
 
 
-def _protocols():
-    """uvicorn's HTTP protocol classes (httptools when installed, else h11) whose answer to
-    malformed HTTP is a JSON error body naming the problem."""
+def _bad_request_body(msg: str) -> bytes:
+    """The collector's error body for HTTP that never reached the app (called while uvicorn
+    handles the parser's exception, which names the problem)."""
     import orjson
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def body(msg: str) -> bytes:
-        exc = sys.exc_info()[1]
-        detail = " ".join(str(exc).split()) if exc is not None and str(exc) else msg
-        return orjson.dumps({"error": {"status": 400, "message": f"bad HTTP request: {detail}"}})
+    exc = sys.exc_info()[1]
+    detail = " ".join(str(exc).split()) if exc is not None and str(exc) else msg
+    return orjson.dumps({"error": {"status": 400, "message": f"bad HTTP request: {detail}"}})
 
-    class H11(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(_Corked(transport, self.loop))
 
-        def send_400_response(self, msg: str) -> None:
-            import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402  (this module runs servers only)
 
-            data = body(msg)
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                       (b"content-length", str(len(data)).encode())]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
-                          h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
 
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-        import httptools  # noqa: F401
-    except ImportError:
-        return H11
+class H11(H11Protocol):
+    """uvicorn's h11 protocol, corked (see :class:`_Corked`), malformed HTTP answered in JSON."""
 
+    def connection_made(self, transport) -> None:
+        super().connection_made(_Corked(transport, self.loop))
+
+    def send_400_response(self, msg: str) -> None:
+        import h11
+
+        data = _bad_request_body(msg)
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(data)).encode())]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+try:
+    import httptools  # noqa: F401
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # h11 only
+    HttpTools = None
+else:
     class HttpTools(HttpToolsProtocol):
+        """uvicorn's httptools protocol (when installed: a C parser), corked, errors in JSON."""
+
         def connection_made(self, transport) -> None:
             super().connection_made(_Corked(transport, self.loop))
 
         def send_400_response(self, msg: str) -> None:
-            data = body(msg)
+            data = _bad_request_body(msg)
             self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
                                  + f"content-length: {len(data)}\r\n\r\n".encode() + data)
             self.transport.close()
 
-    return HttpTools
+
+def _protocols():
+    """The HTTP protocol class: httptools when installed, else h11."""
+    return HttpTools or H11
 
 
 class _Corked:
@@ -178,8 +188,7 @@ class GatewayServer:
                 os.environ[ENV_OPTIONS] = json.dumps(self._options)
                 os.environ[ENV_TOKEN] = self._token
                 config = self._config("cl_release.serve.server:app_from_env", factory=True, workers=self.workers)
-                server = uvicorn.Server(config)
-                Multiprocess(config, target=server.run, sockets=[self.socket]).run()
+                Multiprocess(config, sockets=[self.socket]).run()
                 return
             self._server = uvicorn.Server(self._config(self._asgi))
             self._server.run(sockets=[self.socket])
