@@ -1,20 +1,24 @@
 """Benchmarks of ``cl-release serve`` (the FastAPI gateway), each side by side with its baseline in
 one run, interleaved round by round so both see the same machine load:
 
-1. ``/log`` throughput: the gateway (``--backend none``) vs the old ``ThreadingHTTPServer``
-   collector (``bench/old_collector.py``), each as its own process on a fresh scratch release
-   repository; N keep-alive clients (threads here) send M ``POST /log`` each; every record
-   must be in the store exactly once (lost = sent - stored).
+1. ``/log`` throughput: the gateway (``--backend none``; ``synchronous`` full, the default, and
+   normal) vs the old ``ThreadingHTTPServer`` collector (``bench/old_collector.py``), each as its
+   own process on a fresh scratch release repository; N keep-alive clients send M ``POST /log``
+   each; every record must be in the store exactly once (lost = sent - stored).
 2. Proxy overhead: ``POST /v1/chat/completions`` through the gateway (``--backend openai``) vs
    the same fake vLLM (``tests/fakevllm.py``, its own process) called directly, N concurrent
-   clients; the added latency is the difference of the percentiles. Non-streaming and streaming
-   (time to the last byte).
+   clients; the added latency is the difference of the percentiles, non-streaming and streaming
+   (time to the last byte), with an upstream that answers at once (the cores saturate) and one
+   that takes 20 ms (a fast model). Every proxied answer must be in the store.
 3. Local backend: dynamic batching (``max_batch`` 8) vs one request at a time (``max_batch`` 1) on
    the tiny model with a LoRA adapter, N concurrent clients, greedy; tokens/s and whether every
    answer is identical.
 
+The clients are threads of this process on raw sockets (:class:`Conn`): ``http.client`` costs
+about 0.6 ms of CPU per request here, so with it 8 clients, not the servers, fill 2 cores.
+
     .venv/bin/python bench/bench_serve.py [--quick] [--clients 8] [--requests 2000] [--rounds 2]
-                                          [--parts log,proxy,local] [--out FILE.json]
+                                          [--parts log,proxy,local] [--upstream-delays 0,20] [--out F.json]
 
 ``--quick``: small sizes (a minute or two). Prints JSON; ``--out`` writes it too.
 """
@@ -65,12 +69,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def scratch_repo(parent: Path, name: str) -> Path:
-    """A release repository with one released version (1.0.0, champion): enough for routing."""
+def scratch_repo(parent: Path, name: str, serve: str = "") -> Path:
+    """A release repository with one released version (1.0.0, champion): enough for routing.
+    ``serve``: lines of the ``serve:`` section."""
     from cl_release.registry import Registry
     from cl_release.scaffold import init_repository
 
     root = init_repository(parent / name)
+    if serve:
+        with open(root / "cl-release.yaml", "a") as f:
+            f.write("serve:\n" + "".join(f"  {line}\n" for line in serve.splitlines()))
     with Registry(root).transaction() as data:
         data["models"].append({
             "version": "1.0.0", "parent": None, "bump": "major", "strategy": "initial", "status": "released",
@@ -205,14 +213,16 @@ def run_clients(host: str, port: int, clients: int, n: int, make_body, path: str
 def bench_log(tmp: Path, args) -> dict:
     from cl_release.feedback import FeedbackStore
 
-    servers = {
-        "old_collector": lambda root: [sys.executable, str(HERE / "old_collector.py"), "-C", str(root), "--port", "0"],
-        "gateway": lambda root: cl_release(root, "serve", "--port", "0", "--backend", "none"),
+    gateway = lambda root: cl_release(root, "serve", "--port", "0", "--backend", "none")  # noqa: E731
+    servers = {  # name: (argv, serve: lines)
+        "old_collector": (lambda root: [sys.executable, str(HERE / "old_collector.py"), "-C", str(root), "--port", "0"], ""),
+        "gateway": (gateway, ""),  # synchronous full: an fsync per group commit
+        "gateway_sync_normal": (gateway, "synchronous: normal"),  # as the old collector: no fsync at commit
     }
     runs: dict[str, list[dict]] = {k: [] for k in servers}
     for rnd in range(args.rounds):
-        for name, argv in servers.items():
-            root = scratch_repo(tmp, f"log-{name}-{rnd}")
+        for name, (argv, serve) in servers.items():
+            root = scratch_repo(tmp, f"log-{name}-{rnd}", serve)
             proc, host, port = start(argv(root))
             try:
                 cpu0 = cpu_seconds(proc.pid)
@@ -233,6 +243,7 @@ def bench_log(tmp: Path, args) -> dict:
     return {"runs": runs, "best_rps": best, "median_rps": med,
             "speedup_median": round(med["gateway"] / med["old_collector"], 2),
             "speedup_vs_1034": round(med["gateway"] / 1034, 2),
+            "speedup_normal_vs_1034": round(med["gateway_sync_normal"] / 1034, 2),
             "lost": sum(r["lost"] for v in runs.values() for r in v),
             "errors": sum(r["errors"] for v in runs.values() for r in v)}
 
@@ -241,40 +252,49 @@ def bench_log(tmp: Path, args) -> dict:
 
 
 def bench_proxy(tmp: Path, args) -> dict:
-    up, uhost, uport = start([sys.executable, str(REPO / "tests" / "fakevllm.py"), "--port", "0", "--no-record",
-                              "--lora", "v1.0.0=/adapters/v1.0.0"])
-    root = scratch_repo(tmp, "proxy")
-    gw, ghost, gport = start(cl_release(root, "serve", "--port", "0", "--backend", "openai", "--upstream-url",
-                                        f"http://{uhost}:{uport}/v1"))
-    out: dict[str, list[dict]] = {}
-    try:
-        for rnd in range(args.rounds):
-            for stream in (False, True):
-                for name, (host, port, model) in (("direct", (uhost, uport, "v1.0.0")),
-                                                  ("gateway", (ghost, gport, "champion"))):
-                    key = f"{name}{'_stream' if stream else ''}"
-                    res = run_clients(host, port, args.clients, args.proxy_requests,
-                                      lambda c, i: {"model": model, "max_tokens": 16, "stream": stream,
-                                                    "messages": [{"role": "user", "content": f"question {c} {i}"}]},
-                                      "/v1/chat/completions", 200, stream=stream)
-                    out.setdefault(key, []).append(res)
-                    print(f"  proxy {key:<15} round {rnd + 1}: p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
-                          f"{res['requests_per_second']} req/s, errors {res['errors']}", file=sys.stderr)
-    finally:
-        stop(gw)
-        stop(up)
-    from cl_release.feedback import FeedbackStore
+    """For each upstream delay (0: answers at once, so the 2 cores saturate; 20 ms: a fast model),
+    rounds of direct / through the gateway, non-streaming and streaming."""
+    out: dict[str, dict] = {}
+    for delay in args.upstream_delays:
+        up, uhost, uport = start([sys.executable, str(REPO / "tests" / "fakevllm.py"), "--port", "0", "--no-record",
+                                  "--delay-ms", str(delay), "--lora", "v1.0.0=/adapters/v1.0.0"])
+        root = scratch_repo(tmp, f"proxy-{delay}")
+        gw, ghost, gport = start(cl_release(root, "serve", "--port", "0", "--backend", "openai", "--upstream-url",
+                                            f"http://{uhost}:{uport}/v1"))
+        runs: dict[str, list[dict]] = {}
+        try:
+            for rnd in range(args.rounds):
+                for stream in (False, True):
+                    for name, (host, port, model) in (("direct", (uhost, uport, "v1.0.0")),
+                                                      ("gateway", (ghost, gport, "champion"))):
+                        key = f"{name}{'_stream' if stream else ''}"
+                        cpu0 = cpu_seconds(gw.pid)
+                        res = run_clients(host, port, args.clients, args.proxy_requests,
+                                          lambda c, i: {"model": model, "max_tokens": 16, "stream": stream,
+                                                        "messages": [{"role": "user", "content": f"question {c} {i}"}]},
+                                          "/v1/chat/completions", 200, stream=stream)
+                        if name == "gateway":
+                            res["gateway_cpu_ms_per_request"] = round(
+                                1000 * (cpu_seconds(gw.pid) - cpu0) / res["requests"], 3)
+                        runs.setdefault(key, []).append(res)
+                        print(f"  proxy delay {delay:g} ms {key:<15} round {rnd + 1}: p50 {res['p50_ms']} ms, "
+                              f"p99 {res['p99_ms']} ms, {res['requests_per_second']} req/s, errors {res['errors']}",
+                              file=sys.stderr)
+        finally:
+            stop(gw)
+            stop(up)
+        from cl_release.feedback import FeedbackStore
 
-    logged = FeedbackStore(root / ".cl-release" / "feedback.db").count()
-    summary = {}
-    for suffix in ("", "_stream"):
-        d, g = out[f"direct{suffix}"], out[f"gateway{suffix}"]
-        summary[f"added{suffix or '_json'}"] = {
-            "p50_ms": round(statistics.median(x["p50_ms"] for x in g) - statistics.median(x["p50_ms"] for x in d), 3),
-            "p99_ms": round(statistics.median(x["p99_ms"] for x in g) - statistics.median(x["p99_ms"] for x in d), 3)}
-    sent = sum(r["requests"] for k, v in out.items() if k.startswith("gateway") for r in v)
-    return {"runs": out, **summary, "gateway_requests": sent, "logged": logged,
-            "errors": sum(r["errors"] for v in out.values() for r in v)}
+        summary = {"runs": runs, "logged": FeedbackStore(root / ".cl-release" / "feedback.db").count(),
+                   "gateway_requests": sum(r["requests"] for k, v in runs.items() if k.startswith("gateway") for r in v),
+                   "errors": sum(r["errors"] for v in runs.values() for r in v)}
+        for suffix in ("", "_stream"):
+            d, g = runs[f"direct{suffix}"], runs[f"gateway{suffix}"]
+            summary[f"added{suffix or '_json'}"] = {
+                "p50_ms": round(statistics.median(x["p50_ms"] for x in g) - statistics.median(x["p50_ms"] for x in d), 3),
+                "p99_ms": round(statistics.median(x["p99_ms"] for x in g) - statistics.median(x["p99_ms"] for x in d), 3)}
+        out[f"upstream_delay_{delay:g}ms"] = summary
+    return out
 
 
 # ---------------------------------------------------------------- 3. local batching
@@ -361,12 +381,14 @@ def main() -> None:
     ap.add_argument("--proxy-requests", type=int, default=500, help="chat completions per client and round")
     ap.add_argument("--local-requests", type=int, default=6, help="local completions per client and round")
     ap.add_argument("--local-tokens", type=int, default=32, help="max_tokens of each local completion")
+    ap.add_argument("--upstream-delays", default="0,20", help="fake upstream answer times in ms (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parts", default="log,proxy,local")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.quick:
         args.requests, args.proxy_requests, args.local_requests, args.local_tokens = 200, 100, 2, 16
+    args.upstream_delays = [float(x) for x in args.upstream_delays.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parts = set(args.parts.split(","))
@@ -385,7 +407,8 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    bad = result.get("log", {}).get("lost") or result.get("log", {}).get("errors") or result.get("proxy", {}).get("errors")
+    bad = (result.get("log", {}).get("lost") or result.get("log", {}).get("errors")
+           or any(v["errors"] or v["logged"] != v["gateway_requests"] for v in result.get("proxy", {}).values()))
     if bad or ("local" in result and not result["local"]["identical_answers"]):
         raise SystemExit("lost records, errors or differing answers")
 

@@ -300,3 +300,26 @@ def test_the_loop_200_keys_at_10_percent(gw):
     counts = {v: sum(x == v for x in served.values()) for v in ("1.1.0", "1.2.0")}
     assert c.metrics["1.1.0"]["records"] >= counts["1.1.0"] and c.metrics["1.2.0"]["records"] >= counts["1.2.0"]
     assert c.metrics["1.1.0"]["opinions"] + c.metrics["1.2.0"]["opinions"] == 50
+
+
+def test_the_scripts_drive_a_gateway(gw):
+    """scripts/demo_traffic.py (the demo's users) and scripts/openai_client.py (the README's example)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    url = f"http://{gw.server_address[0]}:{gw.server_address[1]}"
+    env = {**os.environ, "CL_RELEASE_TOKEN": TOKEN}
+    abtest.start(gw.root, "1.2.0", traffic=0.5, now=T0)
+    out = subprocess.run([sys.executable, str(scripts / "demo_traffic.py"), "--url", url, "--requests", "30",
+                          "--clients", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"30 answers from '{Project.load(gw.root).name}'") and "1.2.0:" in out.stdout
+    assert gw.store.count() == 30 and gw.store.stats()["feedback"] == 10
+    pytest.importorskip("openai")
+    out = subprocess.run([sys.executable, str(scripts / "openai_client.py"), "--url", url, "--model", "challenger"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "1.2.0 answered (chatcmpl-" in out.stdout and "feedback: {'id':" in out.stdout

@@ -725,14 +725,17 @@ class Capture:
                 chunk.update(common)
                 chunks += 1
                 yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        except UpstreamError as e:
+        except ClReleaseError as e:  # the upstream failed (or the local model did)
             logged = True
-            say(f"cl-release serve: upstream failed during stream {self.gen.request_id}: {e}")
+            upstream = isinstance(e, UpstreamError)
+            say(f"cl-release serve: {'upstream' if upstream else 'generation'} failed during stream "
+                f"{self.gen.request_id}: {e}")
             try:  # committed before the client hears of it
                 await self.write(["".join(t) for t in texts], reasons, usage, aborted=True, error=str(e))
             except ClReleaseError as le:
                 say(f"cl-release serve: logging the aborted stream {self.gen.request_id} failed: {le}")
-            err = error_body("/v1/", e.status, str(e), code="upstream_error")
+            err = error_body("/v1/", e.status if upstream else 503, str(e),
+                             code="upstream_error" if upstream else "generation_failed")
             yield b"data: " + err + b"\n\n"
             return
         except BaseException:  # the client went away (cancelled) or the server stops
