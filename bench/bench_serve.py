@@ -332,6 +332,10 @@ def bench_local(tmp: Path, args) -> dict:
 
     async def drive(backend: LocalBackend) -> tuple[float, int, dict]:
         await backend.start()
+        warm = Generation(request_id="warm-up", version="1.0.0", max_tokens=args.local_tokens,
+                          messages=[{"role": "user", "content": questions[0]}])
+        await asyncio.gather(*(backend.complete(warm) for _ in range(args.clients)))  # first-call costs, untimed
+        backend.batches.clear()
         got: dict[tuple, str] = {}
         tokens = 0
 
@@ -351,10 +355,10 @@ def bench_local(tmp: Path, args) -> dict:
         await backend.close()
         return seconds, tokens, got
 
-    for rnd in range(args.rounds):
+    for rnd in range(args.local_rounds):
         for name, max_batch, wait in (("one_at_a_time", 1, 0.0), ("batched", 8, 2.0)):
             backend = LocalBackend(root, served=lambda: {"1.0.0": entry}, device="cpu", max_batch=max_batch,
-                                   batch_wait_ms=wait)
+                                   batch_wait_ms=wait, threads=args.local_threads)
             backend.warm()
             seconds, tokens, got = asyncio.run(drive(backend))
             res = {"seconds": round(seconds, 3), "completion_tokens": tokens,
@@ -370,7 +374,7 @@ def bench_local(tmp: Path, args) -> dict:
     return {"runs": results, "median_tokens_per_second": med,
             "speedup": round(med["batched"] / med["one_at_a_time"], 2), "identical_answers": same,
             "differing": len(differ), "answers": len(answers["batched"]),
-            "max_tokens": args.local_tokens}
+            "max_tokens": args.local_tokens, "torch_threads": args.local_threads or "default"}
 
 
 def main() -> None:
@@ -381,6 +385,8 @@ def main() -> None:
     ap.add_argument("--proxy-requests", type=int, default=500, help="chat completions per client and round")
     ap.add_argument("--local-requests", type=int, default=6, help="local completions per client and round")
     ap.add_argument("--local-tokens", type=int, default=32, help="max_tokens of each local completion")
+    ap.add_argument("--local-rounds", type=int, default=3)
+    ap.add_argument("--local-threads", type=int, default=1, help="torch threads of the local backend (0: torch's default)")
     ap.add_argument("--upstream-delays", default="0,20", help="fake upstream answer times in ms (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parts", default="log,proxy,local")
@@ -388,6 +394,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.requests, args.proxy_requests, args.local_requests, args.local_tokens = 200, 100, 2, 16
+        args.local_rounds = 1
     args.upstream_delays = [float(x) for x in args.upstream_delays.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

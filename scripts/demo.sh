@@ -55,6 +55,9 @@ git -C "$dir" tag
 step "the gateway: 1.1.0 champion, 1.2.0 challenger on 10% of users, every answer captured"
 "$cl" -C "$dir" ab champion 1.1.0 --reason "demo: the version before 1.2.0"
 "$cl" -C "$dir" ab start 1.2.0 --traffic 0.1
+# The tiny model on a few shared cores is fastest on one torch thread (see README, serve.torch_threads).
+printf 'serve:\n  torch_threads: 1\n' >> "$dir/cl-release.yaml"
+commit "Serve the tiny model on one torch thread"
 py="${DEMO_PYTHON:-$(dirname "$cl")/python}"
 CL_RELEASE_TOKEN="$("$py" -c 'import secrets; print(secrets.token_hex(16))')"
 export CL_RELEASE_TOKEN

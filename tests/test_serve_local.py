@@ -40,7 +40,7 @@ def adapters(tmp_path_factory, tiny_model_dir):
 def repo(tmp_path, tiny_model_dir, adapters):
     root = fake_repo(tmp_path, [fake_entry("1.0.0", None, T0), fake_entry("1.1.0", "1.0.0", T0),
                                 fake_entry("1.2.0", "1.1.0", T0)], champion="1.1.0",
-                     yaml_extra="serve:\n  registry_recheck_s: 0\n  device: cpu\n  default_max_tokens: 6\n")
+                     yaml_extra="serve:\n  registry_recheck_s: 0\n  device: cpu\n  default_max_tokens: 6\n  torch_threads: 1\n")
     shutil.copytree(tiny_model_dir, root / "models" / "tiny")
     with Registry(root).transaction() as data:
         for m in data["models"]:
@@ -72,8 +72,8 @@ def test_batched_answers_are_the_answers_one_at_a_time_and_each_version_has_its_
     ents = entries(repo)
     gens = [Generation(request_id=f"r{i}", version=v, messages=[{"role": "user", "content": q}], max_tokens=6)
             for i, q in enumerate(QUESTIONS[:5]) for v in ("1.1.0", "1.2.0")]
-    batched = LocalBackend(repo, served=lambda: ents, device="cpu", max_batch=8, batch_wait_ms=50)
-    single = LocalBackend(repo, served=lambda: ents, device="cpu", max_batch=1, batch_wait_ms=0)
+    batched = LocalBackend(repo, served=lambda: ents, device="cpu", max_batch=8, batch_wait_ms=50, threads=1)
+    single = LocalBackend(repo, served=lambda: ents, device="cpu", max_batch=1, batch_wait_ms=0, threads=1)
     a, b = run_all(batched, gens), run_all(single, gens)
     texts = [x["choices"][0]["message"]["content"] for x in a]
     assert texts == [x["choices"][0]["message"]["content"] for x in b]
@@ -87,7 +87,7 @@ def test_batched_answers_are_the_answers_one_at_a_time_and_each_version_has_its_
 
 def test_stop_strings_max_tokens_and_unsupported_fields(repo):
     ents = entries(repo)
-    backend = LocalBackend(repo, served=lambda: ents, device="cpu")
+    backend = LocalBackend(repo, served=lambda: ents, device="cpu", threads=1)
     g = Generation(request_id="r", version="1.1.0", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=12)
     full = run_all(backend, [g])[0]["choices"][0]["message"]["content"]
     assert len(full) > 4

@@ -161,7 +161,7 @@ class Gateway:
         return self._entries[1]
 
     def resolve(self, model: str, key: str | None, request_id: str) -> tuple[str, str]:
-        """(version, arm) for a request's ``model``; arm: champion, challenger or explicit."""
+        """(version, arm) for a request's ``model``; arm: the alias the version holds (champion, challenger)."""
         s = self.serving()
         name = model.strip()
         if name == self.name:

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "max_batch": 8,  # local: requests generated together (one adapter per batch)
     "batch_wait_ms": 2.0,  # local: how long a batch waits for more requests once one arrived
     "device": "auto",  # local: auto | cpu | cuda
+    "torch_threads": None,  # local: torch's threads (None: torch's default, one per core)
     "synchronous": "full",  # SQLite synchronous of the log writer: full (fsync per group commit) | normal
     "registry_recheck_s": 0.25,  # how often the gateway looks for an A/B move in the registry
 }

@@ -77,7 +77,7 @@ def make_backend(kind: str, project, conf: dict[str, Any], *, served) -> Backend
         from .local import LocalBackend
 
         return LocalBackend(project.root, served=served, device=conf["device"], max_batch=conf["max_batch"],
-                            batch_wait_ms=conf["batch_wait_ms"])
+                            batch_wait_ms=conf["batch_wait_ms"], threads=conf.get("torch_threads"))
     if kind == "openai":
         import os
 
