@@ -138,7 +138,6 @@ def test_the_gateway_on_the_local_backend(local_gateway):
     assert status == 200 and r.getheader("X-CL-Release-Version") == "1.2.0"
 
 
-@pytest.mark.slow
 def test_the_loop_on_the_local_backend_200_keys(local_gateway):
     """The issue's loop on the embedded model: 200 keys at 10% challenger, sticky, all captured
     with their versions, feedback linked, ab compare counts them."""
