@@ -66,14 +66,15 @@ gwlog="$dir/outputs/gateway.log"
 gw=$!
 stop_gateway() { kill "$gw" 2>/dev/null && wait "$gw" 2>/dev/null; true; }
 trap stop_gateway EXIT
-url=""
+url="" ready=""
 for _ in $(seq 600); do  # the model loads before the server listens
   url="$(grep -o 'http://[0-9.]*:[0-9]*' "$gwlog" | head -1 || true)"
-  [ -n "$url" ] && curl -sf "$url/health" > /dev/null && break
+  if [ -n "$url" ] && "$py" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)' \
+    "$url" 2> /dev/null; then ready=1; break; fi
   kill -0 "$gw" 2>/dev/null || { cat "$gwlog"; echo "the gateway did not start" >&2; exit 1; }
   sleep 0.2
 done
-[ -n "$url" ] || { cat "$gwlog"; echo "the gateway did not start in 120 s" >&2; exit 1; }
+[ -n "$ready" ] || { cat "$gwlog"; echo "the gateway did not answer /health in 2 minutes" >&2; exit 1; }
 echo "gateway on $url"
 "$py" "$here/scripts/demo_traffic.py" --url "$url" --requests "${DEMO_REQUESTS:-300}"
 "$cl" -C "$dir" ab compare

@@ -9,6 +9,7 @@ and uvicorn; the OpenAPI document is generated at ``GET /openapi.json``.
 - :mod:`.models`: the pydantic request and response models;
 - :mod:`.writer`: group commit of the store writes (a 2xx means committed);
 - :mod:`.backends`: ``local`` (PEFT multi-adapter, dynamic batching) and ``openai`` (vLLM & co.);
+- :mod:`.upstream`: the lean keep-alive HTTP client the ``openai`` backend uses;
 - :mod:`.vllm`: the ``vllm serve`` command line and runtime adapter loading;
 - :mod:`.server`: binding, uvicorn, ``--workers``.
 
