@@ -64,7 +64,7 @@ export CL_RELEASE_TOKEN
 gwlog="$dir/outputs/gateway.log"
 "$cl" -C "$dir" serve --port 0 --backend local 2> "$gwlog" &
 gw=$!
-stop_gateway() { kill "$gw" 2>/dev/null && wait "$gw" 2>/dev/null; true; }
+stop_gateway() { kill "$gw" 2>/dev/null && wait "$gw" 2>/dev/null || true; }
 trap stop_gateway EXIT
 url="" ready=""
 for _ in $(seq 600); do  # the model loads before the server listens
