@@ -46,7 +46,7 @@ bench-quick: install
 	$(BIN)/python bench/bench_feedback.py --quick
 	$(BIN)/python bench/bench_data.py --quick
 	$(BIN)/python bench/bench_eval.py --quick
-	$(BIN)/python bench/bench_serve.py --clients 2 --requests 200
+	$(BIN)/python bench/bench_serve.py --quick
 	$(BIN)/python bench/bench_abtest.py --quick
 
 # Continual-learning benchmark: every strategy through real releases on the tiny model; writes

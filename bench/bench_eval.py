@@ -53,9 +53,9 @@ def loop_generate(model, tokenizer, suite, max_new_tokens: int) -> tuple[list[st
     """The baseline: one prompt per generate call, as a simple script would do it."""
     import torch
 
-    from cl_release.evaluate import _stop_ids, render_prompt
+    from cl_release.evaluate import render_prompt, stop_token_ids
 
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     outs = []
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -90,9 +91,41 @@ def ab_config(project) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _move(root: Path, message: Callable[[], str]) -> Iterator[dict[str, Any]]:
-    """Change the registry under the release lock, then commit it (message built afterwards)."""
+    """Change the registry under the release lock, then commit it (message built afterwards).
+
+    With ``serve.upstream_admin`` (the adapter-admin hook, :func:`cl_release.serve.vllm.adapter_admin`)
+    the model server loads every version that starts serving before the registry says so, and
+    unloads every version that stopped serving after the commit."""
+    transition = ServingTransition(root)
     with committed_change(root, message) as data:
+        transition.begin(data)
         yield data
+        transition.load(data)
+    transition.unload(data)
+
+
+class ServingTransition:
+    """What a registry change does to the model server (``serve.upstream_admin``): ``begin``
+    notes what serves, ``load`` loads the versions that start serving (before the registry is
+    written: a client routed to one finds it), ``unload`` unloads the ones that stopped (after
+    the commit). Without the admin setting every step does nothing."""
+
+    def __init__(self, root: Path):
+        from .serve.vllm import adapter_admin
+
+        self.admin = adapter_admin(Path(root))
+        self.before: set[str] = set()
+
+    def begin(self, data: dict[str, Any]) -> None:
+        self.before = set(serving(data).values()) - {None}
+
+    def load(self, data: dict[str, Any]) -> None:
+        if self.admin is not None:
+            self.admin.load(data, sorted(set(serving(data).values()) - {None} - self.before))
+
+    def unload(self, data: dict[str, Any]) -> None:
+        if self.admin is not None:
+            self.admin.unload(sorted(self.before - set(serving(data).values())), committed=True)
 
 
 def _event(data: dict[str, Any], now: _dt.datetime | None, action: str, **fields: Any) -> dict[str, Any]:
@@ -107,6 +140,15 @@ def _released(data: dict[str, Any], version: str) -> dict[str, Any]:
         raise VersionError(f"version {entry['version']} is {entry['status']}, not released",
                            hint="only released versions can serve")
     return entry
+
+
+def serving(data: dict[str, Any]) -> dict[str, str | None]:
+    """The versions that serve: ``{"champion": V, "challenger": V or None}``; the champion is
+    the ``champion`` alias, else the current version (None before the first release)."""
+    running = state(data)
+    if running:
+        return {"champion": running["champion"], "challenger": running["challenger"]}
+    return {"champion": (data.get("aliases") or {}).get("champion") or data["current"], "challenger": None}
 
 
 def state(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -654,11 +696,12 @@ class Router:
     works). A key always gets the same version while the same test runs; the challenger gets
     ``traffic`` of the keys. Raising the traffic of a running test keeps every key that already
     saw the challenger on it. The registry is re-read when the file changes, so a promotion
-    reaches a running service without a restart. Log the chosen version with
+    reaches a running service without a restart (``recheck_s``: look at the file at most that
+    often, for servers that route thousands of requests a second). Log the chosen version with
     ``FeedbackStore.log(..., model_version=version)``.
     """
 
-    def __init__(self, project_or_root: Any):
+    def __init__(self, project_or_root: Any, *, recheck_s: float = 0.0):
         root = project_or_root if isinstance(project_or_root, (str, os.PathLike)) else project_or_root.root
         self.root = Path(root)
         self._registry = Registry(self.root)
@@ -666,8 +709,13 @@ class Router:
         self._stamp: tuple | None = None
         self._plan: tuple[str, str | None, float, str] | None = None
         self._versions: frozenset[str] = frozenset()
+        self.recheck_s = recheck_s
+        self._checked = 0.0
 
     def _current_plan(self) -> tuple[str, str | None, float, str]:
+        if self.recheck_s and self._plan is not None and time.monotonic() - self._checked < self.recheck_s:
+            return self._plan
+        self._checked = time.monotonic()
         try:
             st = os.stat(self._registry.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -682,12 +730,11 @@ class Router:
             data = self._registry.load()
             self._versions = frozenset(m["version"] for m in data["models"])
             running = state(data)
-            champion = (data.get("aliases") or {}).get("champion") or data["current"]
+            champion, challenger = serving(data).values()
             if champion is None:
                 raise RegistryError("no version to serve", hint="release one, then: cl-release ab champion VERSION")
             if running:
-                plan = (running["champion"], running["challenger"], float(running["traffic"]),
-                        f"{running['champion']}->{running['challenger']}")
+                plan = (champion, challenger, float(running["traffic"]), f"{champion}->{challenger}")
             else:
                 plan = (champion, None, 0.0, "")
             self._plan, self._stamp = plan, stamp
@@ -701,6 +748,11 @@ class Router:
         if challenger is not None and bucket(key, salt) < traffic:
             return {"version": challenger, "arm": "challenger"}
         return {"version": champion, "arm": "champion"}
+
+    def serving(self) -> dict[str, Any]:
+        """``{champion, challenger, traffic}`` now (challenger None and traffic 0 without a test)."""
+        champion, challenger, traffic, _ = self._current_plan()
+        return {"champion": champion, "challenger": challenger, "traffic": traffic}
 
     def choose(self, key: str) -> str:
         """The version to serve for ``key``."""

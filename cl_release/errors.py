@@ -105,3 +105,20 @@ class HubError(ClReleaseError):
 
 class IntegrityError(ClReleaseError):
     """A file's content no longer matches the hash recorded for it."""
+
+
+class UpstreamError(ClReleaseError):
+    """The model server behind ``cl-release serve`` failed: down, 5xx, or an answer it could not
+    read. ``status`` is what the gateway answers (502; 504 for :class:`UpstreamTimeout`; the
+    upstream's own 4xx when it refused the request)."""
+
+    def __init__(self, message: str, *, status: int = 502, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class UpstreamTimeout(UpstreamError):
+    """The model server did not answer in time."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message, status=504, hint=hint)

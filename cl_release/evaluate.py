@@ -716,12 +716,43 @@ def warm_up() -> None:
         pass
 
 
-def load_model(root: Path, base_path: str, adapter_dir: str | None, settings: EvalSettings, *, revision=None):
-    """(model, tokenizer) for inference: base model + LoRA merged, tokenizer left-padded.
+def adapter_tokenizer_dir(root: Path, adapter_dir: str) -> str | None:
+    """Where a version's tokenizer (and chat template) lives: the adapter directory or its
+    parent when training saved one there (Axolotl does); None: use the base model's."""
+    adir = Path(root) / adapter_dir
+    if not (adir / "adapter_config.json").is_file():
+        raise EvaluationError(
+            f"{adapter_dir}: no adapter_config.json",
+            hint="the adapter directory must hold a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
+        )
+    for cand in (adir, adir.parent):
+        if (cand / "tokenizer_config.json").is_file():
+            return str(cand)
+    return None
 
-    The tokenizer (and its chat template) comes from the adapter directory or its parent when
-    training saved one there (Axolotl does), else from the base model.
-    """
+
+def load_tokenizer(root: Path, base_path: str, tokenizer_dir: str | None = None, *, revision=None):
+    """A tokenizer for batched generation: left padding, a pad token (``tokenizer_dir``: a
+    version's own, see :func:`adapter_tokenizer_dir`; default the base model's)."""
+    from transformers import AutoTokenizer
+
+    base = _resolve_model_path(Path(root), base_path)
+    tok_dir = tokenizer_dir or base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, revision=revision if tok_dir == base else None)
+    except OSError as e:
+        raise EvaluationError(
+            f"cannot load the tokenizer of {base_path}: {' '.join(str(e).split())[:300]}",
+            hint="a Hub model must be in the local Hugging Face cache (evaluation runs offline)",
+        ) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(root: Path, base_path: str, settings: EvalSettings, *, revision=None):
+    """The base model for inference, on the settings' device, in eval mode (no adapter)."""
     import logging
 
     # Import-time chatter from optional kernels (torchao's CUDA extensions on a CPU build,
@@ -729,57 +760,61 @@ def load_model(root: Path, base_path: str, adapter_dir: str | None, settings: Ev
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    root = Path(root)
     device = _device(settings)
-    base = _resolve_model_path(root, base_path)
-    tok_dir = base
-    if adapter_dir is not None:
-        adir = root / adapter_dir
-        if not (adir / "adapter_config.json").is_file():
-            raise EvaluationError(
-                f"{adapter_dir}: no adapter_config.json",
-                hint="the adapter directory must hold a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
-            )
-        for cand in (adir, adir.parent):
-            if (cand / "tokenizer_config.json").is_file():
-                tok_dir = str(cand)
-                break
+    base = _resolve_model_path(Path(root), base_path)
     dtype = torch.float32
     if device == "cuda" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, revision=revision if tok_dir == base else None)
         model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=dtype)
     except OSError as e:
         raise EvaluationError(
             f"cannot load base model {base_path}: {' '.join(str(e).split())[:300]}",
             hint="a Hub model must be in the local Hugging Face cache (evaluation runs offline)",
         ) from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_model(root: Path, base_path: str, adapter_dir: str | None, settings: EvalSettings, *, revision=None):
+    """(model, tokenizer) for inference: base model + LoRA merged, tokenizer left-padded.
+
+    The tokenizer (and its chat template) comes from the adapter directory or its parent when
+    training saved one there (Axolotl does), else from the base model.
+    """
+    root = Path(root)
+    tok_dir = adapter_tokenizer_dir(root, adapter_dir) if adapter_dir is not None else None
+    tokenizer = load_tokenizer(root, base_path, tok_dir, revision=revision)
+    model = load_base_model(root, base_path, settings, revision=revision)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(root / adapter_dir))
         model = model.merge_and_unload()
-    model.to(device)
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
     return model, tokenizer
 
 
 def render_prompt(tokenizer, case: TestCase) -> str:
     """The case's prompt through the tokenizer's chat template (plain text without one)."""
+    return render_messages(tokenizer, case.messages())
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
+    """Chat messages as the prompt a version was trained on: its tokenizer's chat template, with
+    the assistant turn opened (plain text, one message a line, without a template)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(case.messages(), tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in case.messages()) + "\n"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end an answer: the model's and tokenizer's EOS, and ``<|im_end|>``."""
     ids = set()
     for src in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(src, int):
@@ -811,7 +846,7 @@ def generate(
     import torch
     from transformers import GenerationConfig
 
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     sample = num_samples > 0
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -1029,7 +1064,8 @@ def results_path(entry: dict[str, Any], suite: Suite) -> str:
     return f"outputs/v{entry['version']}/eval/{suite.sha256[:16]}.json"
 
 
-def _check_adapter(root: Path, entry: dict[str, Any], adapter: str | None) -> str | None:
+def check_adapter(root: Path, entry: dict[str, Any], adapter: str | None) -> str | None:
+    """The sha256 of a version's adapter weights, checked against the registry (None: no adapter)."""
     if adapter is None:
         return None
     weights = root / adapter / "adapter_model.safetensors"
@@ -1061,7 +1097,7 @@ def evaluate_entry(
     settings = settings or EvalSettings()
     root = Path(root)
     base, adapter, revision = entry_model_paths(entry)
-    adapter_sha = _check_adapter(root, entry, adapter)
+    adapter_sha = check_adapter(root, entry, adapter)
     rel = results_path(entry, suite)
     path = root / rel
     if cache and path.is_file():

@@ -1244,6 +1244,54 @@ class FeedbackStore:
 
         return self._write(insert) if values else 0
 
+    def write_batch(self, ops: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Run many ``log`` and ``feedback`` writes in one ``BEGIN IMMEDIATE`` transaction (a
+        group commit: one lock and one commit for all of them).
+
+        ``ops``: ``("log", {"input": ..., "output": ..., **log's keywords})`` or
+        ``("feedback", {"request_id": ..., **feedback's keywords})``, applied in order (feedback
+        on an answer logged earlier in the batch finds it). Returns one result per op: what
+        ``log`` or ``feedback`` returns, or the :class:`ClReleaseError` it would raise
+        (:class:`UserError` for a bad field, :class:`ConflictError`, :class:`UnknownRequest`);
+        such an op writes nothing and the others commit. A failure of the database itself
+        (disk full, locked longer than ``busy_timeout``) raises, and nothing is written.
+        """
+        results: list[Any] = [None] * len(ops)
+        todo: list[tuple[int, str, tuple]] = []
+        for i, (kind, fields) in enumerate(ops):
+            try:
+                if kind == "log":
+                    f = dict(fields)
+                    try:
+                        todo.append((i, kind, record_row(f.pop("input", None), f.pop("output", None), **f)))
+                    except Invalid as e:
+                        raise UserError(f"cannot log this answer: {e.field}: {e}" if e.field else str(e)) from None
+                    except TypeError as e:
+                        raise UserError(f"cannot log this answer: {e}") from None
+                elif kind == "feedback":
+                    todo.append((i, kind, self._feedback_row(fields)))
+                else:
+                    raise ValueError(f"unknown write {kind!r}")
+            except UserError as e:
+                results[i] = e
+
+        def apply(c: sqlite3.Connection) -> None:
+            for i, kind, row in todo:
+                try:
+                    if kind == "log":
+                        if c.execute(_INSERT_RECORD, row).rowcount == 0:
+                            _check_same(c, [row])
+                        results[i] = row[0]
+                    else:
+                        self._require(c, [row[0]])
+                        results[i] = c.execute(_INSERT_FEEDBACK, row).lastrowid
+                except (ConflictError, UnknownRequest) as e:  # raised before this op wrote anything
+                    results[i] = e
+
+        if todo:
+            self._write(apply)
+        return results
+
     @staticmethod
     def _feedback_row(r: dict[str, Any], index: int | None = None) -> tuple:
         where = f"feedback row {index}: " if index is not None else "feedback: "

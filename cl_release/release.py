@@ -781,11 +781,16 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
 
             deploy = plan.strategy == "patch" and not ab_config(project)["test_patches"]
         deployed: list[dict[str, Any]] = []
+        transition = None
         if released and deploy:
-            from .abtest import deploy as deploy_in
+            from .abtest import ServingTransition, deploy as deploy_in
+
+            transition = ServingTransition(root)  # serve.upstream_admin: the adapters follow
 
             def then(data: dict[str, Any]) -> None:
+                transition.begin(data)
                 deployed.append(deploy_in(data, plan.version, reason=f"{plan.strategy} release"))
+                transition.load(data)  # before the registry says it serves
         else:
             then = None
         Registry(root).append(entry, make_current=released, then=then)
@@ -808,6 +813,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
             raise GitError(e.message, hint=(f"{e.hint}; then " if e.hint else "") + f"{plan.version} is recorded in "
                            "the registry: run the same release command again to finish it in git") from None
         crash_point("tagged")
+        if transition is not None:
+            transition.unload(Registry(root).load())  # what stopped serving, after the commit
         phases.done("git")
         return ReleaseResult(entry=entry, plan=plan, adopted=adopted, recovered=recovered, commit=commit,
                              timings=phases.seconds, deployed=deployed[0] if deployed else None)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole release loop on the embedded tiny model, offline, with real Axolotl training:
 # 1.0.0 (initial) -> 1.1.0 (continued LoRA + replay) -> 1.1.1 (patch) -> 2.0.0 (merge and
-# retrain) -> roll back to 1.1.0 -> 1.2.0 (built on 1.1.0). Every release prints its pass rate
-# per domain before and after, and its answer to one fixed question. Usage: scripts/demo.sh [DIR]
+# retrain) -> roll back to 1.1.0 -> 1.2.0 (built on 1.1.0) -> the gateway serves 1.1.0 as champion
+# and 1.2.0 as challenger on 10% of a few hundred users, captures every answer, ab compare reads
+# them. Every release prints its pass rate per domain before and after, and its answer to one
+# fixed question. Usage: scripts/demo.sh [DIR] (DEMO_REQUESTS: how many users, default 300)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cl="${CL_RELEASE:-$here/.venv/bin/cl-release}"
@@ -55,4 +57,33 @@ step "lineage and report"
 "$cl" -C "$dir" verify
 "$cl" -C "$dir" report
 git -C "$dir" tag
+
+step "the gateway: 1.1.0 champion, 1.2.0 challenger on 10% of users, every answer captured"
+"$cl" -C "$dir" ab champion 1.1.0 --reason "demo: the version before 1.2.0"
+"$cl" -C "$dir" ab start 1.2.0 --traffic 0.1
+# The tiny model on a few shared cores is fastest on one torch thread (see README, serve.torch_threads).
+printf 'serve:\n  torch_threads: 1\n' >> "$dir/cl-release.yaml"
+commit "Serve the tiny model on one torch thread"
+py="${DEMO_PYTHON:-$(dirname "$cl")/python}"
+CL_RELEASE_TOKEN="$("$py" -c 'import secrets; print(secrets.token_hex(16))')"
+export CL_RELEASE_TOKEN
+gwlog="$dir/outputs/gateway.log"
+"$cl" -C "$dir" serve --port 0 --backend local 2> "$gwlog" &
+gw=$!
+stop_gateway() { kill "$gw" 2>/dev/null && wait "$gw" 2>/dev/null || true; }
+trap stop_gateway EXIT
+url="" ready=""
+for _ in $(seq 600); do  # the model loads before the server listens
+  url="$(grep -o 'http://[0-9.]*:[0-9]*' "$gwlog" | head -1 || true)"
+  if [ -n "$url" ] && "$py" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)' \
+    "$url" 2> /dev/null; then ready=1; break; fi
+  kill -0 "$gw" 2>/dev/null || { cat "$gwlog"; echo "the gateway did not start" >&2; exit 1; }
+  sleep 0.2
+done
+[ -n "$ready" ] || { cat "$gwlog"; echo "the gateway did not answer /health in 2 minutes" >&2; exit 1; }
+echo "gateway on $url"
+"$py" "$here/scripts/demo_traffic.py" --url "$url" --requests "${DEMO_REQUESTS:-300}"
+"$cl" -C "$dir" ab compare
+stop_gateway
+trap - EXIT
 echo "demo finished in $(( $(date +%s) - start ))s; report: $dir/outputs/reports/index.html"

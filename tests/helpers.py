@@ -230,3 +230,23 @@ def assert_registry_consistent_with_git(root: Path) -> None:
     for m in head["models"]:
         if m["status"] == "released":
             assert f"v{m['version']}" in the_tags, f"{m['version']} is released but not tagged"
+
+
+def random_adapter(model_dir: Path, out: Path, *, seed: int = 1, scale: float = 0.5) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) weights on a local model, saved as PEFT does:
+    a version whose answers differ from the base model's, without training it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                     task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(scale)
+    peft_model.save_pretrained(out)
+    return out

@@ -1164,3 +1164,26 @@ def test_import_of_an_empty_file_writes_nothing(store, tmp_path, text, workers, 
     result = store.import_jsonl(f, workers=workers, progress=seen.append)
     assert (result.lines, result.records, result.feedback) == (0, 0, 0) and store.count() == 0
     assert sum(seen) == len(text)
+
+
+def test_write_batch_commits_together_and_fails_each_write_alone(tmp_path):
+    """The gateway's group commit: one transaction; a write that conflicts, names an unknown
+    answer or has a bad field gets its own error and writes nothing, the others commit."""
+    from cl_release.errors import ConflictError, UnknownRequest
+
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log("q", "a", request_id="x")
+    out = store.write_batch([
+        ("log", {"input": "q2", "output": "b", "request_id": "y", "model_version": "1.0.0"}),
+        ("log", {"input": "q", "output": "other", "request_id": "x"}),
+        ("feedback", {"request_id": "y", "rating": 5}),  # on an answer logged earlier in the batch
+        ("feedback", {"request_id": "nope", "rating": 1}),
+        ("log", {"input": "q", "output": "a", "tokens": -1}),
+        ("feedback", {"request_id": "x", "rating": 9}),
+        ("log", {"input": "q", "output": "a", "request_id": "x"}),  # an identical repeat
+    ])
+    assert out[0] == "y" and isinstance(out[2], int) and out[6] == "x"
+    assert isinstance(out[1], ConflictError) and isinstance(out[3], UnknownRequest)
+    assert isinstance(out[4], UserError) and "tokens" in str(out[4]) and isinstance(out[5], UserError)
+    assert store.count() == 2 and store.get("y")["rating"] == 5 and store.get("x")["output"] == "a"
+    assert store.get("x")["rating"] is None and store.write_batch([]) == []

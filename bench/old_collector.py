@@ -1,4 +1,8 @@
-"""``cl-release serve``: a small HTTP collector over the feedback store and the router.
+"""The baseline of ``bench/bench_serve.py``: ``cl-release serve`` as it was before the FastAPI gateway
+(cl_release/serve.py at commit 8e589b8), kept unchanged but for absolute imports and the
+OpenAPI file it no longer has. Run: ``python bench/old_collector.py -C REPO --port 0``.
+
+Original docstring: a small HTTP collector over the feedback store and the router.
 
 For services not written in Python. Endpoints (described in ``openapi.json``, served at
 ``GET /openapi.json``):
@@ -36,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from .errors import ClReleaseError, ConflictError, UnknownRequest, UserError
+from cl_release.errors import ClReleaseError, ConflictError, UnknownRequest, UserError
 
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 8765, "token_env": "CL_RELEASE_TOKEN",
                             "max_body_bytes": 65536}
@@ -55,7 +59,7 @@ def serve_config(project) -> dict[str, Any]:
 
 
 def openapi_spec() -> bytes:
-    return resources.files("cl_release").joinpath("openapi.json").read_bytes()
+    return b"{}"  # the hand-written openapi.json is gone; the gateway generates its own
 
 
 class HTTPError(Exception):
@@ -348,8 +352,8 @@ def make_server(project, *, host: str | None = None, port: int | None = None, to
 
     ``token``: the bearer token; default: the environment variable ``serve.token_env``.
     """
-    from .abtest import Router
-    from .feedback import FeedbackStore
+    from cl_release.abtest import Router
+    from cl_release.feedback import FeedbackStore
 
     conf = serve_config(project)
     if token is None:
@@ -377,3 +381,28 @@ def spec_path() -> Path:
 
 def load_spec() -> dict[str, Any]:
     return json.loads(openapi_spec())
+
+
+def main() -> None:
+    """``python bench/old_collector.py -C REPO [--port 0]``: serve until killed; the first stderr
+    line gives the URL (as ``cl-release serve`` did)."""
+    import argparse
+
+    from cl_release.project import Project
+
+    ap = argparse.ArgumentParser(description="the old ThreadingHTTPServer collector (benchmark baseline)")
+    ap.add_argument("-C", dest="root", type=Path, required=True)
+    ap.add_argument("--host", default=None)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    server = make_server(Project.load(args.root), host=args.host, port=args.port)
+    sys.stderr.write(f"old collector listening on {server.url}\n")
+    sys.stderr.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
