@@ -737,11 +737,18 @@ def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | Non
 @click.option("--severity", type=click.Choice(["low", "high", "critical", "safety"]),
               help="critical/safety corrections trigger an immediate PATCH release.")
 @click.option("--annotator", help="Who gave this feedback.")
+@click.option("--supersedes", "supersedes", multiple=True, metavar="QUESTION",
+              help="Another question the correction answers (repeatable): releases retire its old answers.")
 @pass_ctx
 @handle_errors
-def feedback_add(ctx: Context, request_id: str, thumbs: str | None, **fields) -> None:
+def feedback_add(ctx: Context, request_id: str, thumbs: str | None, supersedes: tuple[str, ...], **fields) -> None:
     """Record feedback on the logged answer REQUEST_ID (the latest feedback wins)."""
-    row_id = _store(ctx).feedback(request_id, thumbs=thumbs, **fields)
+    store = _store(ctx)
+    if supersedes and not fields.get("correction"):
+        raise click.UsageError("--supersedes goes with --correction")
+    row_id = store.feedback(request_id, thumbs=thumbs, **fields)
+    if supersedes:
+        store.set_supersedes(request_id, supersedes)
     click.echo(f"feedback {row_id} recorded for {request_id}")
 
 

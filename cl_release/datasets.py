@@ -353,20 +353,6 @@ def prompt_key(record: dict[str, Any]) -> str | None:
     return normalized_text({"messages": msgs[:-1]})
 
 
-def supersede(records: list[dict[str, Any]], corrections: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``records`` without those a correction replaces: same question (``prompt_key``), another answer."""
-    fixed = {k: record_hash(c) for c in corrections if (k := prompt_key(c)) is not None}
-    if not fixed:
-        return list(records)
-    out = []
-    for r in records:
-        k = prompt_key(r)
-        if k is not None and k in fixed and record_hash(r) != fixed[k]:
-            continue
-        out.append(r)
-    return out
-
-
 def split_by_kind(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     kinds: dict[str, list] = {}
     for r in records:

@@ -144,6 +144,11 @@ def _m005_usage_read_at(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE release_usage ADD COLUMN read_at TEXT")
 
 
+def _m006_feedback_supersedes(db: sqlite_utils.Database) -> None:
+    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.mix).
+    db.execute("ALTER TABLE feedback ADD COLUMN supersedes TEXT")
+
+
 # Ordered; append new steps, never rename or reorder applied ones.
 MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m001_records_and_feedback", _m001_records_and_feedback),
@@ -151,6 +156,7 @@ MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m003_logged_version", _m003_logged_version),
     ("m004_application_id", _m004_application_id),
     ("m005_usage_read_at", _m005_usage_read_at),
+    ("m006_feedback_supersedes", _m006_feedback_supersedes),
 ]
 
 
@@ -1344,6 +1350,36 @@ class FeedbackStore:
             return _count_changes(c, sql, rows)
 
         return self._write(mark)
+
+    def set_supersedes(self, request_id: str, questions: Sequence[str]) -> None:
+        """Record on the latest feedback of ``request_id`` the other questions its correction
+        answers (paraphrases a release then retires). Needs a correction there."""
+        from .mix import MAX_SUPERSEDES
+
+        qs = [q.strip() for q in questions if isinstance(q, str) and q.strip()]
+        if not qs or len(qs) > MAX_SUPERSEDES:
+            raise UserError(f"--supersedes takes 1 to {MAX_SUPERSEDES} questions")
+
+        def write(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT id, correction FROM feedback WHERE request_id = ? ORDER BY created_at DESC, id DESC"
+                            " LIMIT 1", (request_id,)).fetchone()
+            if row is None or not (row[1] or "").strip():
+                raise UserError(f"{request_id!r} has no correction to supersede other questions with",
+                                hint="give the correction too: feedback add ID --correction TEXT --supersedes Q")
+            c.execute("UPDATE feedback SET supersedes = ? WHERE id = ?", (_dumps(qs).decode(), row[0]))
+
+        self._write(write)
+
+    def supersedes(self, request_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The ``supersedes`` questions of these records' latest feedback (records with none left out)."""
+        ids = list(dict.fromkeys(request_ids))
+        out: dict[str, list[str]] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            sql = (f"SELECT r.id, f.supersedes FROM records r LEFT JOIN {_LATEST}"
+                   f" WHERE r.id IN ({', '.join('?' * len(part))}) AND f.supersedes IS NOT NULL")
+            out.update((rid, orjson.loads(v)) for rid, v in self.conn.execute(sql, part))
+        return dict(sorted(out.items()))
 
     def severities(self, request_ids: Iterable[str]) -> dict[str, int]:
         """Severity of the latest feedback of these records: severity -> how many (None: none)."""

@@ -110,8 +110,12 @@ class ReleaseRepo:
         from .files import sha256_file
 
         p = self.root / rel
-        return (rel.startswith(SNAPSHOT_DIR + "/") and p.suffix == ".jsonl" and p.is_file()
-                and sha256_file(p) == p.stem)
+        if not (rel.startswith(SNAPSHOT_DIR + "/") and p.is_file()):
+            return False
+        if p.suffix == ".jsonl":
+            return sha256_file(p) == p.stem
+        # the retirements a release records (release.RETIRED_PREFIX), content-addressed too
+        return p.suffix == ".json" and p.name.startswith("retired-") and sha256_file(p) == p.stem[len("retired-"):]
 
     def ensure_clean(self, allow_dirty: bool = False) -> list[str]:
         dirty = self.dirty_paths()

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from . import datasets as ds
 from .errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
-from .files import atomic_write_json, atomic_write_text, locked, sha256_bytes, sha256_file
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from .project import Project, check_base_model, is_local_model
 from .registry import Registry, bump_version, release_lock, utcnow
 from .render import (
@@ -130,11 +130,29 @@ class Plan:
     tokens: int | None = None
     needs_parent_merge: bool = False
     warnings: list[str] = field(default_factory=list)  # knobs outside their sane range (render.knob_warnings)
+    # cl_release.mix: every retirement in effect (hash -> why), how many this release adds, the
+    # conflicts it decided and those it could not, and its warnings about the data
+    retired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retired_new: int = 0
+    resolved: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    data_warnings: list[str] = field(default_factory=list)
+    feedback_rows: list = field(default_factory=list)  # the store rows this release read (marked used)
+    feedback_read_at: str | None = None
     # Axolotl keys the project let run code or read outside the repository (allow_unconfined),
     # with their values: recorded in the registry entry.
     unconfined: dict[str, Any] = field(default_factory=dict)
     # New examples kept out of training: the held-out checks of gates.min_new_data_pass_rate.
     heldout: ds.Part | None = None
+
+    @property
+    def retired_bytes(self) -> bytes:
+        return (json.dumps(self.retired, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+    @property
+    def retired_path(self) -> str | None:
+        """``datasets/snapshots/retired-<sha256>.json`` (content-addressed, committed); None: none."""
+        return f"{ds.SNAPSHOT_DIR}/{RETIRED_PREFIX}{sha256_bytes(self.retired_bytes)}.json" if self.retired else None
 
     @property
     def snapshot_parts(self) -> list[ds.Part]:
@@ -184,6 +202,11 @@ class Plan:
                 for p in self.parts
             ],
             "heldout": _heldout_record(self.heldout),
+            "retired": {"count": len(self.retired), "new": self.retired_new, "path": self.retired_path,
+                        "examples": [w for w in self.retired.values() if w.get("at") == self.version]},
+            "resolved": self.resolved,
+            "conflicts": self.conflicts,
+            "data_warnings": self.data_warnings,
             "sources": self.sources,
             "new_examples": self.new_examples,
             "tokens": self.tokens,
@@ -197,7 +220,12 @@ class Plan:
         }
 
 
-def _source_records(project: Project, role: str) -> tuple[list[dict], list[dict[str, str]]]:
+def _source_records(project: Project, role: str,
+                    supersedes: list | None = None) -> tuple[list[dict], list[dict[str, str]]]:
+    """The records of the project's datasets of ``role``, and their sources. ``supersedes``:
+    collects (record, question keys, file) of rows with a ``supersedes`` field (corrections)."""
+    from .mix import check_supersedes
+
     records: list[dict] = []
     sources: list[dict[str, str]] = []
     max_chars = ds.max_example_chars(project.data)
@@ -207,8 +235,14 @@ def _source_records(project: Project, role: str) -> tuple[list[dict], list[dict[
         files = project.dataset_files(entry)
         for f in files:
             rel = project.rel(f)
-            records.extend(ds.read_records(f, entry["format"], display=rel, max_chars=max_chars))
+            rows = ds.read_records(f, entry["format"], display=rel, max_chars=max_chars)
+            records.extend(rows)
             sources.append({"name": entry["name"], "path": rel, "sha256": sha256_file(f)})
+            if supersedes is not None:  # read_records makes one record per row, in order
+                for (line, obj), record in zip(ds.iter_jsonl(f, display=rel), rows):
+                    keys = check_supersedes(obj.get("supersedes"), path=rel, line=line)
+                    if keys:
+                        supersedes.append((record, keys, rel))
     return records, sources
 
 
@@ -230,32 +264,108 @@ def _learned(root: Path, lineage: list[dict[str, Any]], roles=LEARNED_ROLES) -> 
     return ds.dedupe(records)
 
 
-def _feedback_part(project: Project, strategy: str, lineage: list[dict[str, Any]],
-                   exclude: set[str]) -> ds.Part | None:
-    """Examples from the feedback rows the lineage (the parent and its ancestors) has not
-    trained on, by the store's release marks (PATCH: the corrections among them). Rows whose
-    example equals one in ``exclude`` are marked as used too: their content is trained."""
+@dataclass
+class _Feedback:
+    """What a release takes from the feedback store: the kept and the corrected examples, the
+    rows behind them, the source record, and the corrections' ``supersedes``."""
+
+    kept: list[dict]
+    corrected: list[dict]
+    kept_ids: list
+    corrected_ids: list
+    source: dict[str, Any]
+    supersedes: list = field(default_factory=list)  # (record, question keys, source)
+
+
+def _read_feedback(project: Project, strategy: str, lineage: list[dict[str, Any]]) -> _Feedback | None:
+    """The feedback rows the lineage (the parent and its ancestors) has not trained on, by the
+    store's release marks (PATCH: the corrections among them)."""
     from .extract import release_feedback
-    from .feedback import utc_now
+    from .feedback import FeedbackStore, utc_now
+    from .mix import prompt_key_of
 
     until = utc_now()  # the store's microseconds: an answer logged a moment ago counts
     used_by = [e["version"] for e in lineage]
     result = release_feedback(project, used_by, bump="patch" if strategy == "patch" else "minor", until=until)
     if result is None:
         return None
-    records = ds.dedupe(result.examples, exclude=exclude)
-    if not records:
-        return None
-    role = "corrections" if strategy == "patch" else "new"
-    from .feedback import FeedbackStore
-
+    corrected_ids = list(result.manifest["corrections"]["record_ids"])
+    kept_ids = sorted(set(result.manifest["record_ids"]) - set(corrected_ids), key=str)
+    corrected = result.corrections
+    done = {ds.record_hash(r) for r in corrected}
+    kept = [r for r in result.examples if ds.record_hash(r) not in done]
     with FeedbackStore(project.feedback_path) as store:  # rows an abandoned branch (or a rejected release) had
         elsewhere = store.marks(result.manifest["record_ids"])
+        named = store.supersedes(corrected_ids)
     source = {"name": "feedback", "path": project.rel(project.feedback_path), "unused_by": used_by,
               "until": until, "records": len(result.manifest["record_ids"]), "extracted_sha256": result.sha256,
               "skipped": result.manifest["skipped"], "window": result.manifest["window"],
               "trained_elsewhere": elsewhere}
-    return ds.Part("feedback", role, records, sources=[source], record_ids=list(result.manifest["record_ids"]))
+    supersedes = [(None, [prompt_key_of(q) for q in questions], f"feedback:{rid}") for rid, questions in named.items()]
+    return _Feedback(kept, corrected, kept_ids, corrected_ids, source, supersedes)
+
+
+def _feedback_parts(fb: _Feedback | None, strategy: str, keep: Callable[[list[dict]], list[dict]],
+                    exclude: set[str]) -> list[ds.Part]:
+    """The feedback's training parts: its corrections (role corrections, so later releases know
+    them as corrections) and, but for a PATCH, the kept examples (role new)."""
+    if fb is None:
+        return []
+    corrected = ds.dedupe(keep(fb.corrected), exclude=exclude)
+    parts = [ds.Part("feedback-corrections", "corrections", corrected, record_ids=list(fb.corrected_ids))]
+    if strategy != "patch":
+        kept = ds.dedupe(keep(fb.kept), exclude=exclude | {ds.record_hash(r) for r in corrected})
+        parts.append(ds.Part("feedback", "new", kept, record_ids=list(fb.kept_ids)))
+    return [p for p in parts if p.records]
+
+
+RETIRED_PREFIX = "retired-"  # datasets/snapshots/retired-<sha256>.json: the retirements in effect
+
+
+def _retired_before(root: Path, lineage: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The retirements in effect for the lineage: the parent's record (each release writes all of
+    them, its own and its ancestors')."""
+    for entry in reversed(lineage):
+        rec = entry.get("retired")
+        if rec:
+            path = root / rec["path"]
+            if not path.is_file():
+                raise IntegrityError(f"{rec['path']}: the retirements of {entry['version']} are missing",
+                                     hint="restore it from git ('git checkout -- datasets/snapshots')")
+            return json.loads(path.read_text(encoding="utf-8"))
+    return {}
+
+
+def _resolve(project: Project, lineage: list[dict[str, Any]], rule: str, *, domain: list[dict],
+             corrections: list[dict], general: list[dict], feedback: "_Feedback | None", supersedes: list):
+    """Which examples this release may still train on (``cl_release.mix``): every example of the
+    lineage, this release's data, the general set, ordered by arrival."""
+    from .mix import Example, resolve, stale_values
+
+    root = project.root
+    n = len(lineage)
+    examples: list[Example] = []
+    learned_at: dict[str, int] = {}
+    for i, entry in enumerate(lineage):
+        for d in entry["datasets"]:
+            if d["role"] in LEARNED_ROLES:
+                for r in ds.snapshot_records(root, d["path"]):
+                    e = Example(r, i, d["role"] == "corrections", f"{entry['version']} {d['role']}")
+                    learned_at.setdefault(e.hash, i)
+                    examples.append(e)
+    for r in domain:
+        e = Example(r, n, False, "domain data")
+        e.time = learned_at.get(e.hash, n)  # already trained: as old as the release that trained it
+        examples.append(e)
+    examples += [Example(r, n, True, "corrections data") for r in corrections]
+    if feedback is not None:
+        examples += [Example(r, n, False, "feedback") for r in feedback.kept]
+        examples += [Example(r, n, True, "feedback correction") for r in feedback.corrected]
+    examples += [Example(r, -1, False, "general data") for r in general]
+    res = resolve(examples, rule=rule, version=None, supersedes=supersedes,
+                  retired_before=_retired_before(root, lineage))
+    res.warnings = stale_values(examples, res)
+    return res
 
 
 def _adapter_rank(root: Path, adapter_dir: str) -> tuple[int | None, float | None]:
@@ -358,19 +468,23 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
 
     # -- data
     seed = project.seed
+    supersedes: list = []
     domain, sources = _source_records(project, "domain")
     general, g_sources = _source_records(project, "general")
-    corrections, c_sources = _source_records(project, "corrections")
+    corrections, c_sources = _source_records(project, "corrections", supersedes)
     learned = _learned(root, lineage)
     learned_hashes = {ds.record_hash(r) for r in learned}
     # An example held out as a check by an ancestor stays out of the lineage's training sets.
     heldout_hashes = {ds.record_hash(r) for r in _learned(root, lineage, {HELDOUT})}
-    # A correction replaces every earlier example that asks the same thing: those are neither
-    # replayed nor retrained (a retrain would otherwise learn the wrong and the right answer).
-    fixes = _learned(root, lineage, {"corrections"}) + (corrections if strategy in COMPLETE_DATA | {"patch"} else [])
+    fb = _read_feedback(project, strategy, lineage)
+    # A correction, or a newer answer to the same question, retires the older answers in every
+    # mix of this release: new data, replay, complete data, general (cl_release.mix).
+    resolution = _resolve(project, lineage, knobs["conflicts"], domain=domain, corrections=corrections, general=general,
+                          feedback=fb, supersedes=supersedes + (fb.supersedes if fb else []))
+    keep = resolution.keep
     parts: list[ds.Part] = []
     if strategy == "initial":
-        new = ds.dedupe(domain)
+        new = ds.dedupe(keep(domain))
         if not new:
             raise UserError("no domain data to train on", hint="add examples to the datasets listed in cl-release.yaml")
         parts.append(ds.Part("new", "new", new))
@@ -379,22 +493,22 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         # Corrections the lineage has not trained on as corrections: one the model got wrong
         # after an earlier release trained on the same text is eligible (that is the point).
         patched = {ds.record_hash(r) for r in _learned(root, lineage, {"corrections"})}
-        new = ds.dedupe(corrections, exclude=patched | heldout_hashes)
+        new = ds.dedupe(keep(corrections), exclude=patched | heldout_hashes)
         parts.append(ds.Part("corrections", "corrections", new))
         all_sources = c_sources
     elif strategy == "continued_lora":
-        new = ds.dedupe(domain, exclude=learned_hashes | heldout_hashes)
+        new = ds.dedupe(keep(domain), exclude=learned_hashes | heldout_hashes)
         parts.append(ds.Part("new", "new", new))
         all_sources = sources
     else:
-        new = ds.dedupe(ds.supersede(learned + domain, fixes) + corrections, exclude=heldout_hashes)
+        new = ds.dedupe(keep(learned + domain) + keep(corrections), exclude=heldout_hashes)
         parts.append(ds.Part("complete", "complete", new))
         all_sources = sources + c_sources
-    feedback = _feedback_part(project, strategy, lineage, exclude={ds.record_hash(r) for r in new} | heldout_hashes
-                              | (set() if strategy == "patch" else learned_hashes))
-    if feedback is not None:
-        parts.append(feedback)
-        all_sources = all_sources + feedback.sources
+    parts = [p for p in parts if p.records]
+    parts += _feedback_parts(fb, strategy, keep, exclude={ds.record_hash(r) for r in new} | heldout_hashes
+                             | (set() if strategy == "patch" else learned_hashes))
+    if fb is not None:
+        all_sources = all_sources + [fb.source]
     for extra in extra_new or []:
         parts.append(extra)
         all_sources = all_sources + extra.sources
@@ -410,14 +524,13 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         n_new = sum(len(p.records) for p in parts)
     if strategy in CONTINUES_ADAPTER and knobs["replay_ratio"] > 0:
         n = ds.ratio_count(n_new, knobs["replay_ratio"], knobs["general_ratio"])
-        replay = ds.sample(ds.supersede(learned, fixes), n,
-                           f"{seed}:replay:{parent['version']}")
+        replay = ds.sample(keep(learned), n, f"{seed}:replay:{parent['version']}")
         if replay:
             parts.append(ds.Part("replay", "replay", replay))
     if knobs["general_ratio"] > 0 and general:
         n = ds.ratio_count(n_new, knobs["general_ratio"],
                            knobs["replay_ratio"] if strategy in CONTINUES_ADAPTER else 0.0)
-        sample = ds.sample(general, n, f"{seed}:general:{parent['version'] if parent else 'root'}")
+        sample = ds.sample(keep(general), n, f"{seed}:general:{parent['version'] if parent else 'root'}")
         parts.append(ds.Part("general", "general", sample))
         all_sources = all_sources + g_sources
 
@@ -441,6 +554,12 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         base_model=base, train_base=train_base, lora_model_dir=lora_model_dir, parts=final_parts,
         sources=all_sources, knobs=knobs, launch=project.launch, hw=hardware(project.launch), seed=seed,
         notes=notes, needs_parent_merge=needs_merge, warnings=knob_warnings(strategy, knobs), heldout=heldout,
+        retired=dict(resolution.retired), retired_new=len(resolution.new), resolved=resolution.resolved,
+        conflicts=resolution.unresolved,
+        data_warnings=[f"two answers to one question, kept both: {c['question']!r}: {' / '.join(c['answers'])}"
+                       for c in resolution.unresolved] + resolution.warnings,
+        feedback_rows=(fb.kept_ids + fb.corrected_ids) if fb else [],
+        feedback_read_at=fb.source["until"] if fb else None,
     )
     # -- version: next free number; an existing output folder of a different run is taken too
     while True:
@@ -450,6 +569,7 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
         if not out.exists() or _run_state(out, plan) != "foreign":
             break
         taken.add(plan.version)
+    plan.retired = {h: (w if w.get("at") is not None else {**w, "at": plan.version}) for h, w in plan.retired.items()}
     plan.tokens = count_tokens(root, plan)
     return plan
 
@@ -592,8 +712,7 @@ def reconcile(root: Path, repo, progress: Progress = _noop) -> list[str]:
             except (ValueError, KeyError):
                 head_versions = set()
         pending = [m for m in data["models"] if m["version"] not in head_versions]
-        paths = [rel] + [d["path"] for m in pending for d in m["datasets"] + ([m[HELDOUT]] if m.get(HELDOUT) else [])
-                         if (root / d["path"]).exists()]
+        paths = [rel] + [d["path"] for m in pending for d in entry_data_files(m) if (root / d["path"]).exists()]
         versions = ", ".join(m["version"] for m in pending) or "registry updates"
         progress(f"finishing an interrupted operation: committing {versions}")
         repo.commit(paths, f"Record {versions} (finished after an interruption)")
@@ -718,6 +837,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         for part in plan.snapshot_parts:
             rel, digest = ds.write_snapshot(root, part.records)
             assert rel == part.path and digest == part.sha256
+        if plan.retired_path:  # content-addressed, like the snapshots: rewriting it is harmless
+            atomic_write_bytes(root / plan.retired_path, plan.retired_bytes)
         crash_point("snapshots")
         phases.done("snapshots")
 
@@ -797,7 +918,8 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         crash_point("registry")
         phases.done("record")
 
-        paths = ["registry/model_registry.json"] + [p.path for p in plan.snapshot_parts]
+        paths = ["registry/model_registry.json"] + [p.path for p in plan.snapshot_parts] + (
+            [plan.retired_path] if plan.retired_path else [])
         title = f"Release {plan.version} ({plan.strategy}, parent {plan.parent or '-'})" if entry["status"] == "released" \
             else f"Reject {plan.version} ({plan.strategy}): gates failed"
         if deployed:
@@ -880,8 +1002,7 @@ def _mark_feedback_used(project: Project, plan: Plan) -> None:
     (``extract_unused``) until newer feedback arrives, and ``feedback prune`` keeps them."""
     if not project.feedback_path.is_file():
         return
-    ids = [i for p in plan.parts for i in p.record_ids]
-    read_at = next((src["until"] for p in plan.parts for src in p.sources if src.get("name") == "feedback"), None)
+    ids, read_at = plan.feedback_rows, plan.feedback_read_at
     from .feedback import FeedbackStore
 
     store = FeedbackStore(project.feedback_path)
@@ -958,6 +1079,9 @@ def _entry(project: Project, plan: Plan, training: dict[str, Any], source_commit
     }
     if plan.heldout is not None:
         entry[HELDOUT] = _heldout_record(plan.heldout)
+    if plan.retired_path:
+        entry["retired"] = {"path": plan.retired_path, "sha256": sha256_bytes(plan.retired_bytes),
+                            "count": len(plan.retired), "new": plan.retired_new}
     return entry
 
 
@@ -1010,6 +1134,18 @@ class Check:
                 "actual": self.actual, "ok": self.ok}
 
 
+def entry_data_files(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data files a registry entry records (``name``, ``path``, ``sha256``): its training
+    parts, its held-out checks, the retirements in effect. What a commit of it includes, and
+    what ``verify`` re-hashes."""
+    files = [dict(d) for d in entry["datasets"]]
+    if entry.get(HELDOUT):
+        files.append({"name": HELDOUT, **entry[HELDOUT]})
+    if entry.get("retired"):
+        files.append({"name": "retired", **entry["retired"]})
+    return files
+
+
 def verify(root: Path) -> list[Check]:
     """Re-hash every dataset, config, adapter (and merged weights) the registry names."""
     data = Registry(root).load()
@@ -1021,9 +1157,8 @@ def verify(root: Path) -> list[Check]:
 
     for m in data["models"]:
         v = m["version"]
-        for d in m["datasets"] + ([m[HELDOUT]] if m.get(HELDOUT) else []):
-            name = d.get("name", HELDOUT)
-            checks.append(Check(v, f"dataset {name}", d["path"], d["sha256"], file_hash(d["path"])))
+        for d in entry_data_files(m):
+            checks.append(Check(v, f"dataset {d['name']}", d["path"], d["sha256"], file_hash(d["path"])))
         checks.append(Check(v, "config", m["config"]["path"], m["config"]["sha256"], file_hash(m["config"]["path"])))
         adapter = m["adapter"]["path"]
         checks.append(Check(v, "adapter", adapter, m["adapter"]["sha256"], file_hash(f"{adapter}/{ADAPTER_FILE}")))

@@ -46,6 +46,7 @@ COMMON_KNOBS: dict[str, Any] = {
     "max_steps": None,
     "replay_ratio": 0.0,
     "general_ratio": 0.0,
+    "conflicts": "correction",  # cl_release.mix: corrections win, then the newest answer
     # Share of a release's new examples kept out of training as held-out checks (the
     # min_new_data_pass_rate gate), at most holdout_max of them; applies to new data
     # (initial, continued_lora), not to corrections or a major's complete data.

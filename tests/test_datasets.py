@@ -282,9 +282,3 @@ def test_prompt_key_is_the_question_folded():
     assert datasets.prompt_key({"text": "plain"}) is None
     assert datasets.prompt_key({"messages": [{"role": "user", "content": "q"}]}) is None
 
-
-def test_a_correction_supersedes_earlier_answers_to_the_same_question():
-    old, other, text = _qa("IDLH of chlorine?", "25 ppm"), _qa("IDLH of ammonia?", "300 ppm"), {"text": "t"}
-    fix, same = _qa("IDLH of Chlorine?", "10 ppm"), _qa("IDLH of ammonia?", "300 ppm")
-    assert datasets.supersede([old, other, text], [fix, same]) == [other, text]  # a confirmation keeps its twin
-    assert datasets.supersede([old, other], []) == [old, other]

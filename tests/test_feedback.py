@@ -50,7 +50,7 @@ def test_fresh_database_has_the_contract_schema(store):
     assert t["records"] == ["id", "created_at", "input", "output", "model_version", "latency_ms",
                             "tokens", "quality_score", "metadata", "logged_version"]
     assert t["feedback"] == ["id", "request_id", "created_at", "rating", "thumbs", "correction", "notes",
-                             "hallucinated", "error_tag", "severity", "annotator"]
+                             "hallucinated", "error_tag", "severity", "annotator", "supersedes"]
     assert t["release_usage"] == ["request_id", "version", "role", "read_at"]
     assert applied(store.path) == [name for name, _ in fbmod.MIGRATION_STEPS]
     with sqlite3.connect(store.path) as c:
