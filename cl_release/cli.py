@@ -266,6 +266,13 @@ def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: b
             if src["trained_elsewhere"]:
                 click.echo("          of these, trained by releases outside this lineage (abandoned or rejected): "
                            + ", ".join(f"{v} {n}" for v, n in src["trained_elsewhere"].items()))
+    if p.retired:
+        click.echo(f"retired   {len(p.retired)} examples a correction or a newer answer replaced "
+                   f"({p.retired_new} by this release; see 'plan --json' retired.examples)")
+        for w in [w for w in p.retired.values() if w.get("at") == p.version][:5]:
+            click.echo(f"          {w['question']!r}: {w['answer']!r} -> {w['by_answer']!r} ({w['why']})")
+    for warning in p.data_warnings:
+        click.secho(f"warning   {warning}", fg="yellow", err=True)
     for warning in p.warnings:
         click.secho(f"warning   {warning} (release refuses it without --force --reason)", fg="yellow", err=True)
     click.echo("config:")

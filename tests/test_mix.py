@@ -105,6 +105,17 @@ def test_a_patch_retires_the_old_answer_for_every_later_mix(root):
     retired = json.loads((root / r.entry["retired"]["path"]).read_text())
     assert {w["why"] for w in retired.values()} == {"correction", "supersedes"} and {w["at"] for w in retired.values()} == {"1.0.1"}
     assert all(c.ok for c in verify(root)) and r.entry["retired"]["path"] in git(root, "ls-files")
+    from click.testing import CliRunner
+
+    from cl_release.cli import main
+
+    write(root / "datasets/corrections/c2.jsonl", [qa("What is the IDLH of chlorine?", "The IDLH of chlorine is 10 ppm.")])
+    commit_all(root)
+    out = CliRunner().invoke(main, ["-C", str(root), "plan", "patch"]).stdout
+    assert "retired   3 examples a correction or a newer answer replaced (1 by this release" in out
+    assert "'What is the IDLH of chlorine?': 'The IDLH of chlorine is 25 ppm.' -> 'The IDLH of chlorine is 10 ppm.' (correction)" in out
+    (root / "datasets/corrections/c2.jsonl").unlink()
+    commit_all(root)
 
     write(root / "datasets/domain/q2.jsonl", [qa(f"What is storage {i}?", f"Keep {i} cool.") for i in range(12)])
     commit_all(root)
