@@ -27,7 +27,9 @@ no evaluation runs (no regression suite) or there are no checks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -41,6 +43,12 @@ DEFAULT_GATES: dict[str, Any] = {
     "min_pass_rate": None,
     "max_hallucination_rate": None,
     "min_new_data_pass_rate": {"major": None, "minor": 0.8, "patch": 0.8},
+    # A PATCH must pass every test added to the suite since its parent was released (the
+    # incident's tests, from 'cl-release patch' or 'eval add --from-feedback').
+    "patch_new_tests": True,
+    # A destroyed model trains "fine" (gradient norm 0, loss at the uniform guess): the final
+    # train loss must be finite and below this share of ln(vocabulary size).
+    "max_loss_fraction": 0.8,
 }
 PER_BUMP = ("min_new_examples", "min_new_data_pass_rate")
 _EPS = 1e-9
@@ -247,6 +255,24 @@ def gate_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
+def _loss_check(conf: dict[str, Any], training: dict[str, Any] | None, vocab_size: int | None) -> GateCheck | None:
+    """The final train loss must be finite and below ``max_loss_fraction`` of ln(vocabulary):
+    a model that only guesses uniformly (lr 500: loss ln V, every answer empty) is destroyed."""
+    frac = conf["max_loss_fraction"]
+    if frac is None or training is None:
+        return None
+    if training.get("loss_not_finite"):
+        return GateCheck("loss", False, None, frac, "the train loss was NaN or infinite: the run diverged")
+    loss = training.get("final_loss", training.get("train_loss"))
+    if loss is None or not vocab_size or vocab_size < 2:
+        return GateCheck("loss", True, loss, frac, "no loss or vocabulary size to check (skipped)")
+    uniform = math.log(vocab_size)
+    limit = frac * uniform
+    return GateCheck("loss", loss < limit, round(loss, 6), round(limit, 6),
+                     f"final train loss {loss:.4f}, {loss / uniform:.0%} of the uniform guess ln({vocab_size}) = "
+                     f"{uniform:.2f} (at most {frac:.0%})")
+
+
 def _min_examples(conf: dict[str, Any], bump: str) -> int:
     v = conf["min_new_examples"]
     return int(v.get(bump, 0)) if isinstance(v, dict) else int(v)
@@ -286,14 +312,22 @@ def check(
     new_data: EvalResult | None = None,
     new_data_source: str | None = None,
     new_data_skipped: str | None = None,
+    new_tests: list[str] | None = None,
+    training: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
 ) -> GateDecision:
     """Apply every gate; ``parent=None`` (first release) applies the absolute gates only.
 
     ``new_data``: the candidate's results on the checks built from its new data
     (``new_data_source``: heldout or corrections); None skips ``min_new_data_pass_rate`` with
-    the reason ``new_data_skipped``."""
+    the reason ``new_data_skipped``. ``new_tests``: ids of the suite's tests added since the
+    parent; a PATCH must pass every one (``patch_new_tests``). ``training``: the entry's
+    training record and ``vocab_size`` the model's: the loss gate (``max_loss_fraction``)."""
     conf = gate_config(config)
     checks: list[GateCheck] = []
+    loss = _loss_check(conf, training, vocab_size)
+    if loss is not None:
+        checks.append(loss)
 
     need = _min_examples(conf, bump)
     checks.append(
@@ -329,6 +363,15 @@ def check(
                 f"hallucination rate {c_hall:.1%}, the ceiling is {ceil:.1%}",
             )
         )
+
+    if bump == "patch" and conf["patch_new_tests"] and new_tests:
+        by_id = {c.id: c for c in candidate.cases}
+        failing = sorted(t for t in new_tests if t in by_id and not by_id[t].passed)
+        checks.append(GateCheck(
+            "patch_new_tests", not failing, len(new_tests) - len(failing), len(new_tests),
+            f"{len(new_tests) - len(failing)} of {len(new_tests)} tests added since the parent pass"
+            + (f"; failing: {', '.join(failing[:10])}" + (" ..." if len(failing) > 10 else "") if failing else ""),
+        ))
 
     comparison = None
     if parent is not None:
@@ -399,9 +442,51 @@ def _gate(root, project, candidate_entry, parent_entry, *, new_examples, suites,
         else:
             nd = evaluate.evaluate_entry(root, candidate_entry, new_data, settings, loaded=loaded)
     par = evaluate.evaluate_entry(root, parent_entry, suite, settings) if parent_entry is not None else None
+    added = tests_added_since(root, suite, parent_entry["version"]) if parent_entry is not None else None
     decision = check(cand, par, bump=candidate_entry["bump"], new_examples=new_examples, config=conf,
-                     new_data=nd, new_data_source=new_data_source, new_data_skipped=skipped)
+                     new_data=nd, new_data_source=new_data_source, new_data_skipped=skipped, new_tests=added,
+                     training=candidate_entry.get("training"), vocab_size=vocab_size(root, candidate_entry))
     return decision, cand, par, nd
+
+
+def vocab_size(root, entry: dict[str, Any]) -> int | None:
+    """The vocabulary size of the model an entry trained (``vocab_size`` of the base's
+    config.json when the base is a local folder; else None: the loss gate is skipped)."""
+    import json
+
+    base = (entry.get("train_base") or {}).get("path") or entry["base_model"]["name"]
+    path = Path(root) / base / "config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 1 else None
+
+
+def tests_added_since(root, suite, version: str) -> list[str]:
+    """Ids of ``suite``'s tests that were not in its files when ``version`` was released (the
+    files at git tag ``v<version>``). A file outside the repository, or a version without a
+    tag, has no history to compare with: nothing counts as added."""
+    import orjson
+
+    from .gitops import ReleaseRepo
+
+    repo = ReleaseRepo(root)
+    tag = f"v{version}"
+    if repo.tag_commit(tag) is None:
+        return []
+    before: set[str] = set()
+    for f in suite.files:
+        text = repo.file_at(tag, f["path"]) if not Path(f["path"]).is_absolute() and ".." not in f["path"] else None
+        for line in (text or "").splitlines():
+            if line.strip():
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("id"), str):
+                    before.add(row["id"])
+    return sorted(c.id for c in suite.cases if c.id not in before)
 
 
 def new_data_checks(plan) -> tuple[Any, str | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 import subprocess
@@ -88,13 +89,20 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready; a NaN or infinite loss (a diverged run) is None with ``loss_not_finite``
+        (JSON has no NaN: the registry stays readable, and the loss gate rejects the run)."""
+        out = {
             "duration_seconds": round(self.duration_seconds, 2),
             "train_loss": self.train_loss,
             "final_loss": self.final_loss,
             "steps": self.steps,
             "tokens_trained": self.tokens_trained,
         }
+        for key in ("train_loss", "final_loss"):
+            if out[key] is not None and not math.isfinite(out[key]):
+                out[key] = None
+                out["loss_not_finite"] = True
+        return out
 
 
 def _num(value: Any) -> float | None:

@@ -35,6 +35,57 @@ def res(version, passes: dict[str, bool], *, crit=None, tags=None, suite="s" * 6
 CRIT = {"a": "low", "b": "critical", "c": "high", "d": "medium", "e": "critical"}
 
 
+@pytest.mark.parametrize("training, vocab, ok, detail", [
+    ({"final_loss": 6.54}, 694, False, "100% of the uniform guess ln(694) = 6.54 (at most 80%)"),  # lr 500: destroyed
+    ({"final_loss": 0.25}, 694, True, "4% of the uniform guess"),
+    ({"final_loss": None, "loss_not_finite": True}, 694, False, "NaN or infinite"),
+    ({"final_loss": 1.0}, None, True, "skipped"),
+])
+def test_the_loss_gate_catches_a_destroyed_model(training, vocab, ok, detail):
+    cand, par = res("1.1.0", {"a": True}), res("1.0.0", {"a": True})
+    d = gates.check(cand, par, bump="minor", new_examples=500, training=training, vocab_size=vocab)
+    loss = next(c for c in d.checks if c.name == "loss")
+    assert loss.passed is ok and detail in loss.detail and d.passed is ok
+
+
+def test_a_patch_must_pass_the_tests_added_since_its_parent():
+    cand = res("1.0.1", {"old": True, "incident-a": False, "incident-b": True})
+    par = res("1.0.0", {"old": True, "incident-a": False, "incident-b": False})  # the same (current) suite
+    d = gates.check(cand, par, bump="patch", new_examples=1, new_tests=["incident-a", "incident-b"])
+    c = next(c for c in d.checks if c.name == "patch_new_tests")
+    assert not c.passed and not d.passed and "1 of 2 tests added since the parent pass; failing: incident-a" in c.detail
+    ok = gates.check(res("1.0.1", {"old": True, "incident-a": True, "incident-b": True}), par, bump="patch",
+                     new_examples=1, new_tests=["incident-a", "incident-b"])
+    assert ok.passed
+    minor = gates.check(cand, par, bump="minor", new_examples=500, new_tests=["incident-a"])
+    assert "patch_new_tests" not in {c.name for c in minor.checks}  # a patch's rule
+
+
+def test_tests_added_since_a_release_come_from_git(tmp_path, monkeypatch):
+    from helpers import FakeTrainer, git, make_release_repo, release
+
+    FakeTrainer().install(monkeypatch)
+    root = make_release_repo(tmp_path)
+    suite_file = root / "registry/regression_tests.jsonl"
+    suite_file.write_text(json.dumps({"id": "old", "input": "q", "expected": "a"}) + "\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "suite")
+    release(root, "minor")
+    with open(suite_file, "a") as f:
+        f.write(json.dumps({"id": "new-one", "input": "q2", "expected": "b"}) + "\n")
+    suite = ev.load_project_suite(root, None, ["registry/regression_tests.jsonl"])
+    assert gates.tests_added_since(root, suite, "1.0.0") == ["new-one"]
+    assert gates.tests_added_since(root, suite, "9.9.9") == []  # no tag: nothing counts as added
+
+
+def test_a_diverged_run_records_no_nan():
+    from cl_release.train import TrainResult
+
+    d = TrainResult(duration_seconds=1.0, train_loss=float("nan"), final_loss=float("inf")).to_dict()
+    assert d["train_loss"] is None and d["final_loss"] is None and d["loss_not_finite"] is True
+    json.dumps(d, allow_nan=False)
+
+
 def test_regressions_are_ordered_by_criticality():
     parent = res("1.0.0", {k: True for k in "abcde"}, crit=CRIT)
     cand = res("1.1.0", {"a": False, "b": False, "c": False, "d": False, "e": False}, crit=CRIT)
