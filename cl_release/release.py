@@ -575,10 +575,12 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
 
 
 def _hold_out(parts: list[ds.Part], knobs: dict[str, Any], seed: str) -> tuple[list[ds.Part], ds.Part | None]:
-    """Move a seeded sample of the new chat examples (``holdout_ratio`` of them, at most
-    ``holdout_max``) out of the training parts: the release's held-out checks. Nothing is
-    held out when it would leave no new example to train on."""
-    pool = [r for p in parts if p.role == "new" for r in p.records if "messages" in r]
+    """Move a seeded sample of the new chat examples of the datasets (``holdout_ratio`` of them,
+    at most ``holdout_max``) out of the training parts: the release's held-out checks. Nothing
+    is held out when it would leave no new example to train on. Feedback is never held out:
+    each feedback row is trained once per lineage, and a held-out example never is."""
+    held_from = [p for p in parts if p.role == "new" and p.name == "new"]
+    pool = [r for p in held_from for r in p.records if "messages" in r]
     k = min(int(knobs.get("holdout_max", 0)), round(len(pool) * float(knobs.get("holdout_ratio", 0.0))))
     trained = sum(len(p.records) for p in parts if p.role == "new")
     if k < 1 or trained - k < 1:
@@ -587,7 +589,7 @@ def _hold_out(parts: list[ds.Part], knobs: dict[str, Any], seed: str) -> tuple[l
     held_hashes = {ds.record_hash(r) for r in held}
     out = []
     for p in parts:
-        if p.role == "new":
+        if any(p is h for h in held_from):
             p = ds.Part(p.name, p.role, [r for r in p.records if ds.record_hash(r) not in held_hashes],
                         sources=p.sources, record_ids=p.record_ids)
             if not p.records:
