@@ -111,7 +111,7 @@ def strategy_knobs(project_data: dict[str, Any], strategy: str) -> dict[str, Any
 # and still trains "fine"): plan warns, release refuses unless forced (--force --reason).
 SANE_KNOBS: dict[str, tuple[float, float]] = {
     "learning_rate": (1e-7, 5e-3),
-    "num_epochs": (1, 20),
+    "num_epochs": (1, 50),  # the 1 M-parameter demo model trains 30 epochs; an 8B model 1-3
 }
 
 

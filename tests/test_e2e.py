@@ -157,6 +157,34 @@ def test_verify_then_one_byte_changed(demo_repo: Path):
         snapshot.write_bytes(original)
 
 
+def test_the_incident_workflow_fixes_a_wrong_answer_for_real(demo_repo: Path, tmp_path: Path):
+    """cl-release patch on the real demo model: the logged wrong answer is corrected, its tests
+    go into the suite, the PATCH of the serving version is gated on them and passes them, and
+    becomes champion. (On a copy: the lr-0 test below grows the fixture repository.)"""
+    from cl_release.feedback import FeedbackStore
+    from cl_release.project import Project
+
+    root = tmp_path / "repo"
+    shutil.copytree(demo_repo, root, symlinks=True)
+    shutil.copy(root / "datasets/incoming/corrections-001.jsonl", root / "datasets/corrections/")
+    subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(root), "commit", "-qm", "the corrections of the quarter"], check=True)
+    with FeedbackStore(Project.load(root).feedback_path) as store:
+        store.log("What is the IDLH of chlorine?", "The IDLH of chlorine is 25 ppm.", request_id="inc-chlorine",
+                  model_version="1.1.0")
+    out = cli("-C", str(root), "patch", "inc-chlorine", "--correction", "The IDLH of chlorine is 10 ppm.")
+    assert "incident-inc-chlorine: contains ['10 ppm']" in out and "not_contains ['25 ppm']" in out
+    assert "Released 1.1.1 (patch of 1.1.0)" in out and "champion: 1.1.1" in out
+    entry = json.loads((root / "registry/model_registry.json").read_text())["models"][-1]
+    checks = {c["name"]: c for c in entry["gates"]["checks"]}
+    assert checks["patch_new_tests"]["passed"] and checks["patch_new_tests"]["threshold"] == 2
+    results = {c["id"]: c for c in json.loads((root / entry["evaluation"]["results"]).read_text())["cases"]}
+    assert results["incident-inc-chlorine"]["passed"] and results["incident-inc-chlorine-not"]["passed"]
+    assert "10 ppm" in results["incident-inc-chlorine"]["output"]
+    again = cli("-C", str(root), "patch", "inc-chlorine", "--correction", "The IDLH of chlorine is 10 ppm.")
+    assert "Nothing to do: inc-chlorine already fixed in 1.1.1" in again
+
+
 def test_a_release_that_learns_nothing_is_rejected(demo_repo: Path):
     """Learning rate 0: the adapter does not move, the regression gates see no change (no
     regression), and the new-data gate rejects it with its figures. (Runs last: it adds 1.2.0.)"""
@@ -170,11 +198,21 @@ def test_a_release_that_learns_nothing_is_rejected(demo_repo: Path):
     shutil.copy(demo_repo / "datasets/incoming/q3-protection.jsonl", demo_repo / "datasets/domain/")
     subprocess.run(["git", "-C", str(demo_repo), "add", "-A"], check=True)
     subprocess.run(["git", "-C", str(demo_repo), "commit", "-qm", "Q3 data, learning rate 0"], check=True)
-    result = CliRunner().invoke(main, ["-C", str(demo_repo), "release", "minor", "--notes", "lr 0"])
-    assert result.exit_code == 1, result.output
-    assert "Rejected 1.2.0" in result.output
-    assert "held-out examples of the new data answered right" in result.output
-    assert "the candidate did not learn its new data" in result.output
+    refused = CliRunner().invoke(main, ["-C", str(demo_repo), "release", "minor", "--notes", "lr 0"])
+    assert refused.exit_code == 2 and "learning_rate 0 is outside" in refused.stderr  # refused before training
+    from cl_release.gates import release_evaluator
+    from cl_release.project import Project
+    from cl_release.release import run_release
+
+    # trained anyway (the knob override, recorded), with the gates on: the new-data gate rejects it
+    result = run_release(Project.load(demo_repo), bump="minor", notes="lr 0", evaluator=release_evaluator(),
+                         knob_override="a release that learns nothing, for the gate")
+    entry = result.entry
+    assert entry["version"] == "1.2.0" and entry["status"] == "rejected"
+    assert entry["knob_override"]["warnings"] == ["learning_rate 0 is outside 1e-07..0.005, the sane range for "
+                                                  "continued_lora"]
+    assert any("the candidate did not learn its new data" in r and "held-out examples of the new data answered "
+               "right" in r for r in entry["gates"]["reasons"])
     reg = json.loads((demo_repo / "registry/model_registry.json").read_text())
     entry = reg["models"][-1]
     assert entry["status"] == "rejected" and reg["current"] == "1.1.0"
