@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jsonschema
 import orjson
 
-from .datasets import MAX_NESTING, nesting_depth
+from .data.formats import MAX_NESTING, nesting_depth
 from .errors import RegistryError, VersionError
 from .files import atomic_write_json, locked
 from .resources import default_registry_schema

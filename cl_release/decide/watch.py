@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import abtest, triggers
-from .errors import ClReleaseError, UserError
-from .files import atomic_write_json, locked
-from .registry import Registry
+from . import abtest
+from . import triggers
+from ..errors import ClReleaseError, UserError
+from ..files import atomic_write_json, locked
+from ..registry import Registry
 
 STATE_DIR = ".cl-release/watch"
 LAST_FILE = f"{STATE_DIR}/last.json"
@@ -59,8 +60,8 @@ def parse_interval(text: str) -> float:
 
 def default_release(project, *, bump: str, notes: str, progress: Progress = _noop):
     """``run_release`` with the release gates (evaluation of candidate vs parent)."""
-    from .gates import release_evaluator
-    from .release import run_release
+    from ..eval.gates import release_evaluator
+    from ..release.run import run_release
 
     return run_release(project, bump=bump, notes=notes, progress=progress, evaluator=release_evaluator())
 
@@ -198,7 +199,7 @@ def iterate(root: Path, *, now: _dt.datetime | None = None, release: ReleaseFn |
     ``release(project, bump=, notes=, progress=)`` makes the release (default:
     ``default_release``, i.e. ``run_release`` with the gates) and returns an object with ``entry``.
     """
-    from .project import Project
+    from ..project import Project
 
     release = release or default_release
     root = Path(root)

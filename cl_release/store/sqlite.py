@@ -43,9 +43,10 @@ import orjson
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from .errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
-from .files import locked
-from .registry import match_release
+from .. import parallel
+from ..errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
+from ..files import locked
+from ..registry import match_release
 
 BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
@@ -55,7 +56,7 @@ IMPORT_PARALLEL_CORES = 2  # one core: parsed in the importing process (see impo
 IMPORT_MAX_WORKERS = 8  # at most SQLite's default limit of 10 attached databases
 WAL_SIZE_LIMIT = 64 << 20  # a checkpointed WAL is cut back to this (PRAGMA journal_size_limit)
 SEVERITIES = ("low", "high", "critical", "safety")
-MIGRATION_SET = "cl_release.feedback"
+MIGRATION_SET = "cl_release.store.sqlite"
 APPLICATION_ID = 0x636C7266  # "clrf" in the SQLite header: this file is a cl-release feedback store
 MAX_TOKENS = 2**53  # whole numbers above this lose precision as JSON numbers
 
@@ -145,7 +146,7 @@ def _m005_usage_read_at(db: sqlite_utils.Database) -> None:
 
 
 def _m006_feedback_supersedes(db: sqlite_utils.Database) -> None:
-    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.mix).
+    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.data.mix).
     db.execute("ALTER TABLE feedback ADD COLUMN supersedes TEXT")
 
 
@@ -565,7 +566,7 @@ class ImportReader:
     def _check_size(self, obj: dict) -> None:
         """The per-example size limit (``datasets.max_example_chars``) over what would be
         trained on: the prompt, the answer and a correction."""
-        from .datasets import OVERSIZE_HINT, oversize
+        from ..data.formats import OVERSIZE_HINT, oversize
 
         uf = obj.get("user_feedback")
         fields = {"input": obj.get("input", obj.get("query")), "output": obj.get("output", obj.get("response")),
@@ -779,24 +780,9 @@ def _import_workers(size: int, workers: int | None) -> int:
             raise UserError(f"workers must be at least 1, got {workers}")
         workers = min(workers, IMPORT_MAX_WORKERS)
     else:
-        cores = _cores()
+        cores = parallel.cores()
         workers = min(cores, IMPORT_MAX_WORKERS) if size >= IMPORT_PARALLEL_BYTES and cores >= IMPORT_PARALLEL_CORES else 1
-    return workers if workers > 1 and _can_fork() else 1
-
-
-def _can_fork() -> bool:
-    """Forked workers start at once with this process's modules loaded. Without fork, or while
-    another thread runs (it might hold a lock, SQLite's or the allocator's, at the fork), the
-    import parses in its own process instead."""
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return workers if workers > 1 and parallel.can_fork() else 1
 
 
 def _split_lines(f: IO[bytes], size: int, parts: int) -> list[tuple[int, int]]:
@@ -1354,7 +1340,7 @@ class FeedbackStore:
     def set_supersedes(self, request_id: str, questions: Sequence[str]) -> None:
         """Record on the latest feedback of ``request_id`` the other questions its correction
         answers (paraphrases a release then retires). Needs a correction there."""
-        from .mix import MAX_SUPERSEDES
+        from ..data.mix import MAX_SUPERSEDES
 
         qs = [q.strip() for q in questions if isinstance(q, str) and q.strip()]
         if not qs or len(qs) > MAX_SUPERSEDES:
