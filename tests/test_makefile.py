@@ -9,6 +9,7 @@ covered or the test is extended.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -46,8 +47,11 @@ def phony_targets() -> list[str]:
 
 
 def dry_run(target: str, venv: Path, **variables: str) -> list[str]:
-    args = ["make", "-n", "-f", str(MAKEFILE), target, f"VENV={venv}", *(f"{k}={v}" for k, v in variables.items())]
-    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    args = ["make", "-n", "--no-print-directory", "-f", str(MAKEFILE), target, f"VENV={venv}",
+            *(f"{k}={v}" for k, v in variables.items())]
+    # as if typed in a shell: under `make test` the parent make's flags would print extra lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if line.strip()]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import GitError, UserError
 from .runner import CRITICALITIES, CRITICALITY_RANK, CaseResult, EvalResult
 
 DEFAULT_GATES: dict[str, Any] = {
@@ -471,7 +471,10 @@ def tests_added_since(root, suite, version: str) -> list[str]:
 
     from ..gitops import ReleaseRepo
 
-    repo = ReleaseRepo(root)
+    try:
+        repo = ReleaseRepo(root)
+    except GitError:  # evaluated outside a release repository: no history to compare with
+        return []
     tag = f"v{version}"
     if repo.tag_commit(tag) is None:
         return []
