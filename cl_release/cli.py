@@ -1104,7 +1104,7 @@ def report(ctx: Context, out_dir: Path) -> None:
 
 
 def _now():
-    from .decide.triggers import utc
+    from .timeutil import utc
 
     return utc()
 

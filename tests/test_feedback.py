@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from cl_release.store import sqlite as fbmod
 from cl_release.cli import main
 from cl_release.errors import ConflictError, DataError, UserError
-from cl_release.store.sqlite import FeedbackStore, build_migrations, timestamp
+from cl_release.store.sqlite import FeedbackStore, build_migrations
+from cl_release.timeutil import timestamp
 
 PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
 

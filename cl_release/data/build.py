@@ -40,6 +40,7 @@ from typing import Any, Callable, Generator, Iterable, Sequence
 
 from .formats import CONTROL_TOKEN, FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
 from .. import parallel
+from ..timeutil import normalize_time
 from ..errors import DataError, UserError
 from ..files import atomic_write_bytes, atomic_write_json
 
@@ -1399,27 +1400,6 @@ def corrections_only(result: BuildResult) -> BuildResult:
 
 
 # ---------------------------------------------------------------- time windows
-
-
-def normalize_time(value: str | _dt.datetime | _dt.date) -> str:
-    """A date or ISO time -> the feedback store's UTC form ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
-
-    Naive times are taken as UTC. String comparison of normalized times is time order.
-    """
-    if isinstance(value, _dt.datetime):
-        t = value
-    elif isinstance(value, _dt.date):
-        t = _dt.datetime(value.year, value.month, value.day)
-    else:
-        try:
-            t = _dt.datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            raise UserError(
-                f"invalid date or time {value!r}", hint="use YYYY-MM-DD or an ISO time like 2026-01-31T12:00:00Z"
-            ) from None
-    if t.tzinfo is not None:
-        t = t.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def within(rows: Iterable[dict[str, Any]], since: str | None = None, until: str | None = None):

@@ -53,7 +53,8 @@ from . import sequential as seq
 from ..errors import RegistryError, UserError, VersionError
 from ..files import atomic_write_json, locked
 from ..registry import Registry, committed_change, normalize_version
-from .triggers import LatencyRanks, Metrics, answer_flags, parse_time, registry_time, utc, version_metrics
+from ..timeutil import parse_time, registry_time, utc
+from .triggers import LatencyRanks, Metrics, answer_flags, version_metrics
 
 DEFAULTS: dict[str, Any] = {
     "traffic": 0.1,

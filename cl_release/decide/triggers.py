@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
+from ..timeutil import parse_time, registry_time, store_time as iso, utc
 
 DEFAULTS: dict[str, Any] = {
     "min_new_examples": 200,
@@ -62,33 +63,6 @@ def trigger_config(project) -> dict[str, Any]:
         raise project.error("quality_drop_immediate must be >= quality_drop_planned", "triggers",
                             "quality_drop_immediate")
     return conf
-
-
-# ---------------------------------------------------------------- time
-
-
-def utc(now: _dt.datetime | None = None) -> _dt.datetime:
-    """``now`` as an aware UTC datetime (naive is taken as UTC); None: the real clock."""
-    if now is None:
-        return _dt.datetime.now(_dt.timezone.utc)
-    if now.tzinfo is None:
-        return now.replace(tzinfo=_dt.timezone.utc)
-    return now.astimezone(_dt.timezone.utc)
-
-
-def parse_time(text: str) -> _dt.datetime:
-    """A registry or store timestamp ('...Z') as an aware UTC datetime."""
-    return utc(_dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
-
-
-def iso(t: _dt.datetime) -> str:
-    """The store's timestamp form (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, sorts as time)."""
-    return utc(t).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def registry_time(t: _dt.datetime) -> str:
-    """The registry's timestamp form (``YYYY-MM-DDTHH:MM:SSZ``)."""
-    return utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- metrics from the store

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from . import abtest
 from . import triggers
+from ..timeutil import registry_time, utc
 from ..errors import ClReleaseError, UserError
 from ..files import atomic_write_json, locked
 from ..registry import Registry
@@ -203,7 +204,7 @@ def iterate(root: Path, *, now: _dt.datetime | None = None, release: ReleaseFn |
 
     release = release or default_release
     root = Path(root)
-    it = Iteration(started_at=triggers.registry_time(triggers.utc(now)))
+    it = Iteration(started_at=registry_time(utc(now)))
     _record(root, it, final=False)
     try:
         _step(Project.load(root), it, now, release, progress)
@@ -214,7 +215,7 @@ def iterate(root: Path, *, now: _dt.datetime | None = None, release: ReleaseFn |
         it.outcome, it.error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
-        it.finished_at = triggers.registry_time(triggers.utc(now))
+        it.finished_at = registry_time(utc(now))
         _record(root, it, final=True)
     return it
 

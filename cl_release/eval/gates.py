@@ -587,7 +587,8 @@ class ReleaseEvaluator:
 
     def __call__(self, project, plan, entry: dict) -> dict:
         from . import runner as evaluate
-        from ..registry import Registry, utcnow
+        from ..registry import Registry
+        from ..timeutil import registry_now as utcnow
 
         parent_entry = Registry.find(Registry(project.root).load(), entry["parent"]) if entry.get("parent") else None
         entry = dict(entry)

@@ -17,7 +17,8 @@ import yaml
 from ..errors import UserError
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .runner import evaluations_of
-from ..registry import Registry, normalize_version, parse_version, utcnow
+from ..registry import Registry, normalize_version, parse_version
+from ..timeutil import registry_now as utcnow
 
 # ---------------------------------------------------------------- diff
 

@@ -1006,7 +1006,7 @@ def evaluate_model(
     Pure: reads the model files, writes nothing. ``loaded``: the same model already loaded (or
     loaded on first use), to run several suites with one load.
     """
-    from ..registry import utcnow
+    from ..timeutil import registry_now as utcnow
 
     settings = settings or EvalSettings()
     root = Path(root)

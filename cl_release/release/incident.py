@@ -73,7 +73,8 @@ def open_incidents(project, *, now=None) -> list[str]:
     """Request ids of the critical or safety corrections a PATCH on the serving version would
     train on (what ``status`` reports as a PATCH due)."""
     from ..data.build import release_feedback
-    from ..store.sqlite import FeedbackStore, utc_now
+    from ..store.sqlite import FeedbackStore
+    from ..timeutil import store_now as utc_now
     from ..registry import Registry
     from .run import serving_version
 

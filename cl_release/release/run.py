@@ -33,7 +33,8 @@ from ..data import formats as ds
 from ..errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from ..project import Project, check_base_model, is_local_model
-from ..registry import Registry, bump_version, release_lock, utcnow
+from ..registry import Registry, bump_version, release_lock
+from ..timeutil import registry_now as utcnow
 from .render import (
     COMPLETE_DATA,
     CONTINUES_ADAPTER,
@@ -281,7 +282,8 @@ def _read_feedback(project: Project, strategy: str, lineage: list[dict[str, Any]
     """The feedback rows the lineage (the parent and its ancestors) has not trained on, by the
     store's release marks (PATCH: the corrections among them)."""
     from ..data.build import release_feedback
-    from ..store.sqlite import FeedbackStore, utc_now
+    from ..store.sqlite import FeedbackStore
+    from ..timeutil import store_now as utc_now
     from ..data.mix import prompt_key_of
 
     until = utc_now()  # the store's microseconds: an answer logged a moment ago counts

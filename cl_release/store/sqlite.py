@@ -44,7 +44,8 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from .. import parallel
-from ..errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
+from ..errors import ClReleaseError, ConflictError, DataError, FieldValueError, UnknownRequest, UserError
+from ..timeutil import store_now as utc_now, time_zone, timestamp, utc_time  # noqa: F401  (re-exported)
 from ..files import locked
 from ..registry import match_release
 
@@ -172,101 +173,8 @@ def build_migrations(steps: Sequence[tuple[str, Callable]] | None = None) -> Mig
 # ---------------------------------------------------------------- value checks
 
 
-class Invalid(ValueError):
-    """One field of a record or feedback row is wrong (the caller adds file/line context)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?(Z|\+00:00)?", re.ASCII).fullmatch
-_fromisoformat = datetime.fromisoformat
+Invalid = FieldValueError  # one field of a record or feedback row is wrong (the caller adds file/line)
 _dumps = orjson.dumps
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def timestamp(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> str:
-    """Normalize a datetime, date, ISO-8601 string or epoch seconds to ``...ffffffZ`` UTC.
-
-    Naive datetimes, dates and strings without an offset are read in ``tz`` (None: UTC); a
-    value with an offset is converted exactly. ``None`` means now.
-    """
-    return utc_time(value, field=field, tz=tz)[0]
-
-
-def utc_time(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> tuple[str, bool]:
-    """:func:`timestamp`, and whether ``value`` was naive (a time without a UTC offset)."""
-    if value is None:
-        return utc_now(), False
-    if isinstance(value, str):
-        # Fast path for the canonical UTC shapes (YYYY-MM-DDTHH:MM:SS[.ffffff][Z|+00:00]): the
-        # string already is the result; fromisoformat still validates the field ranges.
-        m = _CANONICAL_TS(value)
-        if m is not None and (tz is None or m[2]):
-            try:
-                _fromisoformat(value)
-            except ValueError:
-                raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-            return value[:19] + (m[1] or ".000000") + "Z", not m[2]
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            value = datetime.fromtimestamp(value, timezone.utc)
-        except (OverflowError, OSError, ValueError):
-            raise Invalid(f"epoch timestamp out of range: {value!r}", field) from None
-    elif isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    if not isinstance(value, datetime):
-        raise Invalid(f"expected a timestamp, got {type(value).__name__}", field)
-    naive = value.tzinfo is None
-    if naive and tz is not None:
-        value = value.replace(tzinfo=tz)
-    if value.tzinfo is not None:
-        try:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        except OverflowError:
-            raise Invalid(f"out of range in UTC: {value.isoformat()}", field) from None
-    return value.isoformat(timespec="microseconds") + "Z", naive
-
-
-def time_zone(name: str | None) -> tzinfo | None:
-    """How to read naive times: ``None``/``"UTC"`` (None), ``"local"`` (this machine's zone)
-    or an IANA name such as ``Europe/Athens``. An unknown name is a :class:`UserError`."""
-    if name is None or name.upper() in ("UTC", "Z"):
-        return None
-    if name == "local":
-        return _LocalZone()
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UserError(f"unknown time zone {name!r}",
-                        hint="use an IANA name such as Europe/Athens, 'local' or 'UTC'") from None
-
-
-class _LocalZone(tzinfo):
-    """This machine's time zone, with its daylight-saving rules (what ``datetime.now()`` wrote)."""
-
-    def _offset(self, dt: datetime) -> timedelta:
-        return dt.replace(tzinfo=None).astimezone().utcoffset()  # naive.astimezone(): local rules
-
-    def utcoffset(self, dt: datetime | None) -> timedelta:
-        return self._offset(dt) if dt is not None else datetime.now().astimezone().utcoffset()
-
-    def dst(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def tzname(self, dt: datetime | None) -> str:
-        return "local"
-
-    def __repr__(self) -> str:
-        return "local"
 
 
 def _check_input(value: Any) -> str:
