@@ -9,7 +9,7 @@ number); every design sees the same traffic.
 
 Designs:
 
-- ``sequential, every hour``: ``cl_release.abtest.decide`` (the anytime-valid rule: mSPRT,
+- ``sequential, every hour``: ``cl_release.decide.abtest.decide`` (the anytime-valid rule: mSPRT,
   guardrails, SRM check) at every hourly look, as ``cl-release watch`` runs it;
 - ``fixed-horizon, every hour``: the rule cl-release had before issue 17 (``old_decide`` below,
   a copy of ``abtest.decide`` at commit c482946: two-proportion z-test at alpha, the same
@@ -73,7 +73,7 @@ class ArmTraffic:
 
     def metrics(self, h: int):
         """The store's aggregates (``triggers.Metrics``) after hour ``h`` (0-based)."""
-        from cl_release.triggers import Metrics
+        from cl_release.decide.triggers import Metrics
 
         op, pos, n = int(self.opinions[h]), int(self.positive[h]), int(self.records[h])
         return Metrics(records=n, feedback=int(self.feedback[h]), quality_n=op, quality_sum=float(pos),
@@ -145,7 +145,7 @@ def old_decide(a, b, *, hours: float, conf: dict) -> str:
     its logic: promote when samples, duration, threshold and p < alpha (challenger better) hold;
     stop when samples and duration hold and the challenger is significantly worse; stop at
     max_duration_hours; else wait."""
-    from cl_release.abtest import weighted_improvement
+    from cl_release.decide.abtest import weighted_improvement
 
     improvement, _ = weighted_improvement(a, b, conf["weights"])
     test = old_two_proportion_test(a.positive, a.opinions, b.positive, b.opinions)
@@ -164,7 +164,7 @@ def old_decide(a, b, *, hours: float, conf: dict) -> str:
 
 
 def new_verdict(t: Traffic, h: int, conf: dict):
-    from cl_release import abtest
+    from cl_release.decide import abtest
 
     a = abtest.Arm("champion", t.champion.metrics(h), int(t.champion.errors[h]), 0, t.champion.latency_at(h))
     b = abtest.Arm("challenger", t.challenger.metrics(h), int(t.challenger.errors[h]), 0, t.challenger.latency_at(h))
@@ -232,7 +232,7 @@ def run_old_once(t: Traffic, conf: dict, n_planned: int) -> Outcome:
 def statistic_crossings(t: Traffic, conf: dict) -> dict[str, bool]:
     """The tested statistic alone (no threshold, samples or duration), at every hourly look from
     the first: does the always-valid interval ever exclude 0, does the z-test ever reach p < alpha?"""
-    from cl_release import sequential
+    from cl_release.decide import sequential
 
     a, b = t.champion, t.challenger
     alpha, tau = conf["alpha"], conf["sequential_tau"]
@@ -295,11 +295,11 @@ def check_store(runs: int, conf: dict, seed: int) -> int:
     import datetime as dt
     import tempfile
 
-    from cl_release import abtest
-    from cl_release.feedback import FeedbackStore
+    from cl_release.decide import abtest
+    from cl_release.store.sqlite import FeedbackStore
     from cl_release.project import Project
     from cl_release.registry import Registry
-    from cl_release.scaffold import init_repository
+    from cl_release.release.scaffold import init_repository
 
     checked = 0
     for i in range(runs):
@@ -384,7 +384,7 @@ def main() -> int:
     if args.quick:
         args.aa_runs, args.lift_runs, args.harm_runs, args.check_store = 100, 50, 20, 2
 
-    from cl_release import abtest
+    from cl_release.decide import abtest
 
     conf = abtest.ab_config(None)
     n_planned, h_planned = planned_hour(conf)

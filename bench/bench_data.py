@@ -7,7 +7,7 @@
         # --compare also builds from the row dicts (the previous path) and checks the bytes
 
 1. ``extract.build`` over 1,000,000 feedback rows (dedupe and PII redaction on, the
-   defaults), from rows in memory and, when ``cl_release.feedback`` is present, streamed
+   defaults), from rows in memory and, when ``cl_release.store.sqlite`` is present, streamed
    from a FeedbackStore. Target: <= 10 s for the in-memory build.
 2. ``files.sha256_file`` vs ``sha256sum`` on the same 1 GiB file, page cache warm, best of
    3 alternating runs. Target: >= 90% of sha256sum's throughput.
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cl_release.extract import ExtractionRules, build  # noqa: E402
+from cl_release.data.build import ExtractionRules, build  # noqa: E402
 from cl_release.files import sha256_file  # noqa: E402
 
 QUESTIONS = [
@@ -166,9 +166,9 @@ def bench_store(n: int, scratch: Path, keep: Path | None = None, compare: bool =
     build from the same rows read as dicts (the generic path, as before the store build
     existed) and check that both give the same bytes and manifest."""
     try:
-        from cl_release.feedback import FeedbackStore
+        from cl_release.store.sqlite import FeedbackStore
     except ImportError:
-        print("  (no cl_release.feedback: store benchmark skipped)")
+        print("  (no cl_release.store.sqlite: store benchmark skipped)")
         return []
     path = keep or scratch / "feedback.db"
     store = FeedbackStore(path)

@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/bench_eval.py [--n 200] [--batch-size 32] [--max-new-tokens 32] [--quick]
 
-Builds the tiny Llama model (cl_release.tinymodel) and a 200-test suite from the demo data,
+Builds the tiny Llama model (cl_release.demo.model) and a 200-test suite from the demo data,
 then, in the same process and on the same loaded model, times:
 
 - ``loop``: for each test, apply the chat template, ``model.generate`` one prompt, decode;
-- ``batched``: ``cl_release.evaluate.run_suite`` (length-sorted, left-padded batches).
+- ``batched``: ``cl_release.eval.runner.run_suite`` (length-sorted, left-padded batches).
 
 The two alternate in chunks of ``--chunk`` tests (loop, batched, loop, batched), so a change
 of load on a shared machine during the run affects both alike.
@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 
 def build_suite(n: int):
-    from cl_release import evaluate as ev
-    from cl_release.demo import demo_sets
+    from cl_release.eval import runner as ev
+    from cl_release.demo.data import demo_sets
 
     pairs = []
     for records in demo_sets().values():
@@ -53,7 +53,7 @@ def loop_generate(model, tokenizer, suite, max_new_tokens: int) -> tuple[list[st
     """The baseline: one prompt per generate call, as a simple script would do it."""
     import torch
 
-    from cl_release.evaluate import render_prompt, stop_token_ids
+    from cl_release.eval.runner import render_prompt, stop_token_ids
 
     stop = stop_token_ids(model, tokenizer)
     outs = []
@@ -82,8 +82,8 @@ def main() -> int:
 
     import torch
 
-    from cl_release import evaluate as ev
-    from cl_release.tinymodel import build_tiny_model, corpus_from_jsonl
+    from cl_release.eval import runner as ev
+    from cl_release.demo.model import build_tiny_model, corpus_from_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         texts = corpus_from_jsonl(sorted((REPO / "datasets" / "demo").rglob("*.jsonl")))

@@ -30,7 +30,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cl_release.feedback import IMPORT_PARALLEL_BYTES, FeedbackStore, _import_workers  # noqa: E402
+from cl_release.store.sqlite import IMPORT_PARALLEL_BYTES, FeedbackStore, _import_workers  # noqa: E402
 from cl_release.files import atomic_write_bytes  # noqa: E402
 
 WORK = ROOT / ".bench-out" / "feedback"
@@ -130,7 +130,7 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
     parsed and checked beforehand (not timed), sorted by id, inserted with one executemany (1)
     into a fresh WAL file with just the records table and its primary key, then its created_at
     index and the COMMIT; (2) into an in-memory table without any index. Rows per second."""
-    from cl_release.feedback import _import_row
+    from cl_release.store.sqlite import _import_row
 
     with open(log, "rb") as f:
         rows = sorted(_import_row(orjson.loads(line), line)[0] for line in f)

@@ -73,7 +73,7 @@ def scratch_repo(parent: Path, name: str, serve: str = "") -> Path:
     """A release repository with one released version (1.0.0, champion): enough for routing.
     ``serve``: lines of the ``serve:`` section."""
     from cl_release.registry import Registry
-    from cl_release.scaffold import init_repository
+    from cl_release.release.scaffold import init_repository
 
     root = init_repository(parent / name)
     if serve:
@@ -211,7 +211,7 @@ def run_clients(host: str, port: int, clients: int, n: int, make_body, path: str
 
 
 def bench_log(tmp: Path, args) -> dict:
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     gateway = lambda root: cl_release(root, "serve", "--port", "0", "--backend", "none")  # noqa: E731
     servers = {  # name: (argv, serve: lines)
@@ -283,7 +283,7 @@ def bench_proxy(tmp: Path, args) -> dict:
         finally:
             stop(gw)
             stop(up)
-        from cl_release.feedback import FeedbackStore
+        from cl_release.store.sqlite import FeedbackStore
 
         summary = {"runs": runs, "logged": FeedbackStore(root / ".cl-release" / "feedback.db").count(),
                    "gateway_requests": sum(r["requests"] for k, v in runs.items() if k.startswith("gateway") for r in v),
@@ -303,7 +303,7 @@ def bench_proxy(tmp: Path, args) -> dict:
 def tiny_release(tmp: Path) -> tuple[Path, dict]:
     """A folder with the tiny model under models/ and one adapter, and its registry entry."""
     from cl_release.files import sha256_file
-    from cl_release.tinymodel import build_tiny_model, corpus_from_jsonl
+    from cl_release.demo.model import build_tiny_model, corpus_from_jsonl
 
     root = tmp / "local"
     texts = corpus_from_jsonl(sorted((REPO / "datasets" / "demo").rglob("*.jsonl")))

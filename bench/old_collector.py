@@ -352,8 +352,8 @@ def make_server(project, *, host: str | None = None, port: int | None = None, to
 
     ``token``: the bearer token; default: the environment variable ``serve.token_env``.
     """
-    from cl_release.abtest import Router
-    from cl_release.feedback import FeedbackStore
+    from cl_release.decide.abtest import Router
+    from cl_release.store.sqlite import FeedbackStore
 
     conf = serve_config(project)
     if token is None:

@@ -131,7 +131,7 @@ def data() -> None:
 @handle_errors
 def data_build(ctx: Context, since, out, fmt, redact, from_jsonl, workers, as_json) -> None:
     """Turn rated and corrected feedback into a deduplicated, hashed training set."""
-    from .extract import build_project
+    from .data.build import build_project
 
     project = ctx.project()
     result, paths = build_project(project, since=since, out=_in_root(ctx, out), fmt=fmt,
@@ -164,8 +164,8 @@ def data_validate(ctx: Context, files, fmt) -> None:
 
     Examples over the size limit (limits.max_example_chars, else 32 characters per token of
     sequence_len; the defaults outside a release repository) are refused too."""
-    from .datasets import max_example_chars
-    from .extract import validate_data_file
+    from .data.formats import max_example_chars
+    from .data.build import validate_data_file
 
     project = _project_or_none(ctx)
     max_chars = max_example_chars(project.data if project is not None else None)
@@ -201,7 +201,7 @@ def release_options(fn: Callable) -> Callable:
 @handle_errors
 def init(directory: Path, demo: bool, name: str | None, base_model: str) -> None:
     """Scaffold a release repository in DIRECTORY (git init + first commit)."""
-    from .scaffold import init_repository
+    from .release.scaffold import init_repository
 
     path = init_repository(directory, demo=demo, name=name, base_model=base_model, progress=say)
     click.echo(f"Created release repository {path}")
@@ -219,8 +219,8 @@ def init(directory: Path, demo: bool, name: str | None, base_model: str) -> None
 def render(ctx: Context, strategy: str, from_version: str | None, base_model: str | None, output: Path | None) -> None:
     """Render the Axolotl YAML a STRATEGY would train with."""
     from .files import atomic_write_text
-    from .release import plan_release
-    from .render import STRATEGY_BUMP, check_strategy
+    from .release.run import plan_release
+    from .release.render import STRATEGY_BUMP, check_strategy
 
     check_strategy(strategy)
     bump = STRATEGY_BUMP[strategy] or "minor"
@@ -239,7 +239,7 @@ def render(ctx: Context, strategy: str, from_version: str | None, base_model: st
 @handle_errors
 def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: bool) -> None:
     """Show what a release would do, without training or writing anything."""
-    from .release import plan_release
+    from .release.run import plan_release
 
     p = plan_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy, base_model=base_model)
     if as_json:
@@ -300,8 +300,8 @@ def release(ctx: Context, bump: str, from_version, strategy, base_model, notes: 
     On an empty registry any bump makes 1.0.0. A candidate that fails a gate is recorded as
     rejected (exit 1) and the parent stays current. A patch builds on the version that serves
     (the champion) and, once it passes its gates, becomes champion."""
-    from .gates import release_evaluator
-    from .release import check_notes, read_notes_file, run_release
+    from .eval.gates import release_evaluator
+    from .release.run import check_notes, read_notes_file, run_release
 
     if notes_file is not None:
         if notes:
@@ -367,8 +367,8 @@ def patch_(ctx: Context, request_ids, correction, from_version, notes, notes_fil
     Without REQUEST_IDS it takes every open critical or safety correction (what 'cl-release
     status' reports as a PATCH due). Each step is idempotent: a re-run after a crash continues,
     a second run changes nothing."""
-    from .incident import patch
-    from .release import check_notes, read_notes_file
+    from .release.incident import patch
+    from .release.run import check_notes, read_notes_file
 
     if notes_file is not None:
         if notes:
@@ -584,7 +584,7 @@ def show(ctx: Context, version: str, as_json: bool) -> None:
 @handle_errors
 def rollback(ctx: Context, version: str) -> None:
     """Make an earlier VERSION current; the next release builds on it. Nothing is deleted."""
-    from .release import rollback as do_rollback
+    from .release.run import rollback as do_rollback
 
     result = do_rollback(ctx.project(), version)
     if not result.changed:
@@ -600,7 +600,7 @@ def rollback(ctx: Context, version: str) -> None:
 def merge(ctx: Context, version: str) -> None:
     """Merge VERSION's adapter into its base (outputs/vX.Y.Z/merged)."""
     from .gitops import ReleaseRepo
-    from .merge import merge_version
+    from .release.merge import merge_version
     from .registry import release_lock
 
     with release_lock(ctx.root):  # no release merges or records at the same time
@@ -615,7 +615,7 @@ def merge(ctx: Context, version: str) -> None:
 @handle_errors
 def verify(ctx: Context, as_json: bool) -> None:
     """Re-hash every dataset, config, adapter and merged model the registry names."""
-    from .release import verify as do_verify
+    from .release.run import verify as do_verify
 
     checks = do_verify(ctx.root)
     bad = [c for c in checks if not c.ok]
@@ -641,7 +641,7 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
     """Upload VERSION to the Hub repo named in cl-release.yaml, with a model card and a tag.
 
     The token comes from HF_TOKEN or 'hf auth login', never from the command line."""
-    from . import hub
+    from .hub import push as hub
     from .gitops import ReleaseRepo
     from .registry import release_lock
 
@@ -664,7 +664,7 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
 
 
 def _store(ctx: Context):
-    from .feedback import FeedbackStore
+    from .store.sqlite import FeedbackStore
 
     return FeedbackStore(ctx.project().feedback_path)
 
@@ -695,7 +695,7 @@ def feedback_import(ctx: Context, file: Path, workers: int | None, tz: str | Non
     Known fields that collectors log inside ``metadata`` (model_version, latency_ms, tokens,
     quality_score, hallucinated, error_tag, severity) are used when the line has none of its
     own; version strings such as v1.0 are stored as the release they name."""
-    from .datasets import max_example_chars
+    from .data.formats import max_example_chars
 
     project = ctx.project()
     store, path = _store(ctx), _at_root(ctx, file)
@@ -836,7 +836,7 @@ def annotate() -> None:
 @handle_errors
 def annotate_export(ctx: Context, n: int, out: Path | None, seed: int) -> None:
     """Sample ~30% errors, ~30% low-confidence and random answers into a CSV for experts."""
-    from .annotate import export_sample
+    from .data.annotate import export_sample
 
     counts = export_sample(_store(ctx), _at_root(ctx, out) or sys.stdout, n=n, seed=seed)
     detail = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -849,7 +849,7 @@ def annotate_export(ctx: Context, n: int, out: Path | None, seed: int) -> None:
 @handle_errors
 def annotate_import(ctx: Context, file: Path) -> None:
     """Store the experts' ratings and corrections from FILE; all rows or none."""
-    from .annotate import import_csv
+    from .data.annotate import import_csv
 
     click.echo(f"{file}: {import_csv(_store(ctx), _at_root(ctx, file))} feedback rows stored")
 
@@ -861,7 +861,7 @@ def annotate_import(ctx: Context, file: Path) -> None:
 @handle_errors
 def review(ctx: Context, since: str | None, model: str | None) -> None:
     """Rate answers without feedback one by one (1-5, s=skip, q=quit); resumes where you stopped."""
-    from .annotate import review as run_review
+    from .data.annotate import review as run_review
 
     def ask(text: str) -> str:
         try:
@@ -898,7 +898,7 @@ def _project_or_none(ctx: Context):
 
 
 def _eval_entry(ctx: Context, version: str, suites, cache: bool = True, **overrides):
-    from . import evaluate
+    from .eval import runner as evaluate
 
     project = _project_or_none(ctx)
     suite = evaluate.load_project_suite(ctx.root, project, suites)
@@ -937,7 +937,8 @@ def eval_() -> None:
 def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens, pass_k, no_cache, show_cases,
              as_json) -> None:
     """Evaluate VERSION on the suite; save results and summarize them into the registry."""
-    from . import evaluate, gates
+    from .eval import runner as evaluate
+    from .eval import gates
 
     knobs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "pass_k": pass_k}
     result, suite, settings = _eval_entry(ctx, version, suites, cache=not no_cache, **knobs)
@@ -1000,7 +1001,7 @@ def _case_options(fn: Callable) -> Callable:
 @handle_errors
 def eval_add(ctx: Context, feedback_id, prompt, expected, test_id, match, criticality, domain, tags, suite) -> None:
     """Add one test to a suite, typed in or promoted from production feedback."""
-    from . import evaluate
+    from .eval import runner as evaluate
     from .errors import UserError
 
     row = _case_defaults(match, criticality, domain, tags)
@@ -1033,7 +1034,7 @@ def eval_add(ctx: Context, feedback_id, prompt, expected, test_id, match, critic
 @handle_errors
 def eval_import(ctx: Context, file, match, criticality, domain, tags, suite) -> None:
     """Import tests from FILE: suite rows, or chat/alpaca rows (last answer = expected)."""
-    from . import evaluate
+    from .eval import runner as evaluate
 
     rows = evaluate.rows_from_file(_in_root(ctx, file), defaults=_case_defaults(match, criticality, domain, tags))
     added, skipped = evaluate.append_cases(ctx.root, suite, rows)
@@ -1051,8 +1052,8 @@ def eval_import(ctx: Context, file, match, criticality, domain, tags, suite) -> 
 @handle_errors
 def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> None:
     """What changed from A to B: config, data, metrics, and every test whose result flipped."""
-    from . import evaluate
-    from .report import diff_versions, save_diff
+    from .eval import runner as evaluate
+    from .eval.report import diff_versions, save_diff
 
     project = _project_or_none(ctx)
     suite = None if no_eval else evaluate.load_project_suite(ctx.root, project, suites)
@@ -1093,7 +1094,7 @@ def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> N
 @handle_errors
 def report(ctx: Context, out_dir: Path) -> None:
     """Write an HTML + Markdown report: lineage, gate decisions, metrics across versions."""
-    from .report import build_report
+    from .eval.report import build_report
 
     paths = build_report(ctx.root, _in_root(ctx, out_dir))
     click.echo(f"wrote {paths['html']} and {paths['markdown']} ({len(paths) - 2} images)")
@@ -1103,7 +1104,7 @@ def report(ctx: Context, out_dir: Path) -> None:
 
 
 def _now():
-    from .triggers import utc
+    from .timeutil import utc
 
     return utc()
 
@@ -1114,7 +1115,7 @@ def _now():
 @handle_errors
 def status(ctx: Context, as_json: bool) -> None:
     """Is an update due, and why? Exits 10 when one is due, 0 when not (for cron and CI)."""
-    from .triggers import evaluate, format_decision
+    from .decide.triggers import evaluate, format_decision
 
     decision = evaluate(ctx.project(), now=_now())
     echo_json(decision.to_dict()) if as_json else click.echo(format_decision(decision))
@@ -1134,7 +1135,7 @@ def ab() -> None:
 @handle_errors
 def ab_start(ctx: Context, version: str, traffic: float | None) -> None:
     """Start VERSION as the challenger of the current champion."""
-    from . import abtest
+    from .decide import abtest
 
     traffic = traffic if traffic is not None else abtest.ab_config(ctx.project())["traffic"]
     e = abtest.start(ctx.root, version, traffic=traffic, now=_now())
@@ -1148,7 +1149,7 @@ def ab_start(ctx: Context, version: str, traffic: float | None) -> None:
 @handle_errors
 def ab_champion(ctx: Context, version: str, reason: str) -> None:
     """Make VERSION the champion directly (first deployment; no test running)."""
-    from . import abtest
+    from .decide import abtest
 
     e = abtest.set_champion(ctx.root, version, now=_now(), reason=reason)
     click.echo(f"champion: {e['to']} (was {e['from'] or '-'})")
@@ -1161,7 +1162,7 @@ def ab_champion(ctx: Context, version: str, reason: str) -> None:
 def ab_status(ctx: Context, as_json: bool) -> None:
     """Show the champion, the challenger and its traffic share; with a test running, the
     comparison too (interval, guardrails, traffic-split check, decision; a counted look)."""
-    from . import abtest
+    from .decide import abtest
 
     data = ctx.registry().load()
     out = {"aliases": data.get("aliases", {}), "abtest": abtest.state(data), "current": data["current"]}
@@ -1184,7 +1185,7 @@ def ab_status(ctx: Context, as_json: bool) -> None:
 def ab_compare(ctx: Context, as_json: bool) -> None:
     """Per-version metrics since the test started, the always-valid interval, each guardrail,
     the traffic-split (SRM) check, the decision now and what it still waits for."""
-    from . import abtest
+    from .decide import abtest
 
     c = abtest.compare(ctx.project(), now=_now())
     echo_json(c.to_dict()) if as_json else click.echo(abtest.format_comparison(c))
@@ -1200,7 +1201,7 @@ def ab_compare(ctx: Context, as_json: bool) -> None:
 def ab_promote(ctx: Context, auto: bool, force: bool, reason: str | None) -> None:
     """Make the challenger champion when the rule says so: significantly better at every look's
     error budget, better by the threshold, enough samples and time, a sound traffic split."""
-    from . import abtest
+    from .decide import abtest
 
     r = abtest.promote(ctx.project(), now=_now(), auto=auto, force=force, reason=reason)
     if r.promoted:
@@ -1218,7 +1219,7 @@ def ab_promote(ctx: Context, auto: bool, force: bool, reason: str | None) -> Non
 @handle_errors
 def ab_stop(ctx: Context, reason: str) -> None:
     """End the A/B test; the champion keeps serving (and becomes current again)."""
-    from . import abtest
+    from .decide import abtest
 
     e = abtest.stop(ctx.root, reason=reason, now=_now())
     click.echo(f"A/B test stopped: {e['challenger']} no longer serves; champion {e['champion']}")
@@ -1229,7 +1230,7 @@ def ab_stop(ctx: Context, reason: str) -> None:
 @handle_errors
 def ab_rollback(ctx: Context) -> None:
     """Make the previous champion champion (and current) again."""
-    from . import abtest
+    from .decide import abtest
 
     e = abtest.rollback_champion(ctx.root, now=_now())
     click.echo(f"champion rolled back: {e['from']} -> {e['to']}")
@@ -1244,7 +1245,7 @@ def ab_rollback(ctx: Context) -> None:
 @handle_errors
 def watch(ctx: Context, once: bool, interval: str, show_status: bool, as_json: bool) -> None:
     """Check triggers, release, start the challenger, compare, promote or stop: on a loop."""
-    from . import watch as w
+    from .decide import watch as w
 
     if show_status:
         last = w.last_iteration(ctx.root)

@@ -122,3 +122,12 @@ class UpstreamTimeout(UpstreamError):
 
     def __init__(self, message: str, *, hint: str | None = None):
         super().__init__(message, status=504, hint=hint)
+
+
+class FieldValueError(ValueError):
+    """One field of a record, feedback row or value is wrong. Raised by the low-level checks
+    (times, numbers); the caller adds file and line and turns it into one of the errors above."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -106,7 +106,7 @@ class ReleaseRepo:
         return sorted(p for p in paths if not p.startswith(IGNORED_PREFIXES))
 
     def _is_snapshot(self, rel: str) -> bool:
-        from .datasets import SNAPSHOT_DIR
+        from .data.formats import SNAPSHOT_DIR
         from .files import sha256_file
 
         p = self.root / rel

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import jsonschema
 import yaml
 
-from .datasets import MAX_NESTING
+from .data.formats import MAX_NESTING
 from .errors import InputFileError, ProjectError, UserError
 
 PROJECT_FILE = "cl-release.yaml"

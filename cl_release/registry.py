@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterable, Iterator
 import jsonschema
 import orjson
 
-from .datasets import MAX_NESTING, nesting_depth
+from .data.formats import MAX_NESTING, nesting_depth
 from .errors import RegistryError, VersionError
 from .files import atomic_write_json, locked
 from .resources import default_registry_schema
+from .timeutil import registry_now
 
 REGISTRY_FILE = "registry/model_registry.json"
 SCHEMA_FILE = "registry/schema.json"
@@ -88,10 +89,6 @@ def bump_version(parent: str | None, bump: str, taken: set[str]) -> str:
         v = f"{major}.{minor}.{patch}"
         if v not in taken:
             return v
-
-
-def utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- schema
@@ -288,7 +285,7 @@ class Registry:
             previous = data["current"]
             data["current"] = entry["version"]
             data.setdefault("events", []).append(
-                {"at": utcnow(), "action": "rollback", "from": previous, "to": entry["version"]}
+                {"at": registry_now(), "action": "rollback", "from": previous, "to": entry["version"]}
             )
         return entry
 

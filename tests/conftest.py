@@ -53,7 +53,7 @@ def _model_cache(tmp_path_factory):
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama model + tokenizer trained on the demo corpus (built once per session)."""
     pytest.importorskip("torch")
-    from cl_release.tinymodel import build_tiny_model, corpus_from_jsonl
+    from cl_release.demo.model import build_tiny_model, corpus_from_jsonl
 
     out = tmp_path_factory.mktemp("tiny-model") / "tiny-llama"
     texts = corpus_from_jsonl(sorted((REPO / "datasets" / "demo").rglob("*.jsonl")))

@@ -41,12 +41,12 @@ def main() -> None:
         helpers.seed_tokenizer_json(tokenizer.read_text(encoding="utf-8"))
     trainer = helpers.FakeTrainer().install(_SetAttr())
     if os.environ.get("CL_RELEASE_TEST_NO_GATES"):  # the fake adapter cannot be evaluated
-        import cl_release.gates as gates
+        import cl_release.eval.gates as gates
 
         gates.release_evaluator = lambda **kw: (lambda project, plan, entry: entry)
     step = os.environ.get("CL_RELEASE_TEST_PAUSE")
     if step:
-        import cl_release.release as release_mod
+        import cl_release.release.run as release_mod
 
         if step == "training":
             trainer.before = lambda root_, config: _pause(step)

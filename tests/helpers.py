@@ -59,7 +59,7 @@ _TOKENIZER_CACHE: dict[str, str] = {}
 def tokenizer_json() -> str:
     """A real BPE tokenizer (tokenizers only, no torch), trained once per test session."""
     if "json" not in _TOKENIZER_CACHE:
-        from cl_release.tinymodel import corpus_from_jsonl, train_tokenizer
+        from cl_release.demo.model import corpus_from_jsonl, train_tokenizer
 
         texts = corpus_from_jsonl(sorted(DEMO.rglob("*.jsonl")))
         _TOKENIZER_CACHE["json"] = train_tokenizer(texts, vocab_size=400).to_str()
@@ -96,7 +96,7 @@ def commit_all(root: Path, message: str = "test data") -> None:
 def make_release_repo(tmp_path: Path, *, name: str = "repo", project_yaml: str = PROJECT_YAML,
                       general: bool = True) -> Path:
     """A committed release repository with a fake local base model and the demo q1 data."""
-    from cl_release.scaffold import init_repository
+    from cl_release.release.scaffold import init_repository
 
     root = init_repository(tmp_path / name, base_model="models/base")
     write_fake_model(root / "models" / "base")  # models/ is git-ignored, like the demo model
@@ -144,7 +144,7 @@ def tree_snapshot(folder: Path) -> dict[str, bytes]:
 
 
 class FakeTrainer:
-    """Stands in for ``cl_release.train.run_training`` and ``run_merge``.
+    """Stands in for ``cl_release.release.train.run_training`` and ``run_merge``.
 
     Writes ``<output_dir>/adapter_model.safetensors`` (bytes seeded by the config's hash) and
     ``adapter_config.json`` (base, r, alpha from the rendered config). ``before``: a callback
@@ -160,7 +160,7 @@ class FakeTrainer:
         self._lock = threading.Lock()
 
     def install(self, monkeypatch) -> "FakeTrainer":
-        import cl_release.train as train
+        import cl_release.release.train as train
 
         monkeypatch.setattr(train, "run_training", self.run_training)
         monkeypatch.setattr(train, "run_merge", self.run_merge)
@@ -168,7 +168,7 @@ class FakeTrainer:
 
     def run_training(self, root: Path, config_rel: str, launch: dict[str, Any], *, mixed_precision: str,
                      log_path: Path, progress=None):
-        from cl_release.train import TrainResult
+        from cl_release.release.train import TrainResult
 
         root = Path(root)
         text = (root / config_rel).read_text(encoding="utf-8")
@@ -216,7 +216,7 @@ def write_fake_adapter(out: Path, config: dict[str, Any], *, seed: str) -> None:
 
 def release(root: Path, bump: str = "minor", **kwargs):
     """``run_release`` on a freshly loaded project."""
-    from cl_release.release import run_release
+    from cl_release.release.run import run_release
 
     return run_release(load_project(root), bump=bump, **kwargs)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cl_release import abtest
+from cl_release.decide import abtest
 from cl_release.cli import main
 from cl_release.errors import LockedError, UserError, VersionError
-from cl_release.feedback import FeedbackStore
+from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 from cl_release.registry import Registry
 
@@ -50,7 +50,7 @@ def git(root: Path, *args: str) -> str:
 
 def fake_repo(tmp_path: Path, entries: list[dict], *, yaml_extra: str = "", champion: str | None = None) -> Path:
     """A scaffolded (git) release repository whose registry holds ``entries``, committed."""
-    from cl_release.scaffold import init_repository
+    from cl_release.release.scaffold import init_repository
 
     root = init_repository(tmp_path / "repo")
     data = json.loads((root / REG).read_text())
@@ -153,7 +153,7 @@ def test_router_without_test_serves_champion_and_rejects_empty_key(repo):
 
 @pytest.mark.parametrize("n, significant", [(40, False), (200, False), (5000, True)])
 def test_sequential_proportions_small_vs_large_samples(n, significant):
-    from cl_release import sequential
+    from cl_release.decide import sequential
 
     # 80% vs 85% positive: a 5-point difference.
     d = sequential.proportions(int(0.80 * n), n, int(0.85 * n), n, alpha=0.05, tau=0.05)
@@ -163,8 +163,8 @@ def test_sequential_proportions_small_vs_large_samples(n, significant):
 
 
 def test_sequential_means_and_weighted_improvement():
-    from cl_release import sequential
-    from cl_release.triggers import Metrics
+    from cl_release.decide import sequential
+    from cl_release.decide.triggers import Metrics
 
     a = Metrics(quality_n=100, quality_sum=70.0, quality_sq=100 * (0.7**2 + 0.04), positive=60, opinions=100,
                 latency_n=100, latency_sum=100 * 200.0)
@@ -352,7 +352,7 @@ def test_start_refuses_bad_requests(tmp_path):
 
 
 def test_alias_moves_wait_for_a_running_release(repo):
-    from cl_release.release import release_lock
+    from cl_release.release.run import release_lock
 
     with release_lock(repo):
         with pytest.raises(LockedError):
@@ -516,7 +516,7 @@ def test_every_decision_is_recorded_with_method_figures_and_look(repo):
 
 
 def test_decide_on_mean_quality():
-    from cl_release.triggers import Metrics
+    from cl_release.decide.triggers import Metrics
 
     conf = {**abtest.ab_config(None), "significance_metric": "quality", "min_samples": 100}
 
@@ -542,7 +542,7 @@ def test_an_unreadable_look_counter_is_an_error_naming_it(repo):
 
 
 def test_store_reads_flags_and_latency_ranks_in_the_window(repo):
-    from cl_release.triggers import LatencyRanks, answer_flags
+    from cl_release.decide.triggers import LatencyRanks, answer_flags
 
     start = T0 + dt.timedelta(days=31)
     ids = log_arm(repo, "1.1.0", 10, start=start, latency=100.0)

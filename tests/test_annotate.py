@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cl_release.annotate import CSV_COLUMNS, export_sample, import_csv, pick_sample, review
+from cl_release.data.annotate import CSV_COLUMNS, export_sample, import_csv, pick_sample, review
 from cl_release.cli import main
 from cl_release.errors import DataError, UserError
-from cl_release.feedback import FeedbackStore
+from cl_release.store.sqlite import FeedbackStore
 
 PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
 TRICKY = 'has, commas; "quotes" and\na newline\r\nand CRLF'

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from cl_release.chatter import Chatter
+from cl_release.release.chatter import Chatter
 
 
 @pytest.mark.filterwarnings("ignore:ours")

@@ -249,7 +249,7 @@ def test_list_piped_is_a_plain_table_and_show_has_the_gates(released):
 
 def test_the_scaffold_points_at_a_readme_section_that_exists(tmp_path):
     import re
-    from cl_release.scaffold import PROJECT_TEMPLATE
+    from cl_release.release.scaffold import PROJECT_TEMPLATE
 
     section = re.search(r'"([^"]+)" section', PROJECT_TEMPLATE.splitlines()[0])[1]
     assert f"## {section}\n" in (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -261,7 +261,7 @@ def test_serve_help_says_where_the_token_comes_from():
 
 
 def test_data_build_and_report_leave_the_repository_clean_for_a_release(released):
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
     from cl_release.project import Project
 
     with FeedbackStore(Project.load(released).feedback_path) as store:

@@ -1,4 +1,4 @@
-"""Dataset validation (cl_release.datasets): every problem is one DataError naming file:line and field."""
+"""Dataset validation (cl_release.data.formats): every problem is one DataError naming file:line and field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cl_release import datasets
+from cl_release.data import formats as datasets
 from cl_release.errors import DataError
 
 OK = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
@@ -223,7 +223,7 @@ def test_chatml_text_and_lookalikes_are_accepted(tmp_path):
 
 
 def test_control_token_rule_is_the_one_extraction_uses():
-    from cl_release import extract
+    from cl_release.data import build as extract
 
     assert extract.CONTROL_TOKEN is datasets.CONTROL_TOKEN
 

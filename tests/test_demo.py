@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_release import demo
+from cl_release.demo import data as demo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_every_fact_is_stated_in_three_phrasings_so_a_held_out_example_is_a_para
 
 
 def test_suite_values_are_unambiguous_and_match_the_data():
-    from cl_release.evaluate import MATCH_TYPES, load_suite, match_output
+    from cl_release.eval.runner import MATCH_TYPES, load_suite, match_output
 
     suite = load_suite(REPO / "registry" / "regression_tests.jsonl")
     for values in (demo.IDLH + [new for _old, new in demo.CORRECTED.values()], demo.TEMPERATURE, demo.GEAR):
@@ -76,7 +76,7 @@ TINY = {"model": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers
 
 def test_demo_base_is_built_once_then_copied_from_the_cache(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from cl_release import tinymodel
+    from cl_release.demo import model as tinymodel
 
     messages = []
     first = tinymodel.prepare_demo_base(tmp_path / "a", cache=tmp_path / "cache", settings=TINY, progress=messages.append)
@@ -105,7 +105,7 @@ def test_demo_base_is_built_once_then_copied_from_the_cache(tmp_path, monkeypatc
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    from cl_release.tinymodel import cache_dir
+    from cl_release.demo.model import cache_dir
 
     monkeypatch.setenv("CL_RELEASE_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"

@@ -161,7 +161,7 @@ def test_the_incident_workflow_fixes_a_wrong_answer_for_real(demo_repo: Path, tm
     """cl-release patch on the real demo model: the logged wrong answer is corrected, its tests
     go into the suite, the PATCH of the serving version is gated on them and passes them, and
     becomes champion. (On a copy: the lr-0 test below grows the fixture repository.)"""
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
     from cl_release.project import Project
 
     root = tmp_path / "repo"
@@ -200,9 +200,9 @@ def test_a_release_that_learns_nothing_is_rejected(demo_repo: Path):
     subprocess.run(["git", "-C", str(demo_repo), "commit", "-qm", "Q3 data, learning rate 0"], check=True)
     refused = CliRunner().invoke(main, ["-C", str(demo_repo), "release", "minor", "--notes", "lr 0"])
     assert refused.exit_code == 2 and "learning_rate 0 is outside" in refused.stderr  # refused before training
-    from cl_release.gates import release_evaluator
+    from cl_release.eval.gates import release_evaluator
     from cl_release.project import Project
-    from cl_release.release import run_release
+    from cl_release.release.run import run_release
 
     # trained anyway (the knob override, recorded), with the gates on: the new-data gate rejects it
     result = run_release(Project.load(demo_repo), bump="minor", notes="lr 0", evaluator=release_evaluator(),

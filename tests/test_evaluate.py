@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cl_release import evaluate as ev
+from cl_release.eval import runner as ev
 from cl_release.cli import main
 from cl_release.errors import DataError, IntegrityError, UserError
 
@@ -318,7 +318,7 @@ def test_eval_import_names_the_bad_line(tmp_path):
 
 
 def test_eval_add_from_feedback_promotes_the_correction(tmp_path):
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     root = project_dir(tmp_path)
     store = FeedbackStore(root / ".cl-release" / "feedback.db")

@@ -1,4 +1,4 @@
-"""Feedback rows -> training sets (cl_release.extract) and the ``data`` commands."""
+"""Feedback rows -> training sets (cl_release.data.build) and the ``data`` commands."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
+from cl_release import parallel
 from click.testing import CliRunner
 
-from cl_release import datasets
+from cl_release.data import formats as datasets
 from cl_release.cli import main
 from cl_release.errors import DataError, UserError
-from cl_release.extract import (
+from cl_release.data.build import (
     CONTROL_TOKEN,
     EMAIL_RE,
     PHONE_RE,
@@ -561,7 +563,7 @@ def test_string_ids_with_uneven_created_at_match_straightforward_path():
 
 
 def test_json_bodies_match_one_dump_per_string():
-    from cl_release.extract import _json_bodies
+    from cl_release.data.build import _json_bodies
 
     rnd = random.Random(8)
     pieces = ['"', "\\", '","', '"],["', ",", '"]', '["', "", "é", "\x1f", "\n", "\t", "💡", "x"]
@@ -708,7 +710,7 @@ def test_corrections_only_of_empty_build():
 
 
 def test_extract_from_real_store(tmp_path):
-    feedback = pytest.importorskip("cl_release.feedback")
+    feedback = pytest.importorskip("cl_release.store.sqlite")
     store = feedback.FeedbackStore(tmp_path / "f.db")
     old = store.log("old question", "old answer", created_at="2025-12-01T00:00:00Z")
     store.feedback(old, rating=5, created_at="2025-12-02T00:00:00Z")
@@ -826,7 +828,7 @@ def test_cli_build_json_options_and_project_rules(repo):
 
 
 def test_cli_build_from_store(repo):
-    feedback = pytest.importorskip("cl_release.feedback")
+    feedback = pytest.importorskip("cl_release.store.sqlite")
     store = feedback.FeedbackStore(repo / ".cl-release" / "feedback.db")
     rid = store.log("Call me at 555-123-4567", "ok", created_at="2026-01-01T00:00:00Z")
     store.feedback(rid, thumbs=1)
@@ -961,7 +963,7 @@ def varied_store(path, n=2500, seed=7):
     feedback rows per record (ties in time, broken by row id), records without feedback,
     quality-score-only records, Unicode, PII, near-duplicates, chat inputs, blank and missing
     outputs, whitespace-only corrections, two model versions, and a record without an id."""
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     rnd = random.Random(seed)
     words = ["Ammonia", "ÄRGER", "straße", "STRASSE", "ﬁre", "İstanbul", "🚀", "\u00a0", "\t", "\u2028", "valve",
@@ -1024,10 +1026,10 @@ STORE_RULES = [
 def shards_used(monkeypatch):
     """The number of shards each store build combined (1: read in one process). Forking
     allowed: threads other tests left behind (idle) would otherwise turn it off."""
-    import cl_release.extract as extract
-    import cl_release.feedback as feedback
+    import cl_release.data.build as extract
+    import cl_release.store.sqlite as feedback
 
-    monkeypatch.setattr(feedback, "_can_fork", lambda: True)
+    monkeypatch.setattr(parallel, "can_fork", lambda: True)
 
     used = []
     combine = extract._combine
@@ -1048,7 +1050,7 @@ def same_examples(a, b):
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("rules,fmt", STORE_RULES, ids=["default", "alpaca", "plain", "strict", "float-thresholds"])
 def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt, workers):
-    import cl_release.extract as extract
+    import cl_release.data.build as extract
 
     store = varied_store(tmp_path / "f.db")
     expected = build(dict_rows(store.rows()), rules, fmt)
@@ -1087,7 +1089,7 @@ def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt, worke
     ],
 )
 def test_store_build_matches_dict_build_with_filters(tmp_path, monkeypatch, query):
-    import cl_release.extract as extract
+    import cl_release.data.build as extract
 
     store = varied_store(tmp_path / "f.db", n=1200)
     expected = build(dict_rows(store.rows(**query)))
@@ -1104,7 +1106,7 @@ def test_store_build_matches_dict_build_with_filters(tmp_path, monkeypatch, quer
 def sharded_store(tmp_path, n=600):
     """A store whose records straddle any split by time: the same few questions (so dedupe
     groups span shards) asked every day, rated, some corrected, some rated after later ones."""
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     store = FeedbackStore(tmp_path / "s.db")
     rnd = random.Random(3)
@@ -1150,7 +1152,7 @@ def test_sharded_store_build_with_one_created_at(tmp_path, monkeypatch):
 def test_sharded_store_build_reads_in_one_process_when_a_worker_fails(tmp_path, monkeypatch):
     import os
 
-    import cl_release.extract as extract
+    import cl_release.data.build as extract
 
     store = sharded_store(tmp_path, n=300)
     expected = build(store.rows(), workers=1)
@@ -1198,19 +1200,19 @@ def test_sharded_store_build_of_odd_values_reads_dicts_or_one_process(tmp_path, 
 
 
 def test_build_workers_default_and_checks(tmp_path, monkeypatch):
-    import cl_release.extract as extract
-    import cl_release.feedback as feedback
+    import cl_release.data.build as extract
+    import cl_release.store.sqlite as feedback
 
     store = sharded_store(tmp_path, n=50)
-    monkeypatch.setattr(feedback, "_can_fork", lambda: True)
-    monkeypatch.setattr(feedback, "_cores", lambda: 4)
+    monkeypatch.setattr(parallel, "can_fork", lambda: True)
+    monkeypatch.setattr(parallel, "cores", lambda: 4)
     assert extract._build_workers(store.rows(), None) == 1  # a small store: one process
     monkeypatch.setattr(extract, "PARALLEL_BUILD_RECORDS", 10)
     assert extract._build_workers(store.rows(), None) == 4
-    monkeypatch.setattr(feedback, "_cores", lambda: 1)
+    monkeypatch.setattr(parallel, "cores", lambda: 1)
     assert extract._build_workers(store.rows(), None) == 1
     assert extract._build_workers(store.rows(), 3) == 3
-    monkeypatch.setattr(feedback, "_can_fork", lambda: False)  # threads running, or no fork
+    monkeypatch.setattr(parallel, "can_fork", lambda: False)  # threads running, or no fork
     assert extract._build_workers(store.rows(), 3) == 1
     with pytest.raises(UserError, match="workers"):
         build(store.rows(), workers=0)
@@ -1218,7 +1220,7 @@ def test_build_workers_default_and_checks(tmp_path, monkeypatch):
 
 
 def test_store_build_takes_the_latest_feedback_ties_by_row_id(tmp_path):
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     store = FeedbackStore(tmp_path / "f.db")
     t = "2026-01-05T00:00:00Z"
@@ -1277,7 +1279,7 @@ def test_store_build_falls_back_to_dicts_on_values_the_schema_refuses(tmp_path):
 def test_store_build_with_limit_started_rows_or_odd_rules_reads_dicts(tmp_path, monkeypatch):
     from fractions import Fraction
 
-    import cl_release.extract as extract
+    import cl_release.data.build as extract
 
     store = varied_store(tmp_path / "f.db", n=400)
     calls = []
@@ -1296,7 +1298,7 @@ def test_store_build_with_limit_started_rows_or_odd_rules_reads_dicts(tmp_path, 
 
 
 def test_store_build_of_an_empty_store(tmp_path):
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     store = FeedbackStore(tmp_path / "f.db")
     result = build(store.rows())

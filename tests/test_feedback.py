@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cl_release import parallel
 import sqlite_utils
 from click.testing import CliRunner
 
-from cl_release import feedback as fbmod
+from cl_release.store import sqlite as fbmod
 from cl_release.cli import main
 from cl_release.errors import ConflictError, DataError, UserError
-from cl_release.feedback import FeedbackStore, build_migrations, timestamp
+from cl_release.store.sqlite import FeedbackStore, build_migrations
+from cl_release.timeutil import timestamp
 
 PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
 
@@ -1024,7 +1027,7 @@ def test_import_waits_for_a_concurrent_writer(tmp_path):
 @pytest.fixture
 def forked(monkeypatch) -> list:
     """Let imports fork even if another test left a thread finishing; records each forked import."""
-    monkeypatch.setattr(fbmod, "_can_fork", lambda: True)
+    monkeypatch.setattr(parallel, "can_fork", lambda: True)
     calls: list = []
     real = fbmod._stage_forked
     monkeypatch.setattr(fbmod, "_stage_forked", lambda *a: calls.append(a[1]) or real(*a))
@@ -1077,21 +1080,21 @@ def test_split_lines_covers_the_file_at_line_starts(tmp_path, parts):
 
 
 def test_import_workers_choice(monkeypatch):
-    monkeypatch.setattr(fbmod, "_can_fork", lambda: True)
-    monkeypatch.setattr(fbmod, "_cores", lambda: 4)
+    monkeypatch.setattr(parallel, "can_fork", lambda: True)
+    monkeypatch.setattr(parallel, "cores", lambda: 4)
     assert fbmod._import_workers(1000, None) == 1  # a small file is parsed in this process
     assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 4
-    monkeypatch.setattr(fbmod, "_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
     assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 2
-    monkeypatch.setattr(fbmod, "_cores", lambda: 1)
+    monkeypatch.setattr(parallel, "cores", lambda: 1)
     assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 1  # one core: no workers
     assert fbmod._import_workers(10, 3) == 3 and fbmod._import_workers(10, 99) == fbmod.IMPORT_MAX_WORKERS
     with pytest.raises(UserError, match="at least 1"):
         fbmod._import_workers(10, 0)
-    monkeypatch.setattr(fbmod, "_can_fork", lambda: False)
+    monkeypatch.setattr(parallel, "can_fork", lambda: False)
     assert fbmod._import_workers(10, 3) == 1
     monkeypatch.undo()
-    assert fbmod._cores() >= 1
+    assert parallel.cores() >= 1
 
 
 def test_no_fork_while_another_thread_runs():
@@ -1101,7 +1104,7 @@ def test_no_fork_while_another_thread_runs():
     t = threading.Thread(target=stop.wait)
     t.start()
     try:
-        assert not fbmod._can_fork()
+        assert not parallel.can_fork()
     finally:
         stop.set()
         t.join()

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cl_release import triggers
+from cl_release.decide import triggers
 from cl_release.cli import main
 from cl_release.errors import DataError, UserError
-from cl_release.feedback import FeedbackStore, ImportReader, time_zone, timestamp
+from cl_release.store.sqlite import FeedbackStore, ImportReader
+from cl_release.timeutil import time_zone, timestamp
 from cl_release.project import Project
 from cl_release.registry import match_release
 

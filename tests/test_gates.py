@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from cl_release import evaluate as ev
-from cl_release import gates
+from cl_release.eval import runner as ev
+from cl_release.eval import gates
 from cl_release.cli import main
 from cl_release.errors import UserError
 from cl_release.files import atomic_write_json, sha256_file
@@ -79,7 +79,7 @@ def test_tests_added_since_a_release_come_from_git(tmp_path, monkeypatch):
 
 
 def test_a_diverged_run_records_no_nan():
-    from cl_release.train import TrainResult
+    from cl_release.release.train import TrainResult
 
     d = TrainResult(duration_seconds=1.0, train_loss=float("nan"), final_loss=float("inf")).to_dict()
     assert d["train_loss"] is None and d["final_loss"] is None and d["loss_not_finite"] is True
@@ -245,7 +245,7 @@ def _repo_with_suite(tmp_path):
 
 
 def test_release_that_learned_nothing_is_rejected_and_force_records_the_override(tmp_path, monkeypatch):
-    from cl_release import datasets as ds
+    from cl_release.data import formats as ds
     from helpers import FakeTrainer, add_data, registry_data
 
     FakeTrainer().install(monkeypatch)

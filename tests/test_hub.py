@@ -1,4 +1,4 @@
-"""cl_release.hub: model card, push plan, and pushes against an in-memory fake Hub."""
+"""cl_release.hub.push: model card, push plan, and pushes against an in-memory fake Hub."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
-from cl_release import hub
+from cl_release.hub import push as hub
 from cl_release.errors import HubError, IntegrityError, UserError
 from cl_release.files import atomic_write_json, sha256_bytes, sha256_file
 from cl_release.registry import Registry
@@ -276,7 +276,7 @@ def test_plan_merged(release):
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_plan_merged_checks_the_recorded_merge_hash(release, shards):
-    from cl_release.weights import weights_sha256
+    from cl_release.release.weights import weights_sha256
 
     root, entry, lineage = release
     merged = _add_merged(root)

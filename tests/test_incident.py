@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cl_release.gates as gates
-from cl_release import abtest
+import cl_release.eval.gates as gates
+from cl_release.decide import abtest
 from cl_release.cli import main
-from cl_release.feedback import FeedbackStore
-from cl_release.incident import incident_tests, values
+from cl_release.store.sqlite import FeedbackStore
+from cl_release.release.incident import incident_tests, values
 from cl_release.project import Project
 from cl_release.registry import Registry
 

@@ -1,4 +1,4 @@
-"""Corrections and newer answers retire older ones in every later mix (cl_release.mix), through
+"""Corrections and newer answers retire older ones in every later mix (cl_release.data.mix), through
 real plans and releases (fake trainer): replay, complete data, new data, the general set."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cl_release import datasets as ds
+from cl_release.data import formats as ds
 from cl_release.errors import UserError
-from cl_release.feedback import FeedbackStore
-from cl_release.mix import Example, prompt_key_of, resolve, stale_values
-from cl_release.release import plan_release, verify
+from cl_release.store.sqlite import FeedbackStore
+from cl_release.data.mix import Example, prompt_key_of, resolve, stale_values
+from cl_release.release.run import plan_release, verify
 
 from helpers import FakeTrainer, commit_all, git, load_project, make_release_repo, registry_data, release
 

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-import cl_release.release as release_mod
-from cl_release import datasets as ds
+import cl_release.release.run as release_mod
+from cl_release.data import formats as ds
 from cl_release.errors import DataError, GitError, IntegrityError, LockedError, TrainingError, UserError, VersionError
 from cl_release.files import sha256_file
 from cl_release.registry import Registry
-from cl_release.release import plan_release, verify
+from cl_release.release.run import plan_release, verify
 
 from helpers import (
     FakeTrainer,
@@ -139,7 +139,7 @@ def test_patch_trains_on_corrections_and_replay_only(tmp_path, trainer):
 
 
 def test_patch_builds_on_the_serving_version_and_becomes_champion(released, trainer):
-    from cl_release import abtest
+    from cl_release.decide import abtest
 
     root = released
     release(root, "minor")  # 1.1.0
@@ -732,7 +732,7 @@ def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(re
     whose training rows `feedback prune` may delete."""
     import datetime as dt
 
-    from cl_release.feedback import FeedbackStore
+    from cl_release.store.sqlite import FeedbackStore
 
     root = released
     store = FeedbackStore(load_project(root).feedback_path)

@@ -77,7 +77,8 @@ def test_report_writes_html_markdown_and_plots(repo):
 
 
 def test_an_evaluation_on_a_grown_suite_keeps_the_release_time_one_and_charts_by_suite(repo, monkeypatch):
-    from cl_release import evaluate, report
+    from cl_release.eval import runner as evaluate
+    from cl_release.eval import report
     from cl_release.registry import Registry
 
     class Result:  # what record_in_registry reads of an EvalResult
@@ -98,7 +99,7 @@ def test_an_evaluation_on_a_grown_suite_keeps_the_release_time_one_and_charts_by
 
 
 def test_report_is_byte_identical_when_rerun(repo):
-    from cl_release.report import build_report
+    from cl_release.eval.report import build_report
 
     a = build_report(repo, repo / "a")
     b = build_report(repo, repo / "b")
@@ -142,7 +143,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
 def test_report_renders_in_headless_chromium(repo):
-    from cl_release.report import build_report
+    from cl_release.eval.report import build_report
 
     paths = build_report(repo, repo / "site")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "check_report_render.py"), str(paths["html"])],
@@ -152,7 +153,7 @@ def test_report_renders_in_headless_chromium(repo):
 
 
 def test_report_starts_at_the_base_model_and_shows_the_new_data_checks(repo, monkeypatch):
-    from cl_release import report
+    from cl_release.eval import report
 
     reg = repo / "registry/model_registry.json"
     data = json.loads(reg.read_text())

@@ -1,4 +1,4 @@
-"""Anytime-valid statistics (cl_release.sequential): formulas, and error rates under continuous
+"""Anytime-valid statistics (cl_release.decide.sequential): formulas, and error rates under continuous
 monitoring in seeded simulations (small: the large ones are bench/bench_abtest.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cl_release import sequential
+from cl_release.decide import sequential
 
 
 def test_p_value_and_interval_agree():

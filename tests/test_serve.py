@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cl_release import abtest
+from cl_release.decide import abtest
 from cl_release.errors import UserError
-from cl_release.datasets import max_example_chars
-from cl_release.feedback import FeedbackStore
+from cl_release.data.formats import max_example_chars
+from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 from cl_release.serve import load_spec, make_server
 

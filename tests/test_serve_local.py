@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from cl_release import abtest
+from cl_release.decide import abtest
 from cl_release.files import sha256_file
 from cl_release.project import Project
 from cl_release.registry import Registry

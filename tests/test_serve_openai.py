@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from cl_release import abtest
-from cl_release.feedback import FeedbackStore
+from cl_release.decide import abtest
+from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 from cl_release.serve import make_server
 

@@ -10,7 +10,7 @@ import shlex
 import pytest
 from click.testing import CliRunner
 
-from cl_release import abtest
+from cl_release.decide import abtest
 from cl_release.cli import main
 from cl_release.errors import UpstreamError
 from cl_release.project import Project

@@ -1,6 +1,6 @@
 """The launch argv is a pure function: check it for one GPU, many GPUs, many machines, DeepSpeed."""
 
-from cl_release.train import TrainResult, launch_argv, merge_argv, parse_log_line, toolchain_versions
+from cl_release.release.train import TrainResult, launch_argv, merge_argv, parse_log_line, toolchain_versions
 
 
 def test_single_process():

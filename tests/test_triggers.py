@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cl_release import triggers
+from cl_release.decide import triggers
 from cl_release.cli import main
 from cl_release.errors import ProjectError
-from cl_release.feedback import FeedbackStore
+from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 
 from test_abtest import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)

@@ -16,10 +16,12 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from cl_release import abtest, watch
+from cl_release.decide import abtest
+
+from cl_release.decide import watch
 from cl_release.cli import main
 from cl_release.errors import LockedError, UserError
-from cl_release.feedback import FeedbackStore
+from cl_release.store.sqlite import FeedbackStore
 from cl_release.gitops import ReleaseRepo
 from cl_release.project import Project
 from cl_release.registry import Registry, bump_version
@@ -250,8 +252,8 @@ def test_watch_status_before_any_run(repo):
 @pytest.mark.slow
 def test_watch_once_full_cycle_with_real_training(tmp_path, monkeypatch):
     """Tiny model: 1.0.0 -> feedback -> watch releases 1.1.0 as challenger -> traffic -> promoted."""
-    from cl_release.release import run_release
-    from cl_release.scaffold import init_repository
+    from cl_release.release.run import run_release
+    from cl_release.release.scaffold import init_repository
 
     for k, v in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1"}.items():
         monkeypatch.setenv(k, v)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from cl_release import abtest
-from cl_release import datasets as ds
-from cl_release import triggers
-from cl_release.feedback import FeedbackStore
-from cl_release.incident import patch
-from cl_release.mix import prompt_key_of
+from cl_release.decide import abtest
+from cl_release.data import formats as ds
+from cl_release.decide import triggers
+from cl_release.store.sqlite import FeedbackStore
+from cl_release.release.incident import patch
+from cl_release.data.mix import prompt_key_of
 from cl_release.registry import Registry
-from cl_release.release import rollback
+from cl_release.release.run import rollback
 from cl_release.serve import make_server
 
 from helpers import FakeTrainer, add_data, git, load_project, make_release_repo, release

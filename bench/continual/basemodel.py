@@ -1,6 +1,6 @@
 """Base-model preparation for the continual benchmark (not a release).
 
-A small Llama-architecture model (``cl_release.tinymodel``: seeded random init + a local BPE
+A small Llama-architecture model (``cl_release.demo.model``: seeded random init + a local BPE
 tokenizer trained on the text of every domain), then a plain full fine-tune in torch on the
 general set (loss on the answers) and on ``tasks.lm_texts`` (plain-text LM loss: every entity
 and every answer phrase, no task fact). Cached under ``.bench-out/base/<key>/``, keyed by the model
@@ -41,8 +41,8 @@ def base_key(settings: dict, data_seed: int) -> str:
 
 def _texts_for_tokenizer(all_facts) -> list[str]:
     """Every training text, and every entity name repeated so that BPE merges it into one token
-    (``cl_release.tinymodel.tokenizer_texts``; see RESULTS.md)."""
-    from cl_release.tinymodel import tokenizer_texts
+    (``cl_release.demo.model.tokenizer_texts``; see RESULTS.md)."""
+    from cl_release.demo.model import tokenizer_texts
 
     records = [r for dom, pairs in all_facts.items() for r in training_records(dom, pairs)]
     return tokenizer_texts(records, [], [e for pairs in all_facts.values() for e, _v in pairs])
@@ -50,8 +50,8 @@ def _texts_for_tokenizer(all_facts) -> list[str]:
 
 def prepare_base(out_root: Path, *, data_seed: int = 0, settings: dict | None = None, log=print) -> Path:
     """Build (or reuse) the base model; returns its folder. The training itself is
-    ``cl_release.tinymodel.pretrain`` (the demo base model's preparation, same loop)."""
-    from cl_release.tinymodel import build_tiny_model, pretrain
+    ``cl_release.demo.model.pretrain`` (the demo base model's preparation, same loop)."""
+    from cl_release.demo.model import build_tiny_model, pretrain
 
     settings = settings or BASE_SETTINGS
     key = base_key(settings, data_seed)

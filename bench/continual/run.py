@@ -3,7 +3,7 @@
     .venv/bin/python bench/continual/run.py            # full run (make bench-continual)
     .venv/bin/python bench/continual/run.py --quick    # one step, two strategies (the test)
 
-Runs the release pipeline itself (``cl_release.release.run_release``, what ``cl-release
+Runs the release pipeline itself (``cl_release.release.run.run_release``, what ``cl-release
 release`` runs) on a sequence of fact tasks (``tasks.py``), once per strategy, each in its own
 release repository:
 
@@ -12,7 +12,7 @@ release repository:
    per strategy (naive continued LoRA, continued LoRA + replay 5/20/50 %, merge-and-retrain,
    full retrain = ``annual_reset`` from the same base on all data so far).
 
-After every release the evaluation runner (``cl_release.evaluate``) scores the version on
+After every release the evaluation runner (``cl_release.eval.runner``) scores the version on
 each task's suite and on the general set (greedy, ``match: contains`` on the key fact).
 Tokens trained and wall time come from the registry entry and the clock. Results go to
 ``<out>/results.json``; the tables and plots to ``bench/continual/RESULTS.md`` (between the
@@ -132,7 +132,7 @@ def project_yaml(root: Path, strategy_knobs: dict[str, dict]) -> None:
     """Rewrite cl-release.yaml with the benchmark's training/evaluation settings."""
     import yaml
 
-    from cl_release.render import STRATEGY_KNOBS
+    from cl_release.release.render import STRATEGY_KNOBS
 
     path = root / "cl-release.yaml"
     data = yaml.safe_load(path.read_text())
@@ -154,7 +154,7 @@ def project_yaml(root: Path, strategy_knobs: dict[str, dict]) -> None:
 
 def seed_repository(out: Path, base_dir: Path, all_facts) -> Path:
     """A release repository with the base model, the general set, every suite and t1."""
-    from cl_release.scaffold import init_repository
+    from cl_release.release.scaffold import init_repository
 
     root = out / "repos" / "seed"
     if root.exists():
@@ -179,7 +179,7 @@ def add_task(root: Path, task: str, all_facts) -> None:
 
 class Runner:
     def __init__(self, out: Path):
-        from cl_release import evaluate as ev
+        from cl_release.eval import runner as ev
 
         self.out = out
         self.ev = ev
@@ -200,7 +200,7 @@ class Runner:
 
     def release(self, root: Path, spec: dict, *, step: int, task: str, name: str) -> dict:
         from cl_release.project import Project
-        from cl_release.release import run_release
+        from cl_release.release.run import run_release
 
         t0 = time.perf_counter()
         result = run_release(Project.load(root), bump=spec["bump"], strategy=spec.get("strategy"),
@@ -249,7 +249,7 @@ def run_benchmark(out: Path, names: list[str], tasks: tuple[str, ...]) -> dict:
         for step, task in enumerate(tasks[1:], start=2):
             add_task(root, task, all_facts)
             rows.append(runner.release(root, spec, step=step, task=task, name=name))
-    from cl_release.render import STRATEGY_KNOBS
+    from cl_release.release.render import STRATEGY_KNOBS
 
     return {"base_accuracy": base_acc, "rows": rows, "tasks": list(tasks), "strategies": names,
             "lr_scale": LR_SCALE, "epoch_scale": EPOCH_SCALE, "training": TRAINING, "base_settings": BASE_SETTINGS,
@@ -257,7 +257,7 @@ def run_benchmark(out: Path, names: list[str], tasks: tuple[str, ...]) -> dict:
 
 
 def machine() -> dict:
-    from cl_release.train import toolchain_versions
+    from cl_release.release.train import toolchain_versions
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "toolchain": toolchain_versions()}
@@ -271,7 +271,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _timed(argv: list[str], cwd: Path, log_path: Path) -> float:
-    from cl_release.train import subprocess_env
+    from cl_release.release.train import subprocess_env
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def run_overhead(out: Path, reps: int, kinds: tuple[str, ...] = ("minor", "major
     """
     import yaml
 
-    from cl_release.train import launch_argv, merge_argv
+    from cl_release.release.train import launch_argv, merge_argv
 
     seed = out / "repos" / "seed"
     root = out / "repos" / "overhead"

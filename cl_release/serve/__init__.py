@@ -13,7 +13,7 @@ and uvicorn; the OpenAPI document is generated at ``GET /openapi.json``.
 - :mod:`.vllm`: the ``vllm serve`` command line and runtime adapter loading;
 - :mod:`.server`: binding, uvicorn, ``--workers``.
 
-This package imports FastAPI lazily: ``cl_release.abtest`` imports :mod:`.vllm` on every move.
+This package imports FastAPI lazily: ``cl_release.decide.abtest`` imports :mod:`.vllm` on every move.
 """
 
 from __future__ import annotations

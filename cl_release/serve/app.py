@@ -39,7 +39,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..datasets import max_example_chars, oversize
+from ..data.formats import max_example_chars, oversize
 from ..errors import ClReleaseError, ConflictError, UnknownRequest, UpstreamError, UserError
 from . import models as m
 from .backends import Backend, Generation
@@ -108,8 +108,8 @@ class Gateway:
 
     def __init__(self, project, *, token: str, conf: dict[str, Any], backend: Backend | None = None,
                  verbose: bool = False):
-        from ..abtest import Router
-        from ..feedback import FeedbackStore
+        from ..decide.abtest import Router
+        from ..store.sqlite import FeedbackStore
         from .writer import GroupWriter
 
         if not token:

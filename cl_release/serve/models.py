@@ -1,7 +1,7 @@
 """Request and response models of the gateway (pydantic); ``/openapi.json`` is generated from them.
 
 The collector's models (``LogRequest``, ``FeedbackRequest``) take their bounds from the feedback
-store's own rules (``cl_release.feedback``), which still check every value; the OpenAI models
+store's own rules (``cl_release.store.sqlite``), which still check every value; the OpenAI models
 follow the shapes of the OpenAI chat completions API, with the fields this gateway reads. An
 OpenAI request may carry other fields: they go to an ``openai`` upstream unchanged, and the
 ``local`` backend refuses those it cannot honour.
@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..feedback import MAX_TOKENS, SEVERITIES
+from ..store.sqlite import MAX_TOKENS, SEVERITIES
 
 # ---------------------------------------------------------------- collector
 

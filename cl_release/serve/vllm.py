@@ -6,7 +6,7 @@ loading at runtime.
   ``cl-release serve vllm-command`` prints it.
 - :class:`AdapterAdmin`: ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM
   started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``). With ``serve.upstream_admin: true``
-  every move of ``cl_release.abtest`` (start, promote, stop, rollback, champion) goes through
+  every move of ``cl_release.decide.abtest`` (start, promote, stop, rollback, champion) goes through
   :func:`adapter_admin`: the versions that start serving are loaded before the registry says
   so, the ones that stopped are unloaded after the commit, so a promotion changes what serves
   with no restart. :meth:`AdapterAdmin.sync` (``cl-release serve sync-adapters``) makes the
@@ -31,14 +31,14 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _serving_entries(root: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from ..abtest import serving
+    from ..decide.abtest import serving
     from ..registry import Registry
 
     return {v: Registry.find(data, v) for v in serving(data).values() if v is not None}
 
 
 def _adapter_dir(entry: dict[str, Any]) -> str:
-    from ..evaluate import entry_model_paths
+    from ..eval.runner import entry_model_paths
 
     _, adapter, _ = entry_model_paths(entry)
     if not adapter:
@@ -50,7 +50,7 @@ def vllm_command(project, *, port: int | None = None, repo_path: str | None = No
                  data: dict[str, Any] | None = None) -> list[str]:
     """The ``vllm serve`` argv for the versions that serve now (``repo_path``: this repository's
     path on the vLLM machine, default ``serve.upstream_repo_path`` or its path here)."""
-    from ..evaluate import entry_model_paths
+    from ..eval.runner import entry_model_paths
     from ..project import is_local_model
     from ..registry import Registry
 
@@ -221,7 +221,7 @@ def admin_for(project) -> AdapterAdmin:
 
 
 def adapter_admin(root: Path) -> AdapterAdmin | None:
-    """The hook of ``cl_release.abtest``'s moves: the admin when ``serve.upstream_admin`` is on."""
+    """The hook of ``cl_release.decide.abtest``'s moves: the admin when ``serve.upstream_admin`` is on."""
     from ..project import Project
 
     project = Project.load(root)

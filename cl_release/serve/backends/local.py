@@ -1,11 +1,11 @@
 """The ``local`` backend: the base model in this process, every served version's adapter on it.
 
 The base model is loaded once (per distinct base: versions trained on another version's merged
-weights have their own), with the evaluation runner's code (:func:`cl_release.evaluate.load_base_model`),
+weights have their own), with the evaluation runner's code (:func:`cl_release.eval.runner.load_base_model`),
 and each served version's LoRA adapter is added to it as a named PEFT adapter (``v1_2_0``). A
 version that starts serving later (``ab start``) is added when its first request comes; one that
 stopped serving is dropped then. Prompts go through the version's own chat template
-(:func:`cl_release.evaluate.render_messages`), as in its gate evaluation.
+(:func:`cl_release.eval.runner.render_messages`), as in its gate evaluation.
 
 Dynamic batching: requests queue; one generation thread takes the oldest request's batch key
 (the version and the sampling settings), waits up to ``batch_wait_ms`` for more, and generates
@@ -34,7 +34,9 @@ from typing import Any, AsyncIterator, Callable
 
 from ...errors import ClReleaseError, UserError
 from ..config import lora_name
-from . import Backend, Generation, Stream
+from . import Backend
+from . import Generation
+from . import Stream
 
 HONOURED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                       "stream", "stream_options", "stop", "seed", "user"})
@@ -177,7 +179,7 @@ class LocalBackend(Backend):
 
     def _ensure(self, version: str, entries: dict[str, dict] | None = None) -> tuple[Any, Any, Any]:
         """(model with the version's adapter active, tokenizer, stop ids), loading what is missing."""
-        from ... import evaluate as ev
+        from ...eval import runner as ev
 
         if self.threads:
             import torch
@@ -233,7 +235,7 @@ class LocalBackend(Backend):
         import torch
         from transformers import GenerationConfig, StoppingCriteria
 
-        from ... import evaluate as ev
+        from ...eval import runner as ev
 
         gen0 = batch[0].gen
         model, tokenizer, stop_ids = self._ensure(gen0.version)

@@ -20,7 +20,9 @@ import orjson
 from ...errors import UpstreamError, UpstreamTimeout
 from ..config import lora_name
 from ..upstream import Answer, Pool
-from . import Backend, Generation, Stream
+from . import Backend
+from . import Generation
+from . import Stream
 
 _DEPLOYMENT = {401: "refused the gateway's API key (serve.upstream_api_key_env)",
                403: "refused the gateway's API key (serve.upstream_api_key_env)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .files import sha256_file
+from ..files import sha256_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from . import datasets as ds
-from .errors import NothingToTrain, UnknownRequest, UserError
+from ..data import formats as ds
+from ..errors import NothingToTrain, UnknownRequest, UserError
 
 Progress = Callable[[str], None]
 DEFAULT_SUITE = "registry/regression_tests.jsonl"
@@ -72,10 +72,11 @@ def incident_tests(record: dict[str, Any], *, criticality: str = "critical") -> 
 def open_incidents(project, *, now=None) -> list[str]:
     """Request ids of the critical or safety corrections a PATCH on the serving version would
     train on (what ``status`` reports as a PATCH due)."""
-    from .extract import release_feedback
-    from .feedback import FeedbackStore, utc_now
-    from .registry import Registry
-    from .release import serving_version
+    from ..data.build import release_feedback
+    from ..store.sqlite import FeedbackStore
+    from ..timeutil import store_now as utc_now
+    from ..registry import Registry
+    from .run import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
@@ -129,11 +130,11 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     before anything is written. ``dry_run``: record nothing, add nothing, train nothing; the
     result holds the tests and the plan. ``push``: default ``hub.push_patches``.
     ``evaluator``: the release gates (default ``gates.release_evaluator(force, reason)``)."""
-    from . import evaluate
-    from .feedback import FeedbackStore
-    from .gates import release_evaluator
-    from . import release as release_mod
-    from .release import plan_release, run_release
+    from ..eval import runner as evaluate
+    from ..store.sqlite import FeedbackStore
+    from ..eval.gates import release_evaluator
+    from . import run as release_mod
+    from .run import plan_release, run_release
 
     ids = list(dict.fromkeys(request_ids))
     if correction is not None and len(ids) != 1:
@@ -214,8 +215,8 @@ def _notes(ids: list[str], result: PatchResult) -> str:
 
 def _commit_suite(root, suite: str, ids: list[str]) -> None:
     """Commit the grown suite (a release refuses a dirty repository); a no-op when it is."""
-    from .gitops import ReleaseRepo
-    from .registry import release_lock
+    from ..gitops import ReleaseRepo
+    from ..registry import release_lock
 
     repo = ReleaseRepo(root)
     with release_lock(root):
@@ -232,9 +233,9 @@ def _example(record: dict[str, Any]) -> dict[str, Any]:
 
 def _fixed_in(project, ids: list[str]) -> str | None:
     """The released version, in the serving lineage, that trained on these incidents."""
-    from .feedback import FeedbackStore
-    from .registry import Registry
-    from .release import serving_version
+    from ..store.sqlite import FeedbackStore
+    from ..registry import Registry
+    from .run import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
@@ -249,8 +250,8 @@ def _fixed_in(project, ids: list[str]) -> str | None:
 
 def _push_once(project, version: str, progress: Progress) -> dict[str, Any] | None:
     """Push ``version``'s adapter unless the registry records a push of it already."""
-    from . import hub
-    from .registry import Registry, release_lock
+    from ..hub import push as hub
+    from ..registry import Registry, release_lock
 
     registry = Registry(project.root)
     with release_lock(project.root):  # from the upload to its record

@@ -16,9 +16,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from .errors import DataError, UserError
-from .feedback import FeedbackStore, Invalid, feedback_values
-from .files import atomic_write_text
+from ..errors import DataError, UserError
+from ..store.sqlite import FeedbackStore, Invalid, feedback_values
+from ..files import atomic_write_text
 
 CSV_COLUMNS = ("id", "stratum", "input", "output", "rating", "correction", "notes", "annotator")
 ERROR_SHARE = 0.3

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import IntegrityError, TrainingError, UserError
-from .project import Project
-from .registry import Registry, committed_change
+from ..errors import IntegrityError, TrainingError, UserError
+from ..project import Project
+from ..registry import Registry, committed_change
 from .weights import ADAPTER_FILE, adapter_sha256, weights_sha256
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

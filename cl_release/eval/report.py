@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .evaluate import evaluations_of
-from .registry import Registry, normalize_version, parse_version, utcnow
+from ..errors import UserError
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .runner import evaluations_of
+from ..registry import Registry, normalize_version, parse_version
+from ..timeutil import registry_now as utcnow
 
 # ---------------------------------------------------------------- diff
 
@@ -57,7 +58,7 @@ def _entry_config(root: Path, entry: dict[str, Any]) -> tuple[dict[str, Any], st
     path = root / cfg["path"] if cfg.get("path") else None
     if path is not None and path.is_file():
         try:
-            from .project import safe_load_strict  # bounded: aliases, nesting
+            from ..project import safe_load_strict  # bounded: aliases, nesting
 
             data = safe_load_strict(path.read_text(encoding="utf-8"))
             if isinstance(data, dict):
@@ -95,7 +96,8 @@ def diff_versions(root: Path, version_a: str, version_b: str, *, suite=None, set
     With ``run_eval`` both versions are evaluated on ``suite`` (cached results are reused);
     otherwise metrics come from the registry's ``evaluation`` summaries and tests are omitted.
     """
-    from . import evaluate, gates
+    from . import runner as evaluate
+    from . import gates
 
     root = Path(root)
     data = Registry(root).load()

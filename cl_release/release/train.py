@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 TOOLCHAIN_PACKAGES = ("axolotl", "transformers", "peft", "torch", "accelerate", "datasets", "trl")
 
@@ -55,7 +55,7 @@ def toolchain_versions() -> dict[str, str | None]:
     """Installed versions, read from package metadata (no heavy imports)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .. import __version__
 
     out: dict[str, str | None] = {"cl_release": __version__, "python": sys.version.split()[0]}
     for name in TOOLCHAIN_PACKAGES:

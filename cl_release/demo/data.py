@@ -1,6 +1,6 @@
 """Demo data: small, deterministic question/answer sets, the demo suite and the base model's texts.
 
-``python -m cl_release.demo [DIR]`` regenerates the files shipped in ``datasets/demo`` and the
+``python -m cl_release.demo.data [DIR]`` regenerates the files shipped in ``datasets/demo`` and the
 demo suite ``registry/regression_tests.jsonl`` (a test checks that the shipped files match).
 
 Facts about 16 chemicals arrive in three quarterly drops: Q1 exposure limits (IDLH), Q2
@@ -10,7 +10,7 @@ the release did train on. The values are invented for the demo (a few IDLH corre
 the published NIOSH values); they are not safety data.
 
 ``base_texts()`` is what the demo's base model is prepared on before any release (see
-``cl_release.tinymodel.prepare_demo_base``): the general set (capitals of invented countries,
+``cl_release.demo.model.prepare_demo_base``): the general set (capitals of invented countries,
 small sums, one JSON answer; nine examples) and sentences that use every chemical name and every answer phrase but state no
 domain fact, the way a pretrained model knows the words of a domain but not its facts.
 """

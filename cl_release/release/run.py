@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import datasets as ds
-from .errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
-from .project import Project, check_base_model, is_local_model
-from .registry import Registry, bump_version, release_lock, utcnow
+from ..data import formats as ds
+from ..errors import ClReleaseError, GitError, IntegrityError, NothingToTrain, UserError, VersionError
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from ..project import Project, check_base_model, is_local_model
+from ..registry import Registry, bump_version, release_lock
+from ..timeutil import registry_now as utcnow
 from .render import (
     COMPLETE_DATA,
     CONTINUES_ADAPTER,
@@ -130,7 +131,7 @@ class Plan:
     tokens: int | None = None
     needs_parent_merge: bool = False
     warnings: list[str] = field(default_factory=list)  # knobs outside their sane range (render.knob_warnings)
-    # cl_release.mix: every retirement in effect (hash -> why), how many this release adds, the
+    # cl_release.data.mix: every retirement in effect (hash -> why), how many this release adds, the
     # conflicts it decided and those it could not, and its warnings about the data
     retired: dict[str, dict[str, Any]] = field(default_factory=dict)
     retired_new: int = 0
@@ -224,7 +225,7 @@ def _source_records(project: Project, role: str,
                     supersedes: list | None = None) -> tuple[list[dict], list[dict[str, str]]]:
     """The records of the project's datasets of ``role``, and their sources. ``supersedes``:
     collects (record, question keys, file) of rows with a ``supersedes`` field (corrections)."""
-    from .mix import check_supersedes
+    from ..data.mix import check_supersedes
 
     records: list[dict] = []
     sources: list[dict[str, str]] = []
@@ -280,9 +281,10 @@ class _Feedback:
 def _read_feedback(project: Project, strategy: str, lineage: list[dict[str, Any]]) -> _Feedback | None:
     """The feedback rows the lineage (the parent and its ancestors) has not trained on, by the
     store's release marks (PATCH: the corrections among them)."""
-    from .extract import release_feedback
-    from .feedback import FeedbackStore, utc_now
-    from .mix import prompt_key_of
+    from ..data.build import release_feedback
+    from ..store.sqlite import FeedbackStore
+    from ..timeutil import store_now as utc_now
+    from ..data.mix import prompt_key_of
 
     until = utc_now()  # the store's microseconds: an answer logged a moment ago counts
     used_by = [e["version"] for e in lineage]
@@ -338,9 +340,9 @@ def _retired_before(root: Path, lineage: list[dict[str, Any]]) -> dict[str, dict
 
 def _resolve(project: Project, lineage: list[dict[str, Any]], rule: str, *, domain: list[dict],
              corrections: list[dict], general: list[dict], feedback: "_Feedback | None", supersedes: list):
-    """Which examples this release may still train on (``cl_release.mix``): every example of the
+    """Which examples this release may still train on (``cl_release.data.mix``): every example of the
     lineage, this release's data, the general set, ordered by arrival."""
-    from .mix import Example, resolve, stale_values
+    from ..data.mix import Example, resolve, stale_values
 
     root = project.root
     n = len(lineage)
@@ -478,7 +480,7 @@ def plan_release(project: Project, *, bump: str, from_version: str | None = None
     heldout_hashes = {ds.record_hash(r) for r in _learned(root, lineage, {HELDOUT})}
     fb = _read_feedback(project, strategy, lineage)
     # A correction, or a newer answer to the same question, retires the older answers in every
-    # mix of this release: new data, replay, complete data, general (cl_release.mix).
+    # mix of this release: new data, replay, complete data, general (cl_release.data.mix).
     resolution = _resolve(project, lineage, knobs["conflicts"], domain=domain, corrections=corrections, general=general,
                           feedback=fb, supersedes=supersedes + (fb.supersedes if fb else []))
     keep = resolution.keep
@@ -800,7 +802,7 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
 
     A knob outside its sane range (``Plan.warnings``) refuses the release before training,
     unless ``knob_override`` gives the reason to train anyway (recorded in the entry)."""
-    from .gitops import ReleaseRepo
+    from ..gitops import ReleaseRepo
     from .merge import merge_version
     from .train import run_training, toolchain_versions
 
@@ -900,13 +902,13 @@ def run_release(project: Project, *, bump: str, from_version: str | None = None,
         crash_point("before-registry")
         released = entry["status"] == "released"
         if deploy is None:
-            from .abtest import ab_config
+            from ..decide.abtest import ab_config
 
             deploy = plan.strategy == "patch" and not ab_config(project)["test_patches"]
         deployed: list[dict[str, Any]] = []
         transition = None
         if released and deploy:
-            from .abtest import ServingTransition, deploy as deploy_in
+            from ..decide.abtest import ServingTransition, deploy as deploy_in
 
             transition = ServingTransition(root)  # serve.upstream_admin: the adapters follow
 
@@ -1005,7 +1007,7 @@ def _mark_feedback_used(project: Project, plan: Plan) -> None:
     if not project.feedback_path.is_file():
         return
     ids, read_at = plan.feedback_rows, plan.feedback_read_at
-    from .feedback import FeedbackStore
+    from ..store.sqlite import FeedbackStore
 
     store = FeedbackStore(project.feedback_path)
     try:
@@ -1102,7 +1104,7 @@ def rollback(project: Project, version: str) -> Rollback:
     """Make ``version`` current (the next release builds on it) and commit the registry.
 
     Rolling back to the version that is already current changes nothing."""
-    from .gitops import ReleaseRepo
+    from ..gitops import ReleaseRepo
 
     root = project.root
     repo = ReleaseRepo(root)  # before the lock: nothing is written in a folder that is not a repository

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .datasets import MAX_NESTING, ROLES, canonical_json, check_example_size, iter_jsonl, nesting_depth
-from .errors import ClReleaseError, DataError, IntegrityError, UserError
-from .files import atomic_write_bytes, atomic_write_json, locked, sha256_file
+from ..data.formats import MAX_NESTING, ROLES, canonical_json, check_example_size, iter_jsonl, nesting_depth
+from ..errors import ClReleaseError, DataError, IntegrityError, UserError
+from ..files import atomic_write_bytes, atomic_write_json, locked, sha256_file
 
 DEFAULT_SUITE = "registry/regression_tests.jsonl"
 MATCH_TYPES = ("contains", "exact", "regex", "not_contains", "json_equal")
@@ -312,9 +312,9 @@ def load_project_suite(root: Path, project=None, override: Sequence[str] | None 
     """The suite to evaluate on. ``override``: paths the user typed (``--suite``), taken as
     given: absolute, or relative to ``root``, ``..`` included. Paths from the project file
     (``evaluation.suites``) or the default must stay inside the repository."""
-    from .datasets import max_example_chars
-    from .errors import UserError
-    from .project import safe_relpath
+    from ..data.formats import max_example_chars
+    from ..errors import UserError
+    from ..project import safe_relpath
 
     rels = suite_paths(project, override)
     if not override:
@@ -342,7 +342,7 @@ def append_cases(root: Path, suite_rel: str, rows: Iterable[dict[str, Any]]) -> 
     Returns (added ids, skipped ids). A row whose id is already in the file is skipped when
     its content is identical, and refused when it differs (ids are the tests' identity).
     """
-    from .project import safe_relpath
+    from ..project import safe_relpath
 
     root = Path(root)
     path = safe_relpath(root, suite_rel, what="suite path")
@@ -692,7 +692,7 @@ def _device(settings: EvalSettings) -> str:
 
 
 def _resolve_model_path(root: Path, name: str) -> str:
-    from .project import is_local_model
+    from ..project import is_local_model
 
     if is_local_model(root, name):
         return str(root / name)
@@ -1006,7 +1006,7 @@ def evaluate_model(
     Pure: reads the model files, writes nothing. ``loaded``: the same model already loaded (or
     loaded on first use), to run several suites with one load.
     """
-    from .registry import utcnow
+    from ..timeutil import registry_now as utcnow
 
     settings = settings or EvalSettings()
     root = Path(root)
@@ -1127,7 +1127,7 @@ def record_in_registry(root: Path, version: str, result: EvalResult) -> str:
     afterwards either: its gates did not see one. Returns the field written. The full results
     stay in ``outputs/vX.Y.Z/eval/`` per suite.
     """
-    from .registry import Registry
+    from ..registry import Registry
 
     summary = result.summary()
     with Registry(root).transaction() as data:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserError
+from ..errors import UserError
+from ..timeutil import parse_time, registry_time, store_time as iso, utc
 
 DEFAULTS: dict[str, Any] = {
     "min_new_examples": 200,
@@ -62,33 +63,6 @@ def trigger_config(project) -> dict[str, Any]:
         raise project.error("quality_drop_immediate must be >= quality_drop_planned", "triggers",
                             "quality_drop_immediate")
     return conf
-
-
-# ---------------------------------------------------------------- time
-
-
-def utc(now: _dt.datetime | None = None) -> _dt.datetime:
-    """``now`` as an aware UTC datetime (naive is taken as UTC); None: the real clock."""
-    if now is None:
-        return _dt.datetime.now(_dt.timezone.utc)
-    if now.tzinfo is None:
-        return now.replace(tzinfo=_dt.timezone.utc)
-    return now.astimezone(_dt.timezone.utc)
-
-
-def parse_time(text: str) -> _dt.datetime:
-    """A registry or store timestamp ('...Z') as an aware UTC datetime."""
-    return utc(_dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
-
-
-def iso(t: _dt.datetime) -> str:
-    """The store's timestamp form (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, sorts as time)."""
-    return utc(t).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def registry_time(t: _dt.datetime) -> str:
-    """The registry's timestamp form (``YYYY-MM-DDTHH:MM:SSZ``)."""
-    return utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- metrics from the store
@@ -156,7 +130,7 @@ def _connect(store_path: Path) -> sqlite3.Connection | None:
     """A connection to an existing store (schema migrated), or None when there is no store yet."""
     if not Path(store_path).is_file():
         return None
-    from .feedback import FeedbackStore
+    from ..store.sqlite import FeedbackStore
 
     return FeedbackStore(store_path).reader()
 
@@ -291,7 +265,7 @@ def critical_feedback(store_path: Path, *, since: _dt.datetime | None, until: _d
 def new_examples(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
     """Usable training examples (deduplicated, by the project's extraction rules) that a MINOR
     release on the lineage ``used_by`` would take from the store (the query ``plan`` runs)."""
-    from .extract import CORRECTED, release_feedback
+    from ..data.build import CORRECTED, release_feedback
 
     result = release_feedback(project, used_by, bump="minor", until=iso(until))
     if result is None:
@@ -302,8 +276,8 @@ def new_examples(project, *, used_by: Iterable[str], until: _dt.datetime) -> dic
 def patch_corrections(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
     """The feedback corrections a PATCH on the lineage ``used_by`` would train on (the query
     ``plan patch`` runs): how many, and how many of them are critical or safety reports."""
-    from .extract import release_feedback
-    from .feedback import FeedbackStore
+    from ..data.build import release_feedback
+    from ..store.sqlite import FeedbackStore
 
     result = release_feedback(project, used_by, bump="patch", until=iso(until))
     if result is None or not result.manifest["examples"]:
@@ -377,7 +351,7 @@ def recommend_bump(data: dict[str, Any], conf: dict[str, Any]) -> tuple[str, str
     """MINOR normally; MAJOR (merge_and_retrain) after ``merge_after`` continued-LoRA releases
     in a row on the current lineage, following the team's practice ('after 3-4 incremental
     updates'). Returns (bump, why)."""
-    from .registry import Registry
+    from ..registry import Registry
 
     if data["current"] is None:
         return "major", "first release (1.0.0)"
@@ -393,7 +367,7 @@ def recommend_bump(data: dict[str, Any], conf: dict[str, Any]) -> tuple[str, str
 
 def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | None = None) -> Decision:
     """Every trigger against the registry and the feedback store at ``now``."""
-    from .registry import Registry
+    from ..registry import Registry
 
     now = utc(now)
     conf = trigger_config(project)

@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-from .files import atomic_write_json
-from .registry import empty_registry
-from .resources import default_registry_schema, default_templates_dir, defaults_dir
+from ..errors import UserError
+from ..files import atomic_write_json
+from ..registry import empty_registry
+from ..resources import default_registry_schema, default_templates_dir, defaults_dir
 
 PROJECT_TEMPLATE = """\
 # cl-release project file. Reference: the "The project file" section of cl-release's README.md.
@@ -112,7 +112,7 @@ def init_repository(target: Path, *, demo: bool = False, name: str | None = None
                     base_model: str = "meta-llama/Llama-3.1-8B-Instruct",
                     progress: Callable[[str], None] = lambda m: None) -> Path:
     """Create a release repository at ``target``; nothing is left behind on failure."""
-    from .gitops import ReleaseRepo
+    from ..gitops import ReleaseRepo
 
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -150,7 +150,7 @@ def init_repository(target: Path, *, demo: bool = False, name: str | None = None
 
 
 def _demo_content(tmp: Path, progress: Callable[[str], None]) -> None:
-    from .tinymodel import prepare_demo_base
+    from ..demo.model import prepare_demo_base
 
     demo = defaults_dir() / "datasets" / "demo"
     shutil.copy2(demo / "domain" / "q1.jsonl", tmp / "datasets" / "domain" / "q1.jsonl")

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import orjson
 
-from .errors import DataError
-from .files import atomic_write_bytes, sha256_file
+from ..errors import DataError
+from ..files import atomic_write_bytes, sha256_file
 
 FORMATS = ("messages", "alpaca", "completion", "chatml")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -232,7 +232,7 @@ def max_example_chars(project_data: Mapping[str, Any] | None = None) -> int:
     limits = (project_data or {}).get("limits") or {}
     if limits.get("max_example_chars") is not None:
         return int(limits["max_example_chars"])
-    from .render import STRATEGIES, strategy_knobs
+    from ..release.render import STRATEGIES, strategy_knobs
 
     seq = max(int(strategy_knobs(dict(project_data or {}), s)["sequence_len"]) for s in STRATEGIES)
     return CHARS_PER_TOKEN_LIMIT * seq

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import HubError, IntegrityError, UserError
-from .files import sha256_bytes, sha256_file
-from .project import safe_relpath
-from .registry import Registry
+from ..errors import HubError, IntegrityError, UserError
+from ..files import sha256_bytes, sha256_file
+from ..project import safe_relpath
+from ..registry import Registry
 
 ADAPTER_BRANCH = "main"
 MERGED_BRANCH = "merged"
@@ -558,7 +558,7 @@ def record_push(registry: Registry, version: str, result: PushResult, *, lock_he
     """Append ``result.to_registry()`` to the entry's ``pushes`` list and commit the registry
     (``committed_change``: under the release lock, so no release interleaves; ``lock_held``:
     the caller took it around the upload)."""
-    from .registry import committed_change
+    from ..registry import committed_change
 
     with committed_change(registry.root, f"Record push of {result.revision} to {result.repo_id}",
                           lock_held=lock_held) as data:

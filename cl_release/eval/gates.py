@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GitError, UserError
-from .evaluate import CRITICALITIES, CRITICALITY_RANK, CaseResult, EvalResult
+from ..errors import GitError, UserError
+from .runner import CRITICALITIES, CRITICALITY_RANK, CaseResult, EvalResult
 
 DEFAULT_GATES: dict[str, Any] = {
     "min_new_examples": {"major": 0, "minor": 200, "patch": 0},
@@ -428,7 +428,7 @@ def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None
 
 
 def _gate(root, project, candidate_entry, parent_entry, *, new_examples, suites, suite, new_data, new_data_source):
-    from . import evaluate
+    from . import runner as evaluate
 
     suite = suite if suite is not None else evaluate.load_project_suite(root, project, suites)
     settings = evaluate.EvalSettings.from_project(project)
@@ -469,7 +469,7 @@ def tests_added_since(root, suite, version: str) -> list[str]:
     tag, has no history to compare with: nothing counts as added."""
     import orjson
 
-    from .gitops import ReleaseRepo
+    from ..gitops import ReleaseRepo
 
     try:
         repo = ReleaseRepo(root)
@@ -495,7 +495,7 @@ def tests_added_since(root, suite, version: str) -> list[str]:
 def new_data_checks(plan) -> tuple[Any, str | None]:
     """(suite, source) of the checks built from a release plan's new data: its held-out examples
     (source ``heldout``), else its corrections (a patch; ``corrections``); (None, None) if neither."""
-    from . import evaluate
+    from . import runner as evaluate
 
     heldout = getattr(plan, "heldout", None)
     if heldout is not None and heldout.records:
@@ -571,13 +571,13 @@ class ReleaseEvaluator:
         self.last: ReleaseEvaluation | None = None
 
     def _missing(self, project) -> list[str]:
-        from .evaluate import suite_paths
+        from .runner import suite_paths
 
         return [p for p in suite_paths(project, self.suites) if not (project.root / p).is_file()]
 
     def prepare(self, project, plan) -> None:
-        from . import evaluate
-        from .chatter import Chatter
+        from . import runner as evaluate
+        from ..release.chatter import Chatter
 
         if self._missing(project):
             return
@@ -586,8 +586,9 @@ class ReleaseEvaluator:
             evaluate.warm_up()
 
     def __call__(self, project, plan, entry: dict) -> dict:
-        from . import evaluate
-        from .registry import Registry, utcnow
+        from . import runner as evaluate
+        from ..registry import Registry
+        from ..timeutil import registry_now as utcnow
 
         parent_entry = Registry.find(Registry(project.root).load(), entry["parent"]) if entry.get("parent") else None
         entry = dict(entry)
@@ -638,7 +639,7 @@ class ReleaseEvaluator:
 
 def _baseline(project, entry: dict, suite) -> EvalResult:
     """The base model alone (no adapter) on the suite: the "before" of a first release."""
-    from . import evaluate
+    from . import runner as evaluate
 
     base, _adapter, revision = evaluate.entry_model_paths(entry)
     settings = evaluate.EvalSettings.from_project(project)

@@ -38,9 +38,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Sequence
 
-from .datasets import CONTROL_TOKEN, FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
-from .errors import DataError, UserError
-from .files import atomic_write_bytes, atomic_write_json
+from .formats import CONTROL_TOKEN, FORMATS, ROLES, canonical_json, fold_text, iter_jsonl, normalized_text, read_records
+from .. import parallel
+from ..timeutil import normalize_time
+from ..errors import DataError, UserError
+from ..files import atomic_write_bytes, atomic_write_json
 
 try:  # orjson gives the same bytes as datasets.canonical_json for our string-only records
     import orjson as _orjson
@@ -608,8 +610,8 @@ def _sql_number(value: Any) -> bool:
 def _store_readable(rows: Any, rules: ExtractionRules) -> bool:
     """``rows`` is ``FeedbackStore.rows()`` (not yet read from, without a limit) and the
     rules' thresholds are numbers SQL compares as Python does."""
-    feedback = sys.modules.get(__package__ + ".feedback")  # loaded if rows come from a store
-    if feedback is None or type(rows) is not feedback.StoreRows or not rows.selectable:
+    store = sys.modules.get("cl_release.store.sqlite")  # loaded if rows come from a store
+    if store is None or type(rows) is not store.StoreRows or not rows.selectable:
         return False
     threshold = rules.quality_threshold
     return (_sql_number(rules.min_rating) and _sql_number(rules.max_negative_rating)
@@ -1121,11 +1123,10 @@ def _sort_key(str_ids: bool, fixed_created: bool) -> Callable[[tuple], Any]:
 
 
 def _build_workers(rows: Any, workers: int | None) -> int:
-    feedback = sys.modules[__package__ + ".feedback"]  # loaded: rows is its StoreRows
     if workers is None:
-        cores = feedback._cores()
+        cores = parallel.cores()
         workers = min(cores, MAX_BUILD_WORKERS) if cores > 1 and rows.size_hint() >= PARALLEL_BUILD_RECORDS else 1
-    return workers if workers > 1 and feedback._can_fork() else 1
+    return workers if workers > 1 and parallel.can_fork() else 1
 
 
 class _WorkerLost(Exception):
@@ -1401,27 +1402,6 @@ def corrections_only(result: BuildResult) -> BuildResult:
 # ---------------------------------------------------------------- time windows
 
 
-def normalize_time(value: str | _dt.datetime | _dt.date) -> str:
-    """A date or ISO time -> the feedback store's UTC form ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
-
-    Naive times are taken as UTC. String comparison of normalized times is time order.
-    """
-    if isinstance(value, _dt.datetime):
-        t = value
-    elif isinstance(value, _dt.date):
-        t = _dt.datetime(value.year, value.month, value.day)
-    else:
-        try:
-            t = _dt.datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            raise UserError(
-                f"invalid date or time {value!r}", hint="use YYYY-MM-DD or an ISO time like 2026-01-31T12:00:00Z"
-            ) from None
-    if t.tzinfo is not None:
-        t = t.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def within(rows: Iterable[dict[str, Any]], since: str | None = None, until: str | None = None):
     """Rows as ``FeedbackStore.rows`` selects them: created (or given feedback) at or after
     ``since``, created before ``until`` (normalized times)."""
@@ -1528,7 +1508,7 @@ def resolve_since(project, text: str | None) -> str | None:
     if text is None:
         return None
     if re.fullmatch(r"v?\d+\.\d+\.\d+", text.strip()):
-        from .registry import Registry
+        from ..registry import Registry
 
         return normalize_time(Registry(project.root).get(text)["created_at"])
     return normalize_time(text)
@@ -1545,7 +1525,7 @@ def feedback_rows(project, *, since: str | None = None, from_jsonl: Path | None 
             f"no feedback store at {project.rel(path)}",
             hint="log predictions and feedback first, or pass --from-jsonl FILE",
         )
-    from .feedback import FeedbackStore  # written by the feedback module; imported lazily
+    from ..store.sqlite import FeedbackStore  # written by the feedback module; imported lazily
 
     return FeedbackStore(path).rows(since=since)
 
@@ -1557,7 +1537,7 @@ def release_feedback(project, used_by: Iterable[str], *, bump: str, until: str |
     path = project.feedback_path
     if not path.is_file():
         return None
-    from .feedback import FeedbackStore  # written by the feedback module; imported lazily
+    from ..store.sqlite import FeedbackStore  # written by the feedback module; imported lazily
 
     store = FeedbackStore(path)
     try:
@@ -1606,7 +1586,7 @@ def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None
     ``max_chars``: the per-example size limit (``datasets.max_example_chars``); for a suite it
     bounds each test's prompt."""
     if fmt == "suite":
-        from .evaluate import suite_rows  # the one suite parser the runner itself uses
+        from ..eval.runner import suite_rows  # the one suite parser the runner itself uses
 
         return len(suite_rows(Path(path), display=display, max_chars=max_chars))
     return len(read_records(Path(path), fmt, display=display, max_chars=max_chars))

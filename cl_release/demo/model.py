@@ -227,7 +227,7 @@ def demo_base_key(settings: dict[str, Any] | None = None) -> str:
     version (CPU results differ between versions)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .demo import CHEMICALS, CAPITALS, base_texts, demo_sets
+    from .data import CHEMICALS, CAPITALS, base_texts, demo_sets
 
     try:
         torch_version = version("torch")
@@ -258,8 +258,8 @@ def prepare_demo_base(out_dir: Path, *, cache: Path | None = None, settings: dic
     match its recorded hash is rebuilt. The build's log, with the training stack's import-time
     messages, is ``train.log`` in the model folder.
     """
-    from .chatter import Chatter
-    from .demo import CAPITALS, CHEMICALS, base_texts, demo_sets
+    from ..release.chatter import Chatter
+    from .data import CAPITALS, CHEMICALS, base_texts, demo_sets
 
     settings = settings or DEMO_BASE
     key = demo_base_key(settings)

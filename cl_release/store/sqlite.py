@@ -43,9 +43,11 @@ import orjson
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from .errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
-from .files import locked
-from .registry import match_release
+from .. import parallel
+from ..errors import ClReleaseError, ConflictError, DataError, FieldValueError, UnknownRequest, UserError
+from ..timeutil import store_now as utc_now, time_zone, timestamp, utc_time  # noqa: F401  (re-exported)
+from ..files import locked
+from ..registry import match_release
 
 BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
@@ -55,7 +57,7 @@ IMPORT_PARALLEL_CORES = 2  # one core: parsed in the importing process (see impo
 IMPORT_MAX_WORKERS = 8  # at most SQLite's default limit of 10 attached databases
 WAL_SIZE_LIMIT = 64 << 20  # a checkpointed WAL is cut back to this (PRAGMA journal_size_limit)
 SEVERITIES = ("low", "high", "critical", "safety")
-MIGRATION_SET = "cl_release.feedback"
+MIGRATION_SET = "cl_release.store.sqlite"
 APPLICATION_ID = 0x636C7266  # "clrf" in the SQLite header: this file is a cl-release feedback store
 MAX_TOKENS = 2**53  # whole numbers above this lose precision as JSON numbers
 
@@ -145,7 +147,7 @@ def _m005_usage_read_at(db: sqlite_utils.Database) -> None:
 
 
 def _m006_feedback_supersedes(db: sqlite_utils.Database) -> None:
-    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.mix).
+    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.data.mix).
     db.execute("ALTER TABLE feedback ADD COLUMN supersedes TEXT")
 
 
@@ -171,101 +173,8 @@ def build_migrations(steps: Sequence[tuple[str, Callable]] | None = None) -> Mig
 # ---------------------------------------------------------------- value checks
 
 
-class Invalid(ValueError):
-    """One field of a record or feedback row is wrong (the caller adds file/line context)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?(Z|\+00:00)?", re.ASCII).fullmatch
-_fromisoformat = datetime.fromisoformat
+Invalid = FieldValueError  # one field of a record or feedback row is wrong (the caller adds file/line)
 _dumps = orjson.dumps
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def timestamp(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> str:
-    """Normalize a datetime, date, ISO-8601 string or epoch seconds to ``...ffffffZ`` UTC.
-
-    Naive datetimes, dates and strings without an offset are read in ``tz`` (None: UTC); a
-    value with an offset is converted exactly. ``None`` means now.
-    """
-    return utc_time(value, field=field, tz=tz)[0]
-
-
-def utc_time(value: Any, *, field: str = "created_at", tz: tzinfo | None = None) -> tuple[str, bool]:
-    """:func:`timestamp`, and whether ``value`` was naive (a time without a UTC offset)."""
-    if value is None:
-        return utc_now(), False
-    if isinstance(value, str):
-        # Fast path for the canonical UTC shapes (YYYY-MM-DDTHH:MM:SS[.ffffff][Z|+00:00]): the
-        # string already is the result; fromisoformat still validates the field ranges.
-        m = _CANONICAL_TS(value)
-        if m is not None and (tz is None or m[2]):
-            try:
-                _fromisoformat(value)
-            except ValueError:
-                raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-            return value[:19] + (m[1] or ".000000") + "Z", not m[2]
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            value = datetime.fromtimestamp(value, timezone.utc)
-        except (OverflowError, OSError, ValueError):
-            raise Invalid(f"epoch timestamp out of range: {value!r}", field) from None
-    elif isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    if not isinstance(value, datetime):
-        raise Invalid(f"expected a timestamp, got {type(value).__name__}", field)
-    naive = value.tzinfo is None
-    if naive and tz is not None:
-        value = value.replace(tzinfo=tz)
-    if value.tzinfo is not None:
-        try:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        except OverflowError:
-            raise Invalid(f"out of range in UTC: {value.isoformat()}", field) from None
-    return value.isoformat(timespec="microseconds") + "Z", naive
-
-
-def time_zone(name: str | None) -> tzinfo | None:
-    """How to read naive times: ``None``/``"UTC"`` (None), ``"local"`` (this machine's zone)
-    or an IANA name such as ``Europe/Athens``. An unknown name is a :class:`UserError`."""
-    if name is None or name.upper() in ("UTC", "Z"):
-        return None
-    if name == "local":
-        return _LocalZone()
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UserError(f"unknown time zone {name!r}",
-                        hint="use an IANA name such as Europe/Athens, 'local' or 'UTC'") from None
-
-
-class _LocalZone(tzinfo):
-    """This machine's time zone, with its daylight-saving rules (what ``datetime.now()`` wrote)."""
-
-    def _offset(self, dt: datetime) -> timedelta:
-        return dt.replace(tzinfo=None).astimezone().utcoffset()  # naive.astimezone(): local rules
-
-    def utcoffset(self, dt: datetime | None) -> timedelta:
-        return self._offset(dt) if dt is not None else datetime.now().astimezone().utcoffset()
-
-    def dst(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def tzname(self, dt: datetime | None) -> str:
-        return "local"
-
-    def __repr__(self) -> str:
-        return "local"
 
 
 def _check_input(value: Any) -> str:
@@ -565,7 +474,7 @@ class ImportReader:
     def _check_size(self, obj: dict) -> None:
         """The per-example size limit (``datasets.max_example_chars``) over what would be
         trained on: the prompt, the answer and a correction."""
-        from .datasets import OVERSIZE_HINT, oversize
+        from ..data.formats import OVERSIZE_HINT, oversize
 
         uf = obj.get("user_feedback")
         fields = {"input": obj.get("input", obj.get("query")), "output": obj.get("output", obj.get("response")),
@@ -779,24 +688,9 @@ def _import_workers(size: int, workers: int | None) -> int:
             raise UserError(f"workers must be at least 1, got {workers}")
         workers = min(workers, IMPORT_MAX_WORKERS)
     else:
-        cores = _cores()
+        cores = parallel.cores()
         workers = min(cores, IMPORT_MAX_WORKERS) if size >= IMPORT_PARALLEL_BYTES and cores >= IMPORT_PARALLEL_CORES else 1
-    return workers if workers > 1 and _can_fork() else 1
-
-
-def _can_fork() -> bool:
-    """Forked workers start at once with this process's modules loaded. Without fork, or while
-    another thread runs (it might hold a lock, SQLite's or the allocator's, at the fork), the
-    import parses in its own process instead."""
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return workers if workers > 1 and parallel.can_fork() else 1
 
 
 def _split_lines(f: IO[bytes], size: int, parts: int) -> list[tuple[int, int]]:
@@ -1354,7 +1248,7 @@ class FeedbackStore:
     def set_supersedes(self, request_id: str, questions: Sequence[str]) -> None:
         """Record on the latest feedback of ``request_id`` the other questions its correction
         answers (paraphrases a release then retires). Needs a correction there."""
-        from .mix import MAX_SUPERSEDES
+        from ..data.mix import MAX_SUPERSEDES
 
         qs = [q.strip() for q in questions if isinstance(q, str) and q.strip()]
         if not qs or len(qs) > MAX_SUPERSEDES:

@@ -31,10 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import abtest, triggers
-from .errors import ClReleaseError, UserError
-from .files import atomic_write_json, locked
-from .registry import Registry
+from . import abtest
+from . import triggers
+from ..timeutil import registry_time, utc
+from ..errors import ClReleaseError, UserError
+from ..files import atomic_write_json, locked
+from ..registry import Registry
 
 STATE_DIR = ".cl-release/watch"
 LAST_FILE = f"{STATE_DIR}/last.json"
@@ -59,8 +61,8 @@ def parse_interval(text: str) -> float:
 
 def default_release(project, *, bump: str, notes: str, progress: Progress = _noop):
     """``run_release`` with the release gates (evaluation of candidate vs parent)."""
-    from .gates import release_evaluator
-    from .release import run_release
+    from ..eval.gates import release_evaluator
+    from ..release.run import run_release
 
     return run_release(project, bump=bump, notes=notes, progress=progress, evaluator=release_evaluator())
 
@@ -198,11 +200,11 @@ def iterate(root: Path, *, now: _dt.datetime | None = None, release: ReleaseFn |
     ``release(project, bump=, notes=, progress=)`` makes the release (default:
     ``default_release``, i.e. ``run_release`` with the gates) and returns an object with ``entry``.
     """
-    from .project import Project
+    from ..project import Project
 
     release = release or default_release
     root = Path(root)
-    it = Iteration(started_at=triggers.registry_time(triggers.utc(now)))
+    it = Iteration(started_at=registry_time(utc(now)))
     _record(root, it, final=False)
     try:
         _step(Project.load(root), it, now, release, progress)
@@ -213,7 +215,7 @@ def iterate(root: Path, *, now: _dt.datetime | None = None, release: ReleaseFn |
         it.outcome, it.error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
-        it.finished_at = triggers.registry_time(triggers.utc(now))
+        it.finished_at = registry_time(utc(now))
         _record(root, it, final=True)
     return it
 

@@ -15,7 +15,7 @@ git, so the registry and git agree. ``abtest:`` in cl-release.yaml overrides the
 feedback 0.3 and latency 0.2 (lower is better), after >= 48 h and enough samples).
 
 The rule is checked at every look (``watch`` looks every hour), so its statistics are
-anytime-valid (:mod:`cl_release.sequential`): the chance that an A/A test is ever promoted or
+anytime-valid (:mod:`cl_release.decide.sequential`): the chance that an A/A test is ever promoted or
 stopped as worse stays below ``alpha`` however many looks there are. On each look:
 
 - **stop at once** when the challenger has ``guardrails.critical_reports`` answers reported
@@ -50,10 +50,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import sequential as seq
-from .errors import RegistryError, UserError, VersionError
-from .files import atomic_write_json, locked
-from .registry import Registry, committed_change, normalize_version
-from .triggers import LatencyRanks, Metrics, answer_flags, parse_time, registry_time, utc, version_metrics
+from ..errors import RegistryError, UserError, VersionError
+from ..files import atomic_write_json, locked
+from ..registry import Registry, committed_change, normalize_version
+from ..timeutil import parse_time, registry_time, utc
+from .triggers import LatencyRanks, Metrics, answer_flags, version_metrics
 
 DEFAULTS: dict[str, Any] = {
     "traffic": 0.1,
@@ -111,7 +112,7 @@ class ServingTransition:
     the commit). Without the admin setting every step does nothing."""
 
     def __init__(self, root: Path):
-        from .serve.vllm import adapter_admin
+        from ..serve.vllm import adapter_admin
 
         self.admin = adapter_admin(Path(root))
         self.before: set[str] = set()

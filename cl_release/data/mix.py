@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import datasets as ds
-from .errors import UserError
+from . import formats as ds
+from ..errors import UserError
 
 CONFLICT_RULES = ("correction", "newest", "error")
 DEFAULT_RULE = "correction"
@@ -80,7 +80,7 @@ def prompt_key_of(question: str) -> str:
 
 def check_supersedes(value: Any, *, path: str, line: int) -> list[str]:
     """A row's ``supersedes``: a list of question strings; their keys."""
-    from .errors import DataError
+    from ..errors import DataError
 
     if value is None:
         return []
@@ -165,7 +165,7 @@ def stale_values(live: list[Example], res: Resolution, *, max_share: float = 0.1
     ``incident.values``) of the retired answer that the new answer does not state, and the
     question's rare words (in at most ``max_share`` of the live questions). A live example whose
     question holds one of those words and whose answer states one of those values is named."""
-    from .incident import values
+    from ..release.incident import values
 
     questions = [e for e in live if e.key is not None and e.hash not in res.retired]
     if not questions:

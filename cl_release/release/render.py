@@ -21,8 +21,8 @@ import jinja2
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import RenderError, UserError
-from .resources import default_templates_dir
+from ..errors import RenderError, UserError
+from ..resources import default_templates_dir
 
 # ---------------------------------------------------------------- strategies
 
@@ -46,7 +46,7 @@ COMMON_KNOBS: dict[str, Any] = {
     "max_steps": None,
     "replay_ratio": 0.0,
     "general_ratio": 0.0,
-    "conflicts": "correction",  # cl_release.mix: corrections win, then the newest answer
+    "conflicts": "correction",  # cl_release.data.mix: corrections win, then the newest answer
     # Share of a release's new examples kept out of training as held-out checks (the
     # min_new_data_pass_rate gate), at most holdout_max of them; applies to new data
     # (initial, continued_lora), not to corrections or a major's complete data.
@@ -370,7 +370,7 @@ def axolotl_keys() -> dict[str, Any]:
         except (OSError, json.JSONDecodeError):
             pass
     keys = extract_axolotl_keys()
-    from .files import atomic_write_json
+    from ..files import atomic_write_json
 
     try:
         atomic_write_json(cache, keys)
@@ -441,7 +441,7 @@ def render_config(root: Path | None, strategy: str, context: dict[str, Any], *, 
     where = where or f"templates/{strategy}.yml.j2"
     text = render_text(root, strategy, context)
     try:
-        from .project import safe_load_strict
+        from ..project import safe_load_strict
 
         config = safe_load_strict(text)
     except yaml.YAMLError as e:
