@@ -256,6 +256,87 @@ def run_benchmark(out: Path, names: list[str], tasks: tuple[str, ...]) -> dict:
             "shipped_knobs": STRATEGY_KNOBS, "seed": SEED, "machine": machine()}
 
 
+# ---------------------------------------------------------------- a corrected fact stays corrected
+
+PATCH_BEGIN, PATCH_END = "<!-- PATCH-CHECK BEGIN -->", "<!-- PATCH-CHECK END -->"
+PATCHED_FACTS = 6  # t1 facts a PATCH changes to another value
+
+
+def changed_facts(all_facts) -> list[tuple[str, str, str]]:
+    """(entity, old value, new value) of the t1 facts the patch corrects: the next value of the
+    domain's list, so the new answer is one the model can produce."""
+    from tasks import DOMAINS
+
+    values = DOMAINS["t1"][1]
+    return [(e, v, values[(values.index(v) + 1) % len(values)]) for e, v in all_facts["t1"][:PATCHED_FACTS]]
+
+
+def run_patch_check(out: Path) -> dict:
+    """1.0.0 (t1) -> 1.0.1 PATCH changing ``PATCHED_FACTS`` t1 facts (every phrasing in a
+    corrections file) -> 1.1.0 MINOR (t2, default continued LoRA with replay) -> 2.0.0 MAJOR
+    (merge and retrain on the complete data). After each: the share of the changed facts answered
+    with the new value, and with the old one (issue 13: replay and retraining must not bring the
+    old answer back; the corrections retire it, cl_release.data.mix)."""
+    from basemodel import prepare_base
+    from tasks import suite_rows
+
+    all_facts = facts(0)
+    base_dir = prepare_base(out, log=log)
+    runner = Runner(out)
+    root = out / "repos" / "patch-check"
+    if root.exists():
+        shutil.rmtree(root)
+    seed = seed_repository(out, base_dir, all_facts)
+    shutil.copytree(seed, root, symlinks=True)
+    changes = changed_facts(all_facts)
+    write_jsonl(root / "registry/suites/t1-new.jsonl",
+                [{**r, "id": f"new-{i:03d}", "domain": "t1-new"} for i, r in
+                 enumerate(suite_rows("t1", [(e, new) for e, _old, new in changes]))])
+    write_jsonl(root / "registry/suites/t1-old.jsonl",
+                [{**r, "id": f"old-{i:03d}", "domain": "t1-old"} for i, r in
+                 enumerate(suite_rows("t1", [(e, old) for e, old, _new in changes]))])
+    commit_all(root, "Suites of the changed facts")
+    suite = runner.ev.load_suite([f"registry/suites/{d}.jsonl" for d in ("t1-new", "t1-old", "t1", "t2")], root=root)
+
+    def score(entry: dict) -> dict:
+        result = runner.ev.evaluate_entry(root, entry, suite, runner.settings)
+        return {d: v["pass_rate"] for d, v in result.metrics["per_domain"].items()}
+
+    from cl_release.project import Project
+    from cl_release.release.run import run_release
+
+    rows = []
+    steps = [("1.0.0 initial (t1)", "minor", None, lambda: add_task(root, "t1", all_facts)),
+             ("1.0.1 patch (changed facts)", "patch", None, lambda: (
+                 write_jsonl(root / "datasets/corrections/changed.jsonl",
+                             training_records("t1", [(e, new) for e, _old, new in changes])),
+                 commit_all(root, "Corrections: changed t1 facts"))),
+             ("1.1.0 minor (t2, replay)", "minor", None, lambda: add_task(root, "t2", all_facts)),
+             ("2.0.0 major (merge and retrain)", "major", None, lambda: None)]
+    for label, bump, strategy, prepare in steps:
+        prepare()
+        t0 = time.perf_counter()
+        e = run_release(Project.load(root), bump=bump, strategy=strategy, notes=label,
+                        progress=lambda m: log(f"  {m}")).entry
+        acc = score(e)
+        rows.append({"step": label, "version": e["version"], "retired": (e.get("retired") or {}).get("count", 0),
+                     "new_value": acc.get("t1-new"), "old_value": acc.get("t1-old"), "t1": acc.get("t1"),
+                     "t2": acc.get("t2"), "seconds": round(time.perf_counter() - t0, 1)})
+        log(f"  {label}: {rows[-1]}")
+    return {"changed_facts": len(changes), "rows": rows, "machine": machine()}
+
+
+def patch_table(data: dict) -> str:
+    lines = [f"{data['changed_facts']} t1 facts changed by the patch (all three phrasings in a corrections file); "
+             "share of them answered with the new value and with the old one after each release "
+             "(t1 includes the changed facts' old values, so it drops by their share after the patch):", "",
+             "| release | retirements in effect | new value | old value | t1 | t2 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        lines.append(f"| {r['step']} | {r['retired']} | {_pct(r['new_value'])} | {_pct(r['old_value'])} | "
+                     f"{_pct(r['t1'])} | {_pct(r['t2'])} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     from cl_release.release.train import toolchain_versions
 
@@ -648,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only time the overhead, on <out>'s existing seed repository; add it to <out>/results.json")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md/plots from <out>/results.json")
     ap.add_argument("--gpu", action="store_true", help="GPU throughput check (not implemented; see RESULTS.md)")
+    ap.add_argument("--patch-check", action="store_true",
+                    help="only the patch scenario: a corrected fact must stay corrected after a MINOR and a MAJOR")
     ap.add_argument("--aggregate", nargs="+", type=Path, metavar="OUT",
                     help="write the across-seeds table from these runs' results.json into RESULTS.md and stop")
     args = ap.parse_args(argv)
@@ -665,6 +748,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.patch_check:
+        data = run_patch_check(out)
+        (out / "patch-check.json").write_text(json.dumps(data, indent=2))
+        body = patch_table(data)
+        write_block(args.results or HERE / "RESULTS.md", PATCH_BEGIN, PATCH_END, body)
+        print(body)
+        return 0
     names = list(QUICK_STRATEGIES) if args.quick else list(FULL_STRATEGIES)
     if args.strategies:
         names = [n for tok in args.strategies.replace(";", " ").split()
