@@ -897,16 +897,6 @@ def _project_or_none(ctx: Context):
     return ctx.project() if (ctx.root / PROJECT_FILE).is_file() else None
 
 
-def _eval_entry(ctx: Context, version: str, suites, cache: bool = True, **overrides):
-    from .eval import runner as evaluate
-
-    project = _project_or_none(ctx)
-    suite = evaluate.load_project_suite(ctx.root, project, suites)
-    settings = evaluate.EvalSettings.from_project(project, **overrides)
-    entry = ctx.registry().get(version)
-    return evaluate.evaluate_entry(ctx.root, entry, suite, settings, cache=cache), suite, settings
-
-
 def _print_summary(s: dict) -> None:
     click.echo(f"pass rate {s['pass_rate']:.1%} ({s['passed']}/{s['n_tests']})  hallucination rate "
                + (f"{s['hallucination_rate']:.1%}" if s["hallucination_rate"] is not None else "-")
@@ -937,19 +927,21 @@ def eval_() -> None:
 def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens, pass_k, no_cache, show_cases,
              as_json) -> None:
     """Evaluate VERSION on the suite; save results and summarize them into the registry."""
-    from .eval import runner as evaluate
-    from .eval import gates
+    from .eval import gates, runner
 
     knobs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "pass_k": pass_k}
-    result, suite, settings = _eval_entry(ctx, version, suites, cache=not no_cache, **knobs)
-    recorded = evaluate.record_in_registry(ctx.root, result.version, result)
+    project = _project_or_none(ctx)
+    result, suite = runner.evaluate_version(ctx.root, version, project=project, suites=suites, cache=not no_cache,
+                                            **knobs)
+    recorded = runner.record_in_registry(ctx.root, result.version, result)
     out = {"summary": result.summary()}
     if show_cases:
         out["cases"] = [c.to_dict() for c in result.cases]
     if against:
-        other, _, _ = _eval_entry(ctx, against, suites, cache=not no_cache, **knobs)
-        evaluate.record_in_registry(ctx.root, other.version, other)
-        out["comparison"] = gates.compare(other, result).to_dict()
+        other, _ = runner.evaluate_version(ctx.root, against, project=project, suites=suites, cache=not no_cache,
+                                           **knobs)
+        runner.record_in_registry(ctx.root, other.version, other)
+        out["comparison"] = gates.compare_results(other, result).to_dict()
     if as_json:
         echo_json(out)
         return
@@ -966,14 +958,6 @@ def eval_run(ctx: Context, version, suites, against, batch_size, max_new_tokens,
             click.echo(f"  REGRESSION [{r['criticality']}] {r['id']}: {r['candidate_output'][:80]!r}")
         for r in cmp["improvements"]:
             click.echo(f"  improved   [{r['criticality']}] {r['id']}")
-
-
-def _case_defaults(match, criticality, domain, tags) -> dict:
-    d = {"tags": list(tags)}
-    for key, value in (("match", match), ("criticality", criticality), ("domain", domain)):
-        if value is not None:
-            d[key] = value
-    return d
 
 
 def _case_options(fn: Callable) -> Callable:
@@ -1001,29 +985,18 @@ def _case_options(fn: Callable) -> Callable:
 @handle_errors
 def eval_add(ctx: Context, feedback_id, prompt, expected, test_id, match, criticality, domain, tags, suite) -> None:
     """Add one test to a suite, typed in or promoted from production feedback."""
-    from .eval import runner as evaluate
     from .errors import UserError
+    from .eval import suite as sv
 
-    row = _case_defaults(match, criticality, domain, tags)
-    if test_id:
-        row["id"] = test_id
+    defaults = sv.case_defaults(match=match, criticality=criticality, domain=domain, tags=tags)
     if feedback_id:
-        record = _store(ctx).get(feedback_id)
-        if record is None:
-            raise UserError(f"no logged answer with id {feedback_id}", hint="see 'cl-release feedback' for ids")
-        if criticality is None and record.get("severity") in ("critical", "safety", "high", "low"):
-            row["criticality"] = {"safety": "critical"}.get(record["severity"], record["severity"])
-        if record.get("hallucinated") and "hallucination" not in row["tags"]:
-            row["tags"].append("hallucination")
-        if expected:
-            row["expected"] = expected
-        row = evaluate.row_from_feedback(record, defaults=row)
+        with _store(ctx) as store:
+            row = sv.row_from_store(store, feedback_id, defaults=defaults, expected=expected, test_id=test_id)
+    elif not prompt or not expected:
+        raise UserError("give --input and --expected, or --from-feedback ID")
     else:
-        if not prompt or not expected:
-            raise UserError("give --input and --expected, or --from-feedback ID")
-        row.update({"input": prompt, "expected": expected})
-        row.setdefault("id", evaluate.case_id_for(prompt, expected))
-    added, skipped = evaluate.append_cases(ctx.root, suite, [row])
+        row = sv.typed_row(prompt, expected, defaults=defaults, test_id=test_id)
+    added, _ = sv.append_cases(ctx.root, suite, [row])
     click.echo(f"{suite}: added {row['id']}" if added else f"{suite}: {row['id']} is already there")
 
 
@@ -1034,10 +1007,10 @@ def eval_add(ctx: Context, feedback_id, prompt, expected, test_id, match, critic
 @handle_errors
 def eval_import(ctx: Context, file, match, criticality, domain, tags, suite) -> None:
     """Import tests from FILE: suite rows, or chat/alpaca rows (last answer = expected)."""
-    from .eval import runner as evaluate
+    from .eval import suite as sv
 
-    rows = evaluate.rows_from_file(_in_root(ctx, file), defaults=_case_defaults(match, criticality, domain, tags))
-    added, skipped = evaluate.append_cases(ctx.root, suite, rows)
+    defaults = sv.case_defaults(match=match, criticality=criticality, domain=domain, tags=tags)
+    added, skipped = sv.append_cases(ctx.root, suite, sv.rows_from_file(_in_root(ctx, file), defaults=defaults))
     click.echo(f"{suite}: added {len(added)} tests, {len(skipped)} already there")
 
 
@@ -1052,13 +1025,14 @@ def eval_import(ctx: Context, file, match, criticality, domain, tags, suite) -> 
 @handle_errors
 def diff(ctx: Context, version_a, version_b, suites, no_eval, out, as_json) -> None:
     """What changed from A to B: config, data, metrics, and every test whose result flipped."""
-    from .eval import runner as evaluate
     from .eval.report import diff_versions, save_diff
+    from .eval.runner import EvalSettings
+    from .eval.suite import load_project_suite
 
     project = _project_or_none(ctx)
-    suite = None if no_eval else evaluate.load_project_suite(ctx.root, project, suites)
+    suite = None if no_eval else load_project_suite(ctx.root, project, suites)
     d = diff_versions(ctx.root, version_a, version_b, suite=suite,
-                      settings=evaluate.EvalSettings.from_project(project), run_eval=not no_eval)
+                      settings=EvalSettings.from_project(project), run_eval=not no_eval)
     saved = save_diff(ctx.root, d, out)
     if as_json:
         echo_json(d)

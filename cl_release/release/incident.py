@@ -22,11 +22,10 @@ from typing import Any, Callable, Iterable
 
 from ..data import formats as ds
 from ..errors import NothingToTrain, UnknownRequest, UserError
+from ..eval.suite import DEFAULT_SUITE, prompt_input
 
 Progress = Callable[[str], None]
-DEFAULT_SUITE = "registry/regression_tests.jsonl"
 PATCH_ANNOTATOR = "cl-release patch"
-CRITICAL = ("critical", "safety")
 
 # A value an answer states: a number with its unit when it has a known one ("10 ppm",
 # "2.5 mg/m3", "50%", "-20 °C", "30 minutes"). What a correction changes in a safety answer
@@ -54,9 +53,7 @@ def incident_tests(record: dict[str, Any], *, criticality: str = "critical") -> 
     if not correction:
         raise UserError(f"request {record['id']!r} has no correction",
                         hint=f"give one: cl-release patch {record['id']} --correction TEXT")
-    prompt = record["input"]
-    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
-        prompt = prompt[0]["content"]
+    prompt = prompt_input(record["input"])
     right = values(correction)
     base = {"input": prompt, "criticality": criticality, "domain": "incident", "tags": ["incident"],
             "source": f"feedback:{record['id']}"}
@@ -73,6 +70,7 @@ def open_incidents(project, *, now=None) -> list[str]:
     """Request ids of the critical or safety corrections a PATCH on the serving version would
     train on (what ``status`` reports as a PATCH due)."""
     from ..data.build import release_feedback
+    from ..decide.triggers import CRITICAL_SEVERITIES
     from ..store.sqlite import FeedbackStore
     from ..timeutil import store_now as utc_now
     from ..registry import Registry
@@ -88,7 +86,7 @@ def open_incidents(project, *, now=None) -> list[str]:
         return []
     with FeedbackStore(project.feedback_path) as store:
         return [rid for rid in result.manifest["record_ids"]
-                if (store.get(rid) or {}).get("severity") in CRITICAL]
+                if (store.get(rid) or {}).get("severity") in CRITICAL_SEVERITIES]
 
 
 @dataclass
@@ -130,7 +128,7 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     before anything is written. ``dry_run``: record nothing, add nothing, train nothing; the
     result holds the tests and the plan. ``push``: default ``hub.push_patches``.
     ``evaluator``: the release gates (default ``gates.release_evaluator(force, reason)``)."""
-    from ..eval import runner as evaluate
+    from ..eval.suite import append_cases
     from ..store.sqlite import FeedbackStore
     from ..eval.gates import release_evaluator
     from . import run as release_mod
@@ -173,7 +171,7 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     if show is not None:
         show(result.tests)
     if not dry_run:
-        added, _ = evaluate.append_cases(project.root, suite, result.tests)
+        added, _ = append_cases(project.root, suite, result.tests)
         result.tests_added = added
         if added:
             progress(f"{suite}: added {', '.join(added)}")
