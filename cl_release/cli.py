@@ -219,12 +219,9 @@ def init(directory: Path, demo: bool, name: str | None, base_model: str) -> None
 def render(ctx: Context, strategy: str, from_version: str | None, base_model: str | None, output: Path | None) -> None:
     """Render the Axolotl YAML a STRATEGY would train with."""
     from .files import atomic_write_text
-    from .release.run import plan_release
-    from .release.render import STRATEGY_BUMP, check_strategy
+    from .release.plan import plan_strategy
 
-    check_strategy(strategy)
-    bump = STRATEGY_BUMP[strategy] or "minor"
-    plan = plan_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy, base_model=base_model)
+    plan = plan_strategy(ctx.project(), strategy, from_version=from_version, base_model=base_model)
     if output:
         atomic_write_text(output, plan.config_text)
         say(f"wrote {output}")
@@ -239,7 +236,7 @@ def render(ctx: Context, strategy: str, from_version: str | None, base_model: st
 @handle_errors
 def plan(ctx: Context, bump: str, from_version, strategy, base_model, as_json: bool) -> None:
     """Show what a release would do, without training or writing anything."""
-    from .release.run import plan_release
+    from .release.plan import plan_release
 
     p = plan_release(ctx.project(), bump=bump, from_version=from_version, strategy=strategy, base_model=base_model)
     if as_json:
@@ -584,7 +581,7 @@ def show(ctx: Context, version: str, as_json: bool) -> None:
 @handle_errors
 def rollback(ctx: Context, version: str) -> None:
     """Make an earlier VERSION current; the next release builds on it. Nothing is deleted."""
-    from .release.run import rollback as do_rollback
+    from .release.recovery import rollback as do_rollback
 
     result = do_rollback(ctx.project(), version)
     if not result.changed:
@@ -615,7 +612,7 @@ def merge(ctx: Context, version: str) -> None:
 @handle_errors
 def verify(ctx: Context, as_json: bool) -> None:
     """Re-hash every dataset, config, adapter and merged model the registry names."""
-    from .release.run import verify as do_verify
+    from .release.recovery import verify as do_verify
 
     checks = do_verify(ctx.root)
     bad = [c for c in checks if not c.ok]

@@ -8,7 +8,6 @@ sorted keys (readable git diffs) through a temp file and ``os.replace`` under a 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import re
 from dataclasses import dataclass
@@ -276,17 +275,26 @@ class Registry:
         if data["current"] == entry["version"]:
             return entry
         with self.transaction() as data:
-            entry = self.find(data, version)
-            if entry["status"] != "released":
-                raise VersionError(
-                    f"cannot roll back to {entry['version']}: it is {entry['status']}",
-                    hint="roll back to a released version",
-                )
-            previous = data["current"]
-            data["current"] = entry["version"]
-            data.setdefault("events", []).append(
-                {"at": registry_now(), "action": "rollback", "from": previous, "to": entry["version"]}
+            entry = self.rollback_in(data, version)
+        return entry
+
+    @staticmethod
+    def rollback_in(data: dict[str, Any], version: str) -> dict[str, Any]:
+        """The rollback's change of a loaded registry: ``version`` (released) becomes current,
+        with a ``rollback`` event; ``data`` unchanged when it is current already."""
+        entry = Registry.find(data, version)
+        if data["current"] == entry["version"]:
+            return entry
+        if entry["status"] != "released":
+            raise VersionError(
+                f"cannot roll back to {entry['version']}: it is {entry['status']}",
+                hint="roll back to a released version",
             )
+        previous = data["current"]
+        data["current"] = entry["version"]
+        data.setdefault("events", []).append(
+            {"at": registry_now(), "action": "rollback", "from": previous, "to": entry["version"]}
+        )
         return entry
 
 

@@ -74,7 +74,7 @@ def open_incidents(project, *, now=None) -> list[str]:
     from ..store.sqlite import FeedbackStore
     from ..timeutil import store_now as utc_now
     from ..registry import Registry
-    from .run import serving_version
+    from .plan import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
@@ -132,7 +132,8 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     from ..store.sqlite import FeedbackStore
     from ..eval.gates import release_evaluator
     from . import run as release_mod
-    from .run import plan_release, run_release
+    from .plan import plan_release
+    from .run import run_release
 
     ids = list(dict.fromkeys(request_ids))
     if correction is not None and len(ids) != 1:
@@ -233,7 +234,7 @@ def _fixed_in(project, ids: list[str]) -> str | None:
     """The released version, in the serving lineage, that trained on these incidents."""
     from ..store.sqlite import FeedbackStore
     from ..registry import Registry
-    from .run import serving_version
+    from .plan import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
