@@ -596,13 +596,9 @@ def rollback(ctx: Context, version: str) -> None:
 @handle_errors
 def merge(ctx: Context, version: str) -> None:
     """Merge VERSION's adapter into its base (outputs/vX.Y.Z/merged)."""
-    from .gitops import ReleaseRepo
-    from .release.merge import merge_version
-    from .registry import release_lock
+    from .release.merge import merge_and_commit
 
-    with release_lock(ctx.root):  # no release merges or records at the same time
-        ReleaseRepo(ctx.root).check_state(say)  # before the merge, not after it
-        entry = merge_version(ctx.project(), version, progress=say, commit=True)
+    entry = merge_and_commit(ctx.project(), version, progress=say)
     click.echo(f"Merged {entry['version']}: {entry['merged']['path']} (sha256 {entry['merged']['sha256'][:16]})")
 
 
@@ -639,22 +635,13 @@ def push(ctx: Context, version: str, merged: bool, dry_run: bool, as_json: bool)
 
     The token comes from HF_TOKEN or 'hf auth login', never from the command line."""
     from .hub import push as hub
-    from .gitops import ReleaseRepo
-    from .registry import release_lock
 
-    project, registry = ctx.project(), ctx.registry()
-    data = registry.load()
-    entry = registry.find(data, version)
-    plan = hub.plan_push(ctx.root, entry, registry.lineage(data, entry["version"]), project.hub,
-                         merged=merged, project_name=project.name)
     if dry_run:
+        plan = hub.plan_version(ctx.project(), version, merged=merged)
         echo_json(plan.to_dict()) if as_json else click.echo(plan.summary())
         return
-    with release_lock(ctx.root):  # held from the upload to its record: nothing interleaves
-        ReleaseRepo(ctx.root).check_state(say)  # before the upload, not after it
-        result = hub.push(plan, progress=say)
-        hub.record_push(registry, entry["version"], result, lock_held=True)
-    echo_json(result.to_registry()) if as_json else click.echo(f"Pushed {plan.tag} to {result.url}")
+    result = hub.publish(ctx.project(), version, merged=merged, progress=say)
+    echo_json(result.to_registry()) if as_json else click.echo(f"Pushed {result.revision} to {result.url}")
 
 
 # ---- feedback commands (feedback store, annotate, review) ----

@@ -181,13 +181,13 @@ class Registry:
         except orjson.JSONDecodeError as e:
             raise RegistryError(
                 f"{REGISTRY_FILE}:{e.lineno}: invalid JSON: {e.msg}",
-                hint="restore it with 'git checkout -- registry/model_registry.json'",
+                hint=f"restore it with 'git checkout -- {REGISTRY_FILE}'",
             ) from None
         except UnicodeDecodeError:
             raise RegistryError(f"{REGISTRY_FILE}: not UTF-8 text") from None
         if nesting_depth(data) > MAX_NESTING:
             raise RegistryError(f"{REGISTRY_FILE}: nested deeper than {MAX_NESTING} levels",
-                                hint="restore it with 'git checkout -- registry/model_registry.json'")
+                                hint=f"restore it with 'git checkout -- {REGISTRY_FILE}'")
         validate_registry(data, where=REGISTRY_FILE, schema_path=self.schema_path)
         data.setdefault("aliases", {})
         return data

@@ -249,17 +249,7 @@ def _fixed_in(project, ids: list[str]) -> str | None:
 
 def _push_once(project, version: str, progress: Progress) -> dict[str, Any] | None:
     """Push ``version``'s adapter unless the registry records a push of it already."""
-    from ..hub import push as hub
-    from ..registry import Registry, release_lock
+    from ..hub.push import publish
 
-    registry = Registry(project.root)
-    with release_lock(project.root):  # from the upload to its record
-        data = registry.load()
-        entry = registry.find(data, version)
-        if any(not p.get("merged") for p in entry.get("pushes") or []):
-            return None
-        plan = hub.plan_push(project.root, entry, registry.lineage(data, version), project.hub, merged=False,
-                             project_name=project.name)
-        pushed = hub.push(plan, progress=progress)
-        hub.record_push(registry, version, pushed, lock_held=True)
-    return pushed.to_registry()
+    pushed = publish(project, version, once=True, progress=progress)
+    return pushed.to_registry() if pushed is not None else None
