@@ -15,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import jsonschema
 import orjson
 
 from .data.formats import MAX_NESTING, nesting_depth
@@ -99,6 +98,8 @@ def _load_schema(path: str, mtime: float) -> dict[str, Any]:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise RegistryError(f"{path}: cannot read the registry schema: {e}") from None
+    import jsonschema  # imported when a registry is read: 'cl-release release --help' does without
+
     jsonschema.Draft202012Validator.check_schema(schema)
     return schema
 
@@ -113,6 +114,8 @@ def _field_path(parts) -> str:
 def validate_registry(data: Any, *, where: str, schema_path: Path) -> None:
     """Raise RegistryError naming the file and the first invalid field."""
     schema = _load_schema(str(schema_path), schema_path.stat().st_mtime)
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:

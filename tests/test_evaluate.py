@@ -319,6 +319,22 @@ def test_eval_import_names_the_bad_line(tmp_path):
     assert not (root / sv.DEFAULT_SUITE).exists()  # all or nothing
 
 
+@pytest.mark.parametrize("severity, criticality", [
+    ("safety", "critical"), ("critical", "critical"), ("high", "high"), ("low", "low"), (None, "medium")])
+def test_a_test_from_feedback_takes_its_criticality_from_the_severity(severity, criticality):
+    from cl_release.store.sqlite import SEVERITIES
+
+    assert severity is None or severity in SEVERITIES
+    record = {"id": "r1", "input": [{"role": "user", "content": "Q?"}], "output": "A.", "severity": severity,
+              "hallucinated": severity == "safety"}
+    row = sv.row_from_feedback(record, defaults=sv.case_defaults(tags=["x"]))
+    case = sv.parse_case(row, path="t")
+    assert (case.id, case.input, case.expected, case.criticality) == ("fb-r1", "Q?", "A.", criticality)
+    assert case.tags == (("x", "hallucination") if severity == "safety" else ("x",))
+    chosen = sv.row_from_feedback(record, defaults=sv.case_defaults(criticality="low"), expected="B", test_id="t1")
+    assert (chosen["criticality"], chosen["expected"], chosen["id"]) == ("low", "B", "t1")
+
+
 def test_eval_add_from_feedback_promotes_the_correction(tmp_path):
     from cl_release.store.sqlite import FeedbackStore
 

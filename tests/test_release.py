@@ -726,6 +726,9 @@ def test_rollback_to_the_current_version_changes_nothing(released, monkeypatch):
     (root / ".git/index.lock").unlink()
     r = rollback(load_project(root), "1.0.0")
     assert r.changed and r.previous == "1.1.0" and registry_data(root)["current"] == "1.0.0"
+    assert r.commit == git(root, "rev-parse", "HEAD").strip() != head.strip()
+    assert git(root, "log", "-1", "--format=%s").strip() == "Roll back to 1.0.0"
+    assert_registry_consistent_with_git(root)  # committed: nothing left for a release to finish
 
 
 def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(released, trainer, monkeypatch):

@@ -514,10 +514,12 @@ class ReleaseEvaluation:
     before_label: str | None  # the parent's version, or "base"
     new_data: EvalResult | None = None
     new_data_source: str | None = None
+    show: tuple[str, ...] = ()  # the tests whose answers the release shows (``evaluation.show``)
 
-    def before_after(self, show: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    def before_after(self, show: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
         """Pass rate per domain before and after (domains in suite order), and the answers
-        to the tests named in ``show`` (``evaluation.show``), before and after."""
+        to the tests named in ``show`` (default: ``evaluation.show``), before and after."""
+        show = self.show if show is None else show
         after = self.candidate
         domains: list[str] = []
         for c in after.cases:
@@ -620,7 +622,9 @@ class ReleaseEvaluator:
                     "source": source, "n_checks": m["n_tests"], "passed": m["passed"], "pass_rate": m["pass_rate"],
                     "suite_sha256": nd.suite_sha256, "results": nd.performance.get("results_path"),
                     "failed": [c.id for c in nd.cases if not c.passed][:50]}
-            self.last = ReleaseEvaluation(cand, before, parent_entry["version"] if parent_entry else "base", nd, source)
+            show = tuple((project.data.get("evaluation") or {}).get("show") or ())
+            self.last = ReleaseEvaluation(cand, before, parent_entry["version"] if parent_entry else "base", nd, source,
+                                          show)
         self._suite = None
         entry["gates"] = decision.to_dict()
         if decision.passed:

@@ -23,10 +23,8 @@ from typing import Any, Iterable, Sequence
 from ..data.formats import MAX_NESTING, ROLES, canonical_json, check_example_size, iter_jsonl, nesting_depth
 from ..errors import DataError, UnknownRequest, UserError
 from ..files import atomic_write_bytes, locked, sha256_file
+from . import CRITICALITIES, DEFAULT_SUITE, MATCH_TYPES
 
-DEFAULT_SUITE = "registry/regression_tests.jsonl"
-MATCH_TYPES = ("contains", "exact", "regex", "not_contains", "json_equal")
-CRITICALITIES = ("critical", "high", "medium", "low")  # most severe first
 CRITICALITY_RANK = {c: i for i, c in enumerate(CRITICALITIES)}
 HALLUCINATION_TAG = "hallucination"
 _FIELDS = {"id", "input", "expected", "match", "criticality", "domain", "tags", "judge", "notes", "source", "metadata"}
