@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 
 def build_suite(n: int):
-    from cl_release.eval import runner as ev
+    from cl_release.eval import suite as sv
     from cl_release.demo.data import demo_sets
 
     pairs = []
@@ -44,9 +44,9 @@ def build_suite(n: int):
         q, a = pairs[i % len(pairs)]
         prefix = prefixes[(i // len(pairs)) % len(prefixes)]
         key = a.split(" is ")[-1].rstrip(".") if " is " in a else a
-        cases.append(ev.parse_case({"id": f"b{i:03d}", "input": prefix + q, "expected": key,
-                                    "criticality": ev.CRITICALITIES[i % 4], "domain": "bench"}, path="bench", line=i + 1))
-    return ev.Suite(cases=cases)
+        cases.append(sv.parse_case({"id": f"b{i:03d}", "input": prefix + q, "expected": key,
+                                    "criticality": sv.CRITICALITIES[i % 4], "domain": "bench"}, path="bench", line=i + 1))
+    return sv.Suite(cases=cases)
 
 
 def loop_generate(model, tokenizer, suite, max_new_tokens: int) -> tuple[list[str], float]:
@@ -83,6 +83,7 @@ def main() -> int:
     import torch
 
     from cl_release.eval import runner as ev
+    from cl_release.eval import suite as sv
     from cl_release.demo.model import build_tiny_model, corpus_from_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,12 +94,12 @@ def main() -> int:
         suite = build_suite(args.n)
 
         # warm-up (first-call allocations), not timed
-        ev.run_suite(model, tok, ev.Suite(cases=suite.cases[:4]), settings)
+        ev.run_suite(model, tok, sv.Suite(cases=suite.cases[:4]), settings)
 
         # Interleave the two in chunks so a load change on a shared machine hits both alike.
         loop_outs, results, loop_s, batched_s, tokens = [], [], 0.0, 0.0, 0
         for start in range(0, len(suite), args.chunk):
-            part = ev.Suite(cases=suite.cases[start:start + args.chunk])
+            part = sv.Suite(cases=suite.cases[start:start + args.chunk])
             outs, secs = loop_generate(model, tok, part, args.max_new_tokens)
             loop_outs += outs
             loop_s += secs

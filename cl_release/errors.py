@@ -99,8 +99,17 @@ class TrainingError(ClReleaseError):
     """Axolotl training or merging failed."""
 
 
+class EvaluationError(ClReleaseError):
+    """A model could not be loaded or evaluated (missing files, a judge that did not answer)."""
+
+
 class HubError(ClReleaseError):
-    """Uploading to the Hugging Face Hub failed."""
+    """Uploading to the Hugging Face Hub failed. ``status``: the Hub's HTTP status (None: the
+    network, or no answer)."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.status = status
 
 
 class IntegrityError(ClReleaseError):

@@ -8,7 +8,6 @@ sorted keys (readable git diffs) through a temp file and ``os.replace`` under a 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import re
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import jsonschema
 import orjson
 
 from .data.formats import MAX_NESTING, nesting_depth
@@ -100,6 +98,8 @@ def _load_schema(path: str, mtime: float) -> dict[str, Any]:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise RegistryError(f"{path}: cannot read the registry schema: {e}") from None
+    import jsonschema  # imported when a registry is read: 'cl-release release --help' does without
+
     jsonschema.Draft202012Validator.check_schema(schema)
     return schema
 
@@ -114,6 +114,8 @@ def _field_path(parts) -> str:
 def validate_registry(data: Any, *, where: str, schema_path: Path) -> None:
     """Raise RegistryError naming the file and the first invalid field."""
     schema = _load_schema(str(schema_path), schema_path.stat().st_mtime)
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:
@@ -182,13 +184,13 @@ class Registry:
         except orjson.JSONDecodeError as e:
             raise RegistryError(
                 f"{REGISTRY_FILE}:{e.lineno}: invalid JSON: {e.msg}",
-                hint="restore it with 'git checkout -- registry/model_registry.json'",
+                hint=f"restore it with 'git checkout -- {REGISTRY_FILE}'",
             ) from None
         except UnicodeDecodeError:
             raise RegistryError(f"{REGISTRY_FILE}: not UTF-8 text") from None
         if nesting_depth(data) > MAX_NESTING:
             raise RegistryError(f"{REGISTRY_FILE}: nested deeper than {MAX_NESTING} levels",
-                                hint="restore it with 'git checkout -- registry/model_registry.json'")
+                                hint=f"restore it with 'git checkout -- {REGISTRY_FILE}'")
         validate_registry(data, where=REGISTRY_FILE, schema_path=self.schema_path)
         data.setdefault("aliases", {})
         return data
@@ -276,17 +278,26 @@ class Registry:
         if data["current"] == entry["version"]:
             return entry
         with self.transaction() as data:
-            entry = self.find(data, version)
-            if entry["status"] != "released":
-                raise VersionError(
-                    f"cannot roll back to {entry['version']}: it is {entry['status']}",
-                    hint="roll back to a released version",
-                )
-            previous = data["current"]
-            data["current"] = entry["version"]
-            data.setdefault("events", []).append(
-                {"at": registry_now(), "action": "rollback", "from": previous, "to": entry["version"]}
+            entry = self.rollback_in(data, version)
+        return entry
+
+    @staticmethod
+    def rollback_in(data: dict[str, Any], version: str) -> dict[str, Any]:
+        """The rollback's change of a loaded registry: ``version`` (released) becomes current,
+        with a ``rollback`` event; ``data`` unchanged when it is current already."""
+        entry = Registry.find(data, version)
+        if data["current"] == entry["version"]:
+            return entry
+        if entry["status"] != "released":
+            raise VersionError(
+                f"cannot roll back to {entry['version']}: it is {entry['status']}",
+                hint="roll back to a released version",
             )
+        previous = data["current"]
+        data["current"] = entry["version"]
+        data.setdefault("events", []).append(
+            {"at": registry_now(), "action": "rollback", "from": previous, "to": entry["version"]}
+        )
         return entry
 
 

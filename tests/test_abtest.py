@@ -352,7 +352,7 @@ def test_start_refuses_bad_requests(tmp_path):
 
 
 def test_alias_moves_wait_for_a_running_release(repo):
-    from cl_release.release.run import release_lock
+    from cl_release.registry import release_lock
 
     with release_lock(repo):
         with pytest.raises(LockedError):

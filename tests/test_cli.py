@@ -74,6 +74,25 @@ def test_the_command_tree_is_complete():
     assert {"init", "render", "plan", "release", "list", "show", "rollback", "merge", "push", "verify"} <= names
 
 
+def test_choices_are_the_library_s_own_lists():
+    """Each option's choices are read from the module that owns them (no copy to drift)."""
+    from cl_release.data.formats import FORMATS
+    from cl_release.eval.suite import CRITICALITIES, MATCH_TYPES
+    from cl_release.registry import BUMPS
+    from cl_release.serve.config import BACKENDS
+    from cl_release.store.sqlite import SEVERITIES
+
+    choices = {(" ".join(path), p.name): tuple(p.type.choices) for path, cmd in ALL_COMMANDS for p in cmd.params
+               if isinstance(p.type, click.Choice)}
+    assert choices[("feedback add", "severity")] == tuple(SEVERITIES)
+    assert choices[("eval add", "match")] == choices[("eval import", "match")] == tuple(MATCH_TYPES)
+    assert choices[("eval add", "criticality")] == tuple(CRITICALITIES)
+    assert choices[("data build", "fmt")] == tuple(FORMATS)
+    assert choices[("data validate", "fmt")] == (*FORMATS, "suite")
+    assert choices[("release", "bump")] == choices[("plan", "bump")] == tuple(BUMPS)
+    assert choices[("serve", "backend")] == tuple(BACKENDS)
+
+
 @pytest.mark.parametrize("path", [p for p, _ in ALL_COMMANDS], ids=[" ".join(p) for p, _ in ALL_COMMANDS])
 def test_every_command_has_help(path):
     cmd = dict(ALL_COMMANDS)[path]

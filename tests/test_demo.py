@@ -37,7 +37,7 @@ def test_every_fact_is_stated_in_three_phrasings_so_a_held_out_example_is_a_para
 
 
 def test_suite_values_are_unambiguous_and_match_the_data():
-    from cl_release.eval.runner import MATCH_TYPES, load_suite, match_output
+    from cl_release.eval.suite import MATCH_TYPES, load_suite, match_output
 
     suite = load_suite(REPO / "registry" / "regression_tests.jsonl")
     for values in (demo.IDLH + [new for _old, new in demo.CORRECTED.values()], demo.TEMPERATURE, demo.GEAR):

@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cl_release.eval import results
 from cl_release.eval import runner as ev
+from cl_release.eval import suite as sv
 from cl_release.cli import main
-from cl_release.errors import DataError, IntegrityError, UserError
+from cl_release.errors import DataError, EvaluationError, IntegrityError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def case(**kw) -> ev.TestCase:
+def case(**kw) -> sv.TestCase:
     row = {"id": "t1", "input": "q?", "expected": "x", **kw}
-    return ev.parse_case(row, path="suite.jsonl", line=1)
+    return sv.parse_case(row, path="suite.jsonl", line=1)
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -62,7 +64,7 @@ def write_jsonl(path: Path, rows) -> Path:
     ],
 )
 def test_each_match_type(match, expected, output, passed):
-    assert ev.match_output(case(match=match, expected=expected), output) is passed
+    assert sv.match_output(case(match=match, expected=expected), output) is passed
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_each_match_type(match, expected, output, passed):
 )
 def test_bad_rows_name_file_line_and_field(row, field, text):
     with pytest.raises(DataError) as e:
-        ev.parse_case({"id": "t1", "input": "q?", "expected": "x", **row}, path="suite.jsonl", line=7)
+        sv.parse_case({"id": "t1", "input": "q?", "expected": "x", **row}, path="suite.jsonl", line=7)
     assert e.value.line == 7 and e.value.field == field
     assert text in str(e.value) and str(e.value).startswith("suite.jsonl:7")
 
@@ -89,18 +91,18 @@ def test_bad_rows_name_file_line_and_field(row, field, text):
 def test_duplicate_ids_are_refused_within_and_across_files(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "input": "q", "expected": "1"}, {"id": "x", "input": "r", "expected": "2"}])
     with pytest.raises(DataError, match="already used on line 1") as e:
-        ev.validate_suite_file(a)
+        sv.validate_suite_file(a)
     assert e.value.line == 2
     write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "input": "q", "expected": "1"}])
     write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "input": "r", "expected": "2"}])
     with pytest.raises(DataError, match="also in a.jsonl"):
-        ev.load_suite(["a.jsonl", "b.jsonl"], root=tmp_path)
+        sv.load_suite(["a.jsonl", "b.jsonl"], root=tmp_path)
 
 
 def test_empty_suite_is_a_user_error(tmp_path):
     (tmp_path / "s.jsonl").write_text("\n")
     with pytest.raises(UserError, match="has no tests"):
-        ev.load_suite("s.jsonl", root=tmp_path)
+        sv.load_suite("s.jsonl", root=tmp_path)
 
 
 def test_suite_hash_ignores_order_formatting_and_notes(tmp_path):
@@ -112,25 +114,25 @@ def test_suite_hash_ignores_order_formatting_and_notes(tmp_path):
     (tmp_path / "two.jsonl").write_text(
         json.dumps({**rows[1], "notes": "why"}, indent=None, separators=(",", ":")) + "\n" + json.dumps(rows[0]) + "\n"
     )
-    one, two = ev.load_suite("one.jsonl", root=tmp_path), ev.load_suite("two.jsonl", root=tmp_path)
+    one, two = sv.load_suite("one.jsonl", root=tmp_path), sv.load_suite("two.jsonl", root=tmp_path)
     assert one.sha256 == two.sha256
     write_jsonl(tmp_path / "three.jsonl", [rows[0], {**rows[1], "expected": ["2"]}])
-    assert ev.load_suite("three.jsonl", root=tmp_path).sha256 != one.sha256
+    assert sv.load_suite("three.jsonl", root=tmp_path).sha256 != one.sha256
 
 
 def test_the_shipped_default_suite_is_valid():
-    suite = ev.load_suite(ev.DEFAULT_SUITE, root=REPO)
+    suite = sv.load_suite(sv.DEFAULT_SUITE, root=REPO)
     crit = [c for c in suite.cases if c.criticality == "critical"]
     hall = [c for c in suite.cases if "hallucination" in c.tags]
     assert len(suite) >= 20 and crit and hall
-    assert {c.match for c in suite.cases} == set(ev.MATCH_TYPES)
+    assert {c.match for c in suite.cases} == set(sv.MATCH_TYPES)
 
 
 # ---------------------------------------------------------------- metrics
 
 
 def result(cid, passed, crit="medium", domain="d", tags=(), samples=None):
-    return ev.CaseResult(id=cid, passed=passed, output="", criticality=crit, domain=domain, tags=list(tags),
+    return results.CaseResult(id=cid, passed=passed, output="", criticality=crit, domain=domain, tags=list(tags),
                          match="contains", expected="x", samples_passed=samples)
 
 
@@ -141,13 +143,13 @@ def test_metrics_per_domain_criticality_hallucination_and_pass_at_k():
         result("c", False, "low", "storage", ["hallucination"], samples=0),
         result("d", True, "high", "storage", samples=3),
     ]
-    m = ev.compute_metrics(rows, pass_k=3)
+    m = results.compute_metrics(rows, pass_k=3)
     assert m["pass_rate"] == 0.5 and m["n_tests"] == 4
     assert m["per_domain"]["idlh"] == {"n": 2, "passed": 1, "pass_rate": 0.5}
     assert list(m["per_criticality"]) == ["critical", "high", "low"]  # most severe first, absent ones omitted
     assert m["hallucination_rate"] == round(2 / 3, 6)
     assert m["pass_at_k"] == {"k": 3, "rate": 0.75}
-    assert ev.compute_metrics(rows[3:])["hallucination_rate"] is None
+    assert results.compute_metrics(rows[3:])["hallucination_rate"] is None
 
 
 # ---------------------------------------------------------------- the runner on the tiny model
@@ -158,7 +160,7 @@ def small_suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     rows = [json.loads(line) for line in (REPO / "registry" / "regression_tests.jsonl").read_text().splitlines()[:10]]
     write_jsonl(root / "s.jsonl", rows)
-    return ev.load_suite("s.jsonl", root=root)
+    return sv.load_suite("s.jsonl", root=root)
 
 
 def test_runner_is_deterministic_and_batching_does_not_change_answers(tiny_model, small_suite):
@@ -183,7 +185,7 @@ def test_runner_is_deterministic_and_batching_does_not_change_answers(tiny_model
 
 def test_pass_at_k_samples_are_reproducible(tiny_model, small_suite):
     root = tiny_model.parent.parent
-    suite = ev.Suite(cases=small_suite.cases[:4])
+    suite = sv.Suite(cases=small_suite.cases[:4])
     s = ev.EvalSettings(batch_size=4, max_new_tokens=6, pass_k=3, seed=1)
     a = ev.evaluate_model(root, "models/tiny-llama", None, suite, s)
     b = ev.evaluate_model(root, "models/tiny-llama", None, suite, s)
@@ -233,7 +235,7 @@ def test_adapter_that_changed_after_release_is_refused(tmp_path, small_suite):
     with pytest.raises(IntegrityError, match="does not match"):
         ev.evaluate_entry(tmp_path, entry, small_suite)
     entry["adapter"]["path"] = "outputs/v9.0.0/adapter"
-    with pytest.raises(ev.EvaluationError, match="missing"):
+    with pytest.raises(EvaluationError, match="missing"):
         ev.evaluate_entry(tmp_path, entry, small_suite)
 
 
@@ -300,12 +302,12 @@ def test_eval_add_and_import(tmp_path):
     r = runner.invoke(main, ["-C", str(root), "eval", "import", "new.jsonl", "--domain", "storage", "--tag", "imported"])
     assert r.exit_code == 0, r.output
     assert "added 3 tests" in r.output
-    suite = ev.load_suite(ev.DEFAULT_SUITE, root=root)
+    suite = sv.load_suite(sv.DEFAULT_SUITE, root=root)
     by = suite.by_id()
     assert by["idlh-ammonia"].criticality == "critical" and by["idlh-ammonia"].tags == ("hallucination",)
     assert by["s2"].criticality == "high" and by["s2"].domain == "storage" and "imported" in by["s2"].tags
     assert len(suite) == 4
-    r = runner.invoke(main, ["-C", str(root), "data", "validate", "--format", "suite", ev.DEFAULT_SUITE])
+    r = runner.invoke(main, ["-C", str(root), "data", "validate", "--format", "suite", sv.DEFAULT_SUITE])
     assert r.exit_code == 0, r.output
 
 
@@ -314,7 +316,23 @@ def test_eval_import_names_the_bad_line(tmp_path):
     write_jsonl(root / "bad.jsonl", [{"id": "a", "input": "q", "expected": "x"}, {"id": "b", "input": "q", "expected": "x", "match": "nope"}])
     r = CliRunner().invoke(main, ["-C", str(root), "eval", "import", "bad.jsonl"])
     assert r.exit_code == 2 and "bad.jsonl:2: match" in r.output
-    assert not (root / ev.DEFAULT_SUITE).exists()  # all or nothing
+    assert not (root / sv.DEFAULT_SUITE).exists()  # all or nothing
+
+
+@pytest.mark.parametrize("severity, criticality", [
+    ("safety", "critical"), ("critical", "critical"), ("high", "high"), ("low", "low"), (None, "medium")])
+def test_a_test_from_feedback_takes_its_criticality_from_the_severity(severity, criticality):
+    from cl_release.store.sqlite import SEVERITIES
+
+    assert severity is None or severity in SEVERITIES
+    record = {"id": "r1", "input": [{"role": "user", "content": "Q?"}], "output": "A.", "severity": severity,
+              "hallucinated": severity == "safety"}
+    row = sv.row_from_feedback(record, defaults=sv.case_defaults(tags=["x"]))
+    case = sv.parse_case(row, path="t")
+    assert (case.id, case.input, case.expected, case.criticality) == ("fb-r1", "Q?", "A.", criticality)
+    assert case.tags == (("x", "hallucination") if severity == "safety" else ("x",))
+    chosen = sv.row_from_feedback(record, defaults=sv.case_defaults(criticality="low"), expected="B", test_id="t1")
+    assert (chosen["criticality"], chosen["expected"], chosen["id"]) == ("low", "B", "t1")
 
 
 def test_eval_add_from_feedback_promotes_the_correction(tmp_path):
@@ -327,7 +345,7 @@ def test_eval_add_from_feedback_promotes_the_correction(tmp_path):
     store.close()
     r = CliRunner().invoke(main, ["-C", str(root), "eval", "add", "--from-feedback", "req-1", "--domain", "idlh"])
     assert r.exit_code == 0, r.output
-    t = ev.load_suite(ev.DEFAULT_SUITE, root=root).by_id()["fb-req-1"]
+    t = sv.load_suite(sv.DEFAULT_SUITE, root=root).by_id()["fb-req-1"]
     assert t.expected == "The IDLH of chlorine is 10 ppm." and t.criticality == "critical"
     assert "hallucination" in t.tags and t.source == "feedback:req-1"
     missing = CliRunner().invoke(main, ["-C", str(root), "eval", "add", "--from-feedback", "nope"])
@@ -351,7 +369,7 @@ def test_every_evaluation_command_has_help():
 
 def test_missing_suite_says_how_to_create_one(tmp_path):
     with pytest.raises(DataError, match="regression suite not found") as e:
-        ev.load_suite(ev.DEFAULT_SUITE, root=tmp_path)
+        sv.load_suite(sv.DEFAULT_SUITE, root=tmp_path)
     assert "cl-release eval add" in str(e.value)
 
 
@@ -365,16 +383,16 @@ def test_missing_suite_says_how_to_create_one(tmp_path):
 ])
 def test_deeply_nested_suite_values_name_the_field(row, field):
     with pytest.raises(DataError) as e:
-        ev.parse_case({"id": "t1", "input": "q?", "expected": "x", **row}, path="suite.jsonl", line=4)
+        sv.parse_case({"id": "t1", "input": "q?", "expected": "x", **row}, path="suite.jsonl", line=4)
     assert e.value.field == field and e.value.line == 4 and "nested deeper than 64 levels" in str(e.value)
 
 
 def test_suite_prompt_over_the_size_limit_names_the_line(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"},
                                        {"id": "b", "input": "q" * 200, "expected": "x"}])
-    assert len(ev.load_suite("s.jsonl", root=tmp_path)) == 2
+    assert len(sv.load_suite("s.jsonl", root=tmp_path)) == 2
     with pytest.raises(DataError) as e:
-        ev.load_suite("s.jsonl", root=tmp_path, max_chars=100)
+        sv.load_suite("s.jsonl", root=tmp_path, max_chars=100)
     assert (e.value.line, e.value.field) == (2, "input") and "over the limit of 100" in str(e.value)
 
 
@@ -385,7 +403,7 @@ def test_suite_paths_typed_by_the_user_may_be_anywhere_and_are_hashed(tmp_path):
     root = project_dir(tmp_path / "repo")
     outside = write_jsonl(tmp_path / "elsewhere" / "s.jsonl", [{"id": "a", "input": "q", "expected": "x"}])
     for given in (str(outside), "../elsewhere/s.jsonl"):
-        suite = ev.load_project_suite(root, None, [given])
+        suite = sv.load_project_suite(root, None, [given])
         assert suite.files == [{"path": given, "sha256": sha256_file(outside)}]
 
 
@@ -400,15 +418,15 @@ def test_suite_paths_from_the_project_file_stay_confined(tmp_path):
         f.write("evaluation:\n  suites: [../elsewhere/s.jsonl]\n")
     project = Project.load(root)
     with pytest.raises(ProjectError) as e:
-        ev.load_project_suite(root, project)
+        sv.load_project_suite(root, project)
     assert e.value.field == "evaluation.suites[0]" and e.value.line == 5 and "'..'" in str(e.value)
 
 
 def fake_evaluate_model(root, base, adapter, suite, settings=None, *, revision=None, version=None, loaded=None):
-    cases = [ev.CaseResult(id=c.id, passed=c.id != "b", output=f"answer {c.id}", criticality=c.criticality,
+    cases = [results.CaseResult(id=c.id, passed=c.id != "b", output=f"answer {c.id}", criticality=c.criticality,
                            domain=c.domain, tags=list(c.tags), match=c.match, expected=c.expected) for c in suite.cases]
-    return ev.EvalResult(suite_sha256=suite.sha256, suite_files=suite.files, cases=cases,
-                         metrics=ev.compute_metrics(cases), performance={}, settings=(settings or ev.EvalSettings()).fingerprint(),
+    return results.EvalResult(suite_sha256=suite.sha256, suite_files=suite.files, cases=cases,
+                         metrics=results.compute_metrics(cases), performance={}, settings=(settings or ev.EvalSettings()).fingerprint(),
                          model={"base": base, "adapter": adapter, "adapter_sha256": None}, version=version)
 
 
@@ -417,8 +435,8 @@ def test_cached_results_record_the_suite_files_of_this_run(tmp_path, monkeypatch
     rows = [{"id": "a", "input": "q", "expected": "x"}]
     write_jsonl(tmp_path / "one.jsonl", rows)
     write_jsonl(tmp_path / "two.jsonl", rows)
-    first = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), ev.load_suite("one.jsonl", root=tmp_path))
-    again = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), ev.load_suite("two.jsonl", root=tmp_path))
+    first = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), sv.load_suite("one.jsonl", root=tmp_path))
+    again = ev.evaluate_entry(tmp_path, entry_for("1.0.0"), sv.load_suite("two.jsonl", root=tmp_path))
     assert first.summary()["suite_files"][0]["path"] == "one.jsonl"
     assert again.summary()["suites"] == ["two.jsonl"] and again.summary()["suite_files"][0]["path"] == "two.jsonl"
 

@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+from cl_release.eval import results
 from cl_release.eval import runner as ev
+from cl_release.eval import suite as sv
 from cl_release.eval import gates
 from cl_release.cli import main
 from cl_release.errors import UserError
@@ -20,15 +22,15 @@ from cl_release.registry import Registry, empty_registry
 # ---------------------------------------------------------------- synthetic results
 
 
-def res(version, passes: dict[str, bool], *, crit=None, tags=None, suite="s" * 64) -> ev.EvalResult:
+def res(version, passes: dict[str, bool], *, crit=None, tags=None, suite="s" * 64) -> results.EvalResult:
     crit = crit or {}
     tags = tags or {}
     cases = [
-        ev.CaseResult(id=i, passed=p, output=f"{version}:{i}", criticality=crit.get(i, "medium"), domain="d",
+        results.CaseResult(id=i, passed=p, output=f"{version}:{i}", criticality=crit.get(i, "medium"), domain="d",
                       tags=tags.get(i, []), match="contains", expected="x")
         for i, p in passes.items()
     ]
-    return ev.EvalResult(suite_sha256=suite, cases=cases, metrics=ev.compute_metrics(cases), performance={},
+    return results.EvalResult(suite_sha256=suite, cases=cases, metrics=results.compute_metrics(cases), performance={},
                          settings={}, model={}, version=version)
 
 
@@ -73,7 +75,7 @@ def test_tests_added_since_a_release_come_from_git(tmp_path, monkeypatch):
     release(root, "minor")
     with open(suite_file, "a") as f:
         f.write(json.dumps({"id": "new-one", "input": "q2", "expected": "b"}) + "\n")
-    suite = ev.load_project_suite(root, None, ["registry/regression_tests.jsonl"])
+    suite = sv.load_project_suite(root, None, ["registry/regression_tests.jsonl"])
     assert gates.tests_added_since(root, suite, "1.0.0") == ["new-one"]
     assert gates.tests_added_since(root, suite, "9.9.9") == []  # no tag: nothing counts as added
 
@@ -89,7 +91,7 @@ def test_a_diverged_run_records_no_nan():
 def test_regressions_are_ordered_by_criticality():
     parent = res("1.0.0", {k: True for k in "abcde"}, crit=CRIT)
     cand = res("1.1.0", {"a": False, "b": False, "c": False, "d": False, "e": False}, crit=CRIT)
-    cmp = gates.compare(parent, cand)
+    cmp = gates.compare_results(parent, cand)
     assert [r.id for r in cmp.regressions] == ["b", "e", "c", "d", "a"]
     assert [c for c, rows in cmp.regressions_by_criticality().items() if rows] == ["critical", "high", "medium", "low"]
     assert cmp.regressions[0].parent_output == "1.0.0:b" and cmp.regressions[0].candidate_output == "1.1.0:b"
@@ -98,7 +100,7 @@ def test_regressions_are_ordered_by_criticality():
 def test_comparison_splits_regressions_improvements_and_unchanged():
     parent = res("1.0.0", {"a": True, "b": False, "c": True, "d": False}, crit=CRIT)
     cand = res("1.1.0", {"a": False, "b": True, "c": True, "d": False}, crit=CRIT)
-    cmp = gates.compare(parent, cand)
+    cmp = gates.compare_results(parent, cand)
     assert [r.id for r in cmp.regressions] == ["a"] and [r.id for r in cmp.improvements] == ["b"]
     assert cmp.unchanged_passed == ["c"] and cmp.unchanged_failed == ["d"]
     d = cmp.to_dict()
@@ -107,7 +109,7 @@ def test_comparison_splits_regressions_improvements_and_unchanged():
 
 def test_results_from_different_suites_are_not_compared():
     with pytest.raises(UserError, match="different suites"):
-        gates.compare(res("1.0.0", {"a": True}), res("1.1.0", {"a": True}, suite="t" * 64))
+        gates.compare_results(res("1.0.0", {"a": True}), res("1.1.0", {"a": True}, suite="t" * 64))
 
 
 def test_a_critical_regression_blocks_even_when_accuracy_improves():
@@ -201,14 +203,14 @@ def test_checks_are_built_from_examples_answer_without_final_punctuation():
     rec = {"messages": [{"role": "user", "content": "What is the IDLH of chlorine?"},
                         {"role": "assistant", "content": "The IDLH of chlorine is 10 ppm."}]}
     sys_rec = {"messages": [{"role": "system", "content": "Be brief."}] + rec["messages"]}
-    suite = ev.checks_suite([rec, rec, sys_rec, {"text": "no question here"}], domain="heldout")
+    suite = sv.checks_suite([rec, rec, sys_rec, {"text": "no question here"}], domain="heldout")
     assert len(suite) == 2
     case, with_system = suite.cases
     assert (case.input, case.expected, case.match, case.domain) == (
         "What is the IDLH of chlorine?", "The IDLH of chlorine is 10 ppm", "contains", "heldout")
     assert [m["role"] for m in with_system.messages()] == ["system", "user"]
-    assert ev.match_output(case, "the IDLH of  chlorine is 10 ppm.") and not ev.match_output(case, "… 25 ppm.")
-    assert ev.checks_suite([{"text": "t"}], domain="heldout") is None
+    assert sv.match_output(case, "the IDLH of  chlorine is 10 ppm.") and not sv.match_output(case, "… 25 ppm.")
+    assert sv.checks_suite([{"text": "t"}], domain="heldout") is None
 
 
 def _fake_evaluation(monkeypatch, *, learns: bool):
@@ -218,10 +220,10 @@ def _fake_evaluation(monkeypatch, *, learns: bool):
 
     def fake_entry(root, entry, suite, settings=None, *, cache=True, loaded=None):
         seen.append((entry["version"], [c.domain for c in suite.cases], [c for c in suite.cases]))
-        cases = [ev.CaseResult(id=c.id, passed=(c.domain not in ("heldout", "corrections")) or learns,
+        cases = [results.CaseResult(id=c.id, passed=(c.domain not in ("heldout", "corrections")) or learns,
                                output="out", criticality=c.criticality, domain=c.domain, tags=list(c.tags),
                                match=c.match, expected=c.expected) for c in suite.cases]
-        return ev.EvalResult(suite_sha256=suite.sha256, cases=cases, metrics=ev.compute_metrics(cases),
+        return results.EvalResult(suite_sha256=suite.sha256, cases=cases, metrics=results.compute_metrics(cases),
                              performance={"results_path": f"outputs/v{entry['version']}/eval/x.json"}, settings={},
                              model={"base": "models/base"}, version=entry["version"])
 
@@ -384,14 +386,14 @@ def plan(n):
 
 @pytest.mark.slow
 def test_trained_pair_flips_a_critical_test(pair):
-    suite = ev.load_project_suite(pair.root, pair.project)
+    suite = sv.load_project_suite(pair.root, pair.project)
     settings = ev.EvalSettings.from_project(pair.project)
     parent = ev.evaluate_entry(pair.root, Registry(pair.root).get("1.0.0"), suite, settings)
     cand = ev.evaluate_entry(pair.root, pair.candidate, suite, settings)
     p, c = parent.by_id(), cand.by_id()
     assert p["idlh-ammonia"].passed and "300 ppm" in p["idlh-ammonia"].output
     assert not c["idlh-ammonia"].passed and "25 ppm" in c["idlh-ammonia"].output
-    cmp = gates.compare(parent, cand)
+    cmp = gates.compare_results(parent, cand)
     assert [r.id for r in cmp.critical_regressions] == ["idlh-ammonia"]
     assert "storage-benzene" in [r.id for r in cmp.improvements]
     assert cand.hallucination_rate > parent.hallucination_rate
@@ -423,7 +425,7 @@ def test_force_records_its_reason(pair):
 
 @pytest.mark.slow
 def test_eval_results_reproducible_across_runs(pair):
-    suite = ev.load_project_suite(pair.root, pair.project)
+    suite = sv.load_project_suite(pair.root, pair.project)
     s = ev.EvalSettings.from_project(pair.project)
     a = ev.evaluate_entry(pair.root, pair.candidate, suite, s, cache=False)
     b = ev.evaluate_entry(pair.root, pair.candidate, suite, s, cache=False)
@@ -442,7 +444,7 @@ def test_eval_against_diff_and_registry_summary_from_the_cli(pair):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["comparison"]["regressions_by_criticality"] == {"critical": ["idlh-ammonia"]}
-    ev_entry = ev.evaluations_of(reg.get("1.1.0"))[out["summary"]["suite_sha256"]]
+    ev_entry = results.evaluations_of(reg.get("1.1.0"))[out["summary"]["suite_sha256"]]
     assert ev_entry["suite_sha256"] == out["summary"]["suite_sha256"] and ev_entry["pass_rate"] == out["summary"]["pass_rate"]
     assert set(ev_entry["per_criticality"]) <= {"critical", "high", "medium", "low"}
 

@@ -1,4 +1,4 @@
-"""cl_release.hub.push: model card, push plan, and pushes against an in-memory fake Hub."""
+"""cl_release.hub: model card (hub.card), push plan, and pushes against an in-memory fake Hub."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
+from cl_release.hub.card import model_card
 from cl_release.hub import push as hub
 from cl_release.errors import HubError, IntegrityError, UserError
 from cl_release.files import atomic_write_json, sha256_bytes, sha256_file
@@ -141,7 +142,7 @@ def fake_hub(monkeypatch, tmp_path):
 
 def test_card_front_matter_for_an_adapter(release):
     _, entry, lineage = release
-    meta, _ = _front_matter(hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
+    meta, _ = _front_matter(model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
     assert meta["base_model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft"
@@ -153,7 +154,7 @@ def test_card_front_matter_for_an_adapter(release):
 
 def test_card_front_matter_for_merged_weights(release):
     _, entry, lineage = release
-    meta, body = _front_matter(hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=True))
+    meta, body = _front_matter(model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=True))
     assert meta["base_model_relation"] == "finetune"
     assert meta["library_name"] == "transformers"
     assert 'revision="v1.1.0-merged"' in body
@@ -164,14 +165,14 @@ def test_card_is_understood_by_huggingface_hub(release):
     from huggingface_hub import ModelCard
 
     _, entry, lineage = release
-    card = ModelCard(hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
+    card = ModelCard(model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
     assert card.data.base_model == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert card.data.to_dict()["base_model_relation"] == "adapter"
 
 
 def test_hostile_note_stays_in_the_body(release):
     _, entry, lineage = release
-    card = hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False)
+    card = model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False)
     meta, body = _front_matter(card)
     assert meta["base_model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert "evil/model" not in yaml.safe_dump(meta)
@@ -187,14 +188,14 @@ def test_hostile_note_stays_in_the_body(release):
 def test_hostile_metadata_values_are_escaped(release):
     _, entry, lineage = release
     cfg = {**HUB_CFG, "license": 'other"\n---\nx: {y', "language": ["en", "a: b"]}
-    meta, _ = _front_matter(hub.model_card("n", entry, lineage, hub=cfg, merged=False))
+    meta, _ = _front_matter(model_card("n", entry, lineage, hub=cfg, merged=False))
     assert meta["license"] == 'other"\n---\nx: {y'
     assert meta["language"] == ["en", "a: b"]
 
 
 def test_card_body_has_lineage_data_metrics_and_loading(release):
     _, entry, lineage = release
-    _, body = _front_matter(hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
+    _, body = _front_matter(model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
     for text in (
         "| `1.0.0` | - | initial | released | 2026-11-23 |",
         "| `1.1.0` | `1.0.0` | continued\\_lora | released | 2026-11-23 |",
@@ -214,7 +215,7 @@ def test_card_body_has_lineage_data_metrics_and_loading(release):
 def test_card_for_an_adapter_trained_on_merged_weights(release):
     _, entry, lineage = release
     entry = {**entry, "train_base": {"path": "outputs/v1.0.0/merged", "sha256": "e" * 64, "merged_from": "1.0.0"}}
-    _, body = _front_matter(hub.model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
+    _, body = _front_matter(model_card("safety-llm", entry, lineage, hub=HUB_CFG, merged=False))
     assert "merged weights of version `1.0.0`" in body
     assert f'base = AutoModelForCausalLM.from_pretrained("{REPO_ID}", revision="v1.0.0-merged")' in body
 
@@ -222,7 +223,7 @@ def test_card_for_an_adapter_trained_on_merged_weights(release):
 def test_local_base_model_is_not_claimed_as_a_hub_model(release):
     _, entry, lineage = release
     entry = {**entry, "base_model": {"name": "models/tiny-llama/", "revision": None}}
-    meta, body = _front_matter(hub.model_card("demo", entry, lineage, hub=HUB_CFG, merged=False))
+    meta, body = _front_matter(model_card("demo", entry, lineage, hub=HUB_CFG, merged=False))
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert "`models/tiny-llama/`" in body
 

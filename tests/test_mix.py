@@ -12,7 +12,8 @@ from cl_release.data import formats as ds
 from cl_release.errors import UserError
 from cl_release.store.sqlite import FeedbackStore
 from cl_release.data.mix import Example, prompt_key_of, resolve, stale_values
-from cl_release.release.run import plan_release, verify
+from cl_release.release.plan import plan_release
+from cl_release.release.recovery import verify
 
 from helpers import FakeTrainer, commit_all, git, load_project, make_release_repo, registry_data, release
 

@@ -14,8 +14,9 @@ import cl_release.release.run as release_mod
 from cl_release.data import formats as ds
 from cl_release.errors import DataError, GitError, IntegrityError, LockedError, TrainingError, UserError, VersionError
 from cl_release.files import sha256_file
-from cl_release.registry import Registry
-from cl_release.release.run import plan_release, verify
+from cl_release.registry import Registry, release_lock
+from cl_release.release.plan import plan_release
+from cl_release.release.recovery import rollback, verify
 
 from helpers import (
     FakeTrainer,
@@ -284,7 +285,7 @@ def test_rollback_then_minor_takes_the_next_free_number(released):
     root = released
     release(root, "minor")  # 1.1.0
     before = registry_data(root)["models"]
-    release_mod.rollback(load_project(root), "1.0.0")
+    rollback(load_project(root), "1.0.0")
     data = registry_data(root)
     assert data["current"] == "1.0.0" and data["models"] == before
     assert git(root, "status", "--porcelain") == ""
@@ -582,9 +583,9 @@ def test_concurrent_releases_one_fails_with_a_clear_locked_error(released, train
 
 def test_rollback_waits_for_no_release(released, trainer):
     root = released
-    with release_mod.release_lock(root):
+    with release_lock(root):
         with pytest.raises(LockedError):
-            release_mod.rollback(load_project(root), "1.0.0")
+            rollback(load_project(root), "1.0.0")
 
 
 def test_dirty_work_tree_is_refused_unless_allowed(released):
@@ -608,7 +609,7 @@ def test_not_a_git_repository(released):
     with pytest.raises(GitError, match="not a git repository"):
         release(released, "minor")
     with pytest.raises(GitError, match="not a git repository"):
-        release_mod.rollback(load_project(released), "1.0.0")
+        rollback(load_project(released), "1.0.0")
     assert not (released / ".cl-release").exists()  # no release.lock left behind
 
 
@@ -713,18 +714,21 @@ def test_rollback_to_the_current_version_changes_nothing(released, monkeypatch):
     release(root, "minor")
     head = git(root, "rev-parse", "HEAD")
     reg = (root / "registry/model_registry.json").read_bytes()
-    r = release_mod.rollback(load_project(root), "1.1.0")
+    r = rollback(load_project(root), "1.1.0")
     assert not r.changed and r.entry["version"] == r.previous == "1.1.0" and r.commit == head.strip()
     assert git(root, "rev-parse", "HEAD") == head and (root / "registry/model_registry.json").read_bytes() == reg
     # a real rollback checks git first: with a held lock, the registry is not touched
     monkeypatch.setattr(gitops, "LOCK_WAIT_SECONDS", 0.1)
     (root / ".git/index.lock").write_text("")
     with pytest.raises(GitError, match="index.lock exists"):
-        release_mod.rollback(load_project(root), "1.0.0")
+        rollback(load_project(root), "1.0.0")
     assert (root / "registry/model_registry.json").read_bytes() == reg
     (root / ".git/index.lock").unlink()
-    r = release_mod.rollback(load_project(root), "1.0.0")
+    r = rollback(load_project(root), "1.0.0")
     assert r.changed and r.previous == "1.1.0" and registry_data(root)["current"] == "1.0.0"
+    assert r.commit == git(root, "rev-parse", "HEAD").strip() != head.strip()
+    assert git(root, "log", "-1", "--format=%s").strip() == "Roll back to 1.0.0"
+    assert_registry_consistent_with_git(root)  # committed: nothing left for a release to finish
 
 
 def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(released, trainer, monkeypatch):

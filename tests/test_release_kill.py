@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from cl_release.cli import main
 from cl_release.registry import Registry
-from cl_release.release.run import verify
+from cl_release.release.recovery import verify
 
 from conftest import OFFLINE_ENV
 from helpers import (

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from cl_release.errors import RenderError, UserError
-from cl_release.release.run import plan_release, run_release
+from cl_release.release.plan import plan_release
+from cl_release.release.run import run_release
 from cl_release.release.render import (
     STRATEGIES,
     check_config,

@@ -19,7 +19,7 @@ from cl_release.store.sqlite import FeedbackStore
 from cl_release.release.incident import patch
 from cl_release.data.mix import prompt_key_of
 from cl_release.registry import Registry
-from cl_release.release.run import rollback
+from cl_release.release.recovery import rollback
 from cl_release.serve import make_server
 
 from helpers import FakeTrainer, add_data, git, load_project, make_release_repo, release

@@ -186,7 +186,9 @@ class Runner:
         self.settings = ev.EvalSettings(**EVAL)
 
     def suite(self, root: Path):
-        return self.ev.load_suite([f"registry/suites/{d}.jsonl" for d in ("general",) + TASKS], root=root)
+        from cl_release.eval.suite import load_suite
+
+        return load_suite([f"registry/suites/{d}.jsonl" for d in ("general",) + TASKS], root=root)
 
     def evaluate(self, root: Path, entry: dict) -> tuple[dict[str, float], float]:
         t0 = time.perf_counter()

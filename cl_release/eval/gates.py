@@ -17,7 +17,7 @@ overrides any of them::
 A first release (no parent) is held to the absolute gates only.
 
 ``min_new_data_pass_rate`` asks whether the candidate learned its new data at all: it must
-pass that share of checks built from the new data (``evaluate.check_case``): for a MINOR (and
+pass that share of checks built from the new data (``suite.check_case``): for a MINOR (and
 a first release), the held-out examples the plan kept out of training (``holdout_ratio`` of
 the new examples, paraphrases of facts it trained on); for a PATCH, the corrections it trained
 on. The regression-suite gates compare against the parent and pass when nothing changed, so
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GitError, UserError
-from .runner import CRITICALITIES, CRITICALITY_RANK, CaseResult, EvalResult
+from .results import CaseResult, EvalResult
+from .suite import CRITICALITIES, CRITICALITY_RANK, checks_suite, load_project_suite, suite_paths
 
 DEFAULT_GATES: dict[str, Any] = {
     "min_new_examples": {"major": 0, "minor": 200, "patch": 0},
@@ -77,7 +78,7 @@ class Change:
 
 
 @dataclass
-class Comparison:
+class SuiteComparison:
     """Candidate vs parent on the same suite."""
 
     parent_version: str | None
@@ -152,7 +153,7 @@ def metric_deltas(parent: EvalResult, candidate: EvalResult) -> dict[str, Any]:
     return out
 
 
-def compare(parent: EvalResult, candidate: EvalResult) -> Comparison:
+def compare_results(parent: EvalResult, candidate: EvalResult) -> SuiteComparison:
     """Regressions (parent passed, candidate failed) by criticality, improvements, unchanged.
 
     Both results must come from the same suite (same hash): a regression is only meaningful
@@ -176,7 +177,7 @@ def compare(parent: EvalResult, candidate: EvalResult) -> Comparison:
         else:
             same_fail.append(c.id)
     key = lambda ch: (CRITICALITY_RANK[ch.criticality], ch.id)  # noqa: E731
-    return Comparison(
+    return SuiteComparison(
         parent_version=parent.version,
         candidate_version=candidate.version,
         suite_sha256=candidate.suite_sha256,
@@ -190,7 +191,7 @@ def compare(parent: EvalResult, candidate: EvalResult) -> Comparison:
 
 def changed_outputs(a: EvalResult, b: EvalResult) -> list[Change]:
     """Every test whose pass/fail result changed from ``a`` to ``b``, with both outputs."""
-    cmp = compare(a, b)
+    cmp = compare_results(a, b)
     return cmp.regressions + cmp.improvements
 
 
@@ -217,7 +218,7 @@ class GateDecision:
     parent: str | None
     bump: str
     config: dict[str, Any]
-    comparison: Comparison | None = None
+    comparison: SuiteComparison | None = None
 
     @property
     def reasons(self) -> list[str]:
@@ -375,7 +376,7 @@ def check(
 
     comparison = None
     if parent is not None:
-        comparison = compare(parent, candidate)
+        comparison = compare_results(parent, candidate)
         crit = comparison.critical_regressions
         allowed = int(conf["max_critical_regressions"])
         ids = ", ".join(r.id for r in crit[:10]) + (" ..." if len(crit) > 10 else "")
@@ -430,7 +431,7 @@ def release_gate(root, project, candidate_entry: dict, parent_entry: dict | None
 def _gate(root, project, candidate_entry, parent_entry, *, new_examples, suites, suite, new_data, new_data_source):
     from . import runner as evaluate
 
-    suite = suite if suite is not None else evaluate.load_project_suite(root, project, suites)
+    suite = suite if suite is not None else load_project_suite(root, project, suites)
     settings = evaluate.EvalSettings.from_project(project)
     conf = project.data.get("gates") if project is not None else None
     loaded = evaluate.LoadedModel(root, candidate_entry, settings)
@@ -495,14 +496,12 @@ def tests_added_since(root, suite, version: str) -> list[str]:
 def new_data_checks(plan) -> tuple[Any, str | None]:
     """(suite, source) of the checks built from a release plan's new data: its held-out examples
     (source ``heldout``), else its corrections (a patch; ``corrections``); (None, None) if neither."""
-    from . import runner as evaluate
-
     heldout = getattr(plan, "heldout", None)
     if heldout is not None and heldout.records:
-        return evaluate.checks_suite(heldout.records, domain="heldout"), "heldout"
+        return checks_suite(heldout.records, domain="heldout"), "heldout"
     corrections = [r for p in getattr(plan, "parts", []) if p.role == "corrections" for r in p.records]
     if corrections:
-        return evaluate.checks_suite(corrections, domain="corrections"), "corrections"
+        return checks_suite(corrections, domain="corrections"), "corrections"
     return None, None
 
 
@@ -515,10 +514,12 @@ class ReleaseEvaluation:
     before_label: str | None  # the parent's version, or "base"
     new_data: EvalResult | None = None
     new_data_source: str | None = None
+    show: tuple[str, ...] = ()  # the tests whose answers the release shows (``evaluation.show``)
 
-    def before_after(self, show: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    def before_after(self, show: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
         """Pass rate per domain before and after (domains in suite order), and the answers
-        to the tests named in ``show`` (``evaluation.show``), before and after."""
+        to the tests named in ``show`` (default: ``evaluation.show``), before and after."""
+        show = self.show if show is None else show
         after = self.candidate
         domains: list[str] = []
         for c in after.cases:
@@ -571,22 +572,19 @@ class ReleaseEvaluator:
         self.last: ReleaseEvaluation | None = None
 
     def _missing(self, project) -> list[str]:
-        from .runner import suite_paths
-
         return [p for p in suite_paths(project, self.suites) if not (project.root / p).is_file()]
 
     def prepare(self, project, plan) -> None:
-        from . import runner as evaluate
+        from . import runner
         from ..release.chatter import Chatter
 
         if self._missing(project):
             return
-        self._suite = evaluate.load_project_suite(project.root, project, self.suites)
+        self._suite = load_project_suite(project.root, project, self.suites)
         with Chatter() as self._chatter:
-            evaluate.warm_up()
+            runner.warm_up()
 
     def __call__(self, project, plan, entry: dict) -> dict:
-        from . import runner as evaluate
         from ..registry import Registry
         from ..timeutil import registry_now as utcnow
 
@@ -606,7 +604,7 @@ class ReleaseEvaluator:
                                               "add tests with 'cl-release eval add'"}
         else:
             checks, source = new_data_checks(plan)
-            suite = self._suite if self._suite is not None else evaluate.load_project_suite(
+            suite = self._suite if self._suite is not None else load_project_suite(
                 project.root, project, self.suites)
             decision, cand, par, nd = _gate(project.root, project, entry, parent_entry,
                                             new_examples=plan.new_examples, suites=self.suites, suite=suite,
@@ -624,7 +622,9 @@ class ReleaseEvaluator:
                     "source": source, "n_checks": m["n_tests"], "passed": m["passed"], "pass_rate": m["pass_rate"],
                     "suite_sha256": nd.suite_sha256, "results": nd.performance.get("results_path"),
                     "failed": [c.id for c in nd.cases if not c.passed][:50]}
-            self.last = ReleaseEvaluation(cand, before, parent_entry["version"] if parent_entry else "base", nd, source)
+            show = tuple((project.data.get("evaluation") or {}).get("show") or ())
+            self.last = ReleaseEvaluation(cand, before, parent_entry["version"] if parent_entry else "base", nd, source,
+                                          show)
         self._suite = None
         entry["gates"] = decision.to_dict()
         if decision.passed:

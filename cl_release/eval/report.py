@@ -16,7 +16,7 @@ import yaml
 
 from ..errors import UserError
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .runner import evaluations_of
+from .results import evaluations_of
 from ..registry import Registry, normalize_version, parse_version
 from ..timeutil import registry_now as utcnow
 
@@ -116,7 +116,7 @@ def diff_versions(root: Path, version_a: str, version_b: str, *, suite=None, set
         settings = settings or evaluate.EvalSettings()
         ra = evaluate.evaluate_entry(root, a, suite, settings)
         rb = evaluate.evaluate_entry(root, b, suite, settings)
-        cmp = gates.compare(ra, rb)
+        cmp = gates.compare_results(ra, rb)
         out["suite_sha256"] = suite.sha256
         out["metrics"] = cmp.metric_deltas
         out["performance"] = {

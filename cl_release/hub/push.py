@@ -1,6 +1,8 @@
-"""Push a released version to the Hugging Face Hub, with a model card generated from the registry.
+"""Push a released version to the Hugging Face Hub, with a model card generated from the registry
+(:mod:`.card`).
 
-Three steps, so the CLI stays thin and ``--dry-run`` is a real plan:
+Three steps, so ``--dry-run`` is a real plan (:func:`publish` runs them in order, under the
+release lock, for ``cl-release push`` and ``cl-release patch --push``):
 
 1. ``plan_push`` (local only, no network): which folder, which files (name, size, SHA-256),
    the generated README.md, the repository, branch and tag. The adapter's hash is checked
@@ -22,10 +24,7 @@ logged, printed or put into an error message (``_scrub``).
 
 from __future__ import annotations
 
-import datetime as _dt
 import fnmatch
-import html
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,10 +35,11 @@ from ..errors import HubError, IntegrityError, UserError
 from ..files import sha256_bytes, sha256_file
 from ..project import safe_relpath
 from ..registry import Registry
+from ..release.weights import ADAPTER_FILE, weights_digest
+from .card import model_card, revision_tag
 
 ADAPTER_BRANCH = "main"
 MERGED_BRANCH = "merged"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Model files only: no logs, checkpoints, optimizer states, training args or peft's README.
 MODEL_FILE_PATTERNS = (
@@ -57,10 +57,8 @@ MODEL_FILE_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 # Kept on the Hub even when this push does not upload them.
 _NEVER_DELETE = {".gitattributes", "README.md"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOKEN_LIKE = re.compile(r"(hf_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
 
 Progress = Callable[[str], None]
@@ -133,10 +131,6 @@ class PushPlan:
         return "\n".join(lines)
 
 
-def revision_tag(version: str, *, merged: bool) -> str:
-    return f"v{version}-merged" if merged else f"v{version}"
-
-
 def _is_model_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILE_PATTERNS)
 
@@ -150,7 +144,7 @@ def _adapter_paths(root: Path, entry: dict[str, Any]) -> tuple[Path, Path]:
     rel = entry["adapter"]["path"]
     p = safe_relpath(root, rel, what="adapter path")
     if p.is_dir():
-        return p, p / ADAPTER_WEIGHTS
+        return p, p / ADAPTER_FILE
     return p.parent, p
 
 
@@ -247,276 +241,18 @@ def plan_push(
 
 
 def _check_recorded_merge(entry: dict[str, Any], files: list[PlannedFile]) -> None:
-    """The merged weights must match ``entry['merged']['sha256']`` when ``cl-release merge`` recorded it.
-
-    Same digest as ``weights.weights_sha256`` (one file: its hash; shards: the hash of the sorted
-    "name hash" lines), computed from the hashes just taken instead of reading the weights again.
-    """
+    """The merged weights must match ``entry['merged']['sha256']`` when ``cl-release merge`` recorded it
+    (``weights.weights_digest`` of the hashes just taken, instead of reading the weights again)."""
     recorded = (entry.get("merged") or {}).get("sha256")
     if not recorded:
         return
-    shards = sorted((f.path_in_repo, f.sha256) for f in files if f.path_in_repo.endswith(".safetensors"))
-    if len(shards) == 1:
-        digest = shards[0][1]
-    else:
-        digest = sha256_bytes("".join(f"{name} {sha}\n" for name, sha in shards).encode())
+    digest = weights_digest([(f.path_in_repo, f.sha256) for f in files if f.path_in_repo.endswith(".safetensors")])
     if digest != recorded:
         version = entry["version"]
         raise IntegrityError(
             f"outputs/v{version}/merged does not match the sha256 recorded for version {version}",
             hint="restore the merged weights or merge into a fresh folder; never push different weights",
         )
-
-
-# ---------------------------------------------------------------- the model card
-
-
-def model_card(
-    project_name: str,
-    entry: dict[str, Any],
-    lineage: list[dict[str, Any]],
-    *,
-    hub: dict[str, Any],
-    merged: bool,
-    files: list[str] | None = None,
-) -> str:
-    """README.md for the Hub: YAML front matter (via ``ModelCardData``) and a Markdown body.
-
-    Front matter values go through a YAML dumper, never string formatting; body values are
-    HTML-escaped and kept inside table cells, code spans or a blockquote, so a hostile note
-    (quotes, ``---``, newlines, ``{{ }}``, ``<script>``) cannot reach the metadata or markup.
-    ``files`` (what is uploaded) decides where the load snippet takes the tokenizer from.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    version = entry["version"]
-    repo_id = hub["repo_id"]
-    base = entry["base_model"]
-    base_name = base["name"]
-    tag = revision_tag(version, merged=merged)
-    datasets = [
-        ds.get("hub_id") or ds["name"]
-        for ds in entry.get("datasets", [])
-        if _HUB_ID.match(str(ds.get("hub_id") or ds["name"]))
-    ]
-    data = ModelCardData(
-        base_model=base_name if _HUB_ID.match(base_name) else None,
-        base_model_relation="finetune" if merged else "adapter",
-        library_name="transformers" if merged else "peft",
-        license=hub.get("license"),
-        language=list(hub["language"]) if hub.get("language") else None,
-        tags=["cl-release", "lora", entry["strategy"]] + (["merged"] if merged else []),
-        datasets=datasets or None,
-        pipeline_tag="text-generation",
-    )
-    if not _HUB_ID.match(base_name):
-        data.base_model_relation = None  # the Hub only links a relation to a Hub model
-    body = _card_body(project_name, entry, lineage, repo_id=repo_id, tag=tag, merged=merged, files=files)
-    content = f"---\n{data.to_yaml()}\n---\n\n{body}"
-    ModelCard(content)  # parses the front matter back; raises if it does not round-trip
-    return content
-
-
-def _card_body(
-    project_name: str,
-    entry: dict[str, Any],
-    lineage: list[dict[str, Any]],
-    *,
-    repo_id: str,
-    tag: str,
-    merged: bool,
-    files: list[str] | None,
-) -> str:
-    version = entry["version"]
-    base = entry["base_model"]
-    train_base = entry.get("train_base") or {}
-    out: list[str] = []
-    kind = "merged weights" if merged else "LoRA adapter"
-    out.append(f"# {_text(project_name)} {version}\n")
-    out.append(
-        f"The {kind} of version **{version}** of {_text(project_name)}, released with cl-release "
-        f"from a registry that records its whole lineage. Hub revision: {_code(tag)}.\n"
-    )
-    if not merged and train_base.get("merged_from"):
-        out.append(
-            f"> **Note:** this adapter was trained on the merged weights of version "
-            f"{_code(train_base['merged_from'])} (sha256 {_code(train_base.get('sha256') or 'unknown')}), "
-            f"not directly on {_code(base['name'])}: load it on top of revision "
-            f"{_code(revision_tag(train_base['merged_from'], merged=True))} of this repository.\n"
-        )
-
-    out.append("## Release\n")
-    rows = [
-        ("version", _code(version)),
-        ("parent", _code(entry.get("parent")) if entry.get("parent") else "none (first release)"),
-        ("strategy", _code(entry.get("strategy"))),
-        ("bump", _code(entry.get("bump"))),
-        ("status", _cell(entry.get("status"))),
-        ("created at", _cell(entry.get("created_at"))),
-        ("base model", _code(base["name"])),
-        ("base model revision", _code(base.get("revision")) if base.get("revision") else "not pinned"),
-    ]
-    if train_base:
-        rows.append(("trained on", f"{_code(train_base.get('path'))} (sha256 {_code(train_base.get('sha256'))})"))
-    rows += [
-        ("adapter sha256", _code(entry["adapter"]["sha256"])),
-        ("seed", _code(entry.get("seed"))),
-        ("config sha256", _code((entry.get("config") or {}).get("sha256"))),
-        ("source commit", _code(entry.get("source_commit"))),
-    ]
-    out.append(_table(("field", "value"), rows))
-
-    if entry.get("notes"):
-        out.append("### Notes\n")
-        out.append(_quote(str(entry["notes"])))
-
-    out.append("## Lineage\n")
-    out.append(
-        _table(
-            ("version", "parent", "strategy", "status", "date"),
-            [
-                (
-                    _code(m["version"]),
-                    _code(m["parent"]) if m.get("parent") else "-",
-                    _cell(m.get("strategy")),
-                    _cell(m.get("status")),
-                    _cell(str(m.get("created_at", ""))[:10]),
-                )
-                for m in lineage
-            ],
-        )
-    )
-
-    out.append("## Training data\n")
-    if entry.get("datasets"):
-        out.append(
-            _table(
-                ("name", "role", "examples", "sha256"),
-                [
-                    (_cell(d.get("name")), _cell(d.get("role")), _cell(d.get("examples")), _code(d.get("sha256")))
-                    for d in entry["datasets"]
-                ],
-            )
-        )
-    else:
-        out.append("No datasets recorded.\n")
-
-    out.append("## Training metrics\n")
-    out.append(_metrics(entry.get("training")))
-    out.append("## Evaluation\n")
-    out.append(_metrics(entry.get("evaluation")))
-
-    out.append("## Reproducibility\n")
-    toolchain = entry.get("toolchain") or {}
-    rows = [(_cell(k), _code(v) if v else "-") for k, v in sorted(toolchain.items())]
-    launch = entry.get("launch") or {}
-    if launch:
-        rows.append(("launch", _code(json.dumps(launch, sort_keys=True))))
-    out.append(_table(("tool", "version"), rows) if rows else "No toolchain recorded.\n")
-
-    out.append("## How to load\n")
-    out.append(_load_snippet(entry, repo_id=repo_id, tag=tag, merged=merged, files=files))
-    return "\n".join(out)
-
-
-def _load_snippet(
-    entry: dict[str, Any], *, repo_id: str, tag: str, merged: bool, files: list[str] | None
-) -> str:
-    q = json.dumps  # a valid Python string literal for any text
-    if merged:
-        code = (
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({q(repo_id)}, revision={q(tag)})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({q(repo_id)}, revision={q(tag)})\n"
-        )
-        return _fence(code, "python")
-    base = entry["base_model"]
-    train_base = entry.get("train_base") or {}
-    if train_base.get("merged_from"):
-        base_line = (
-            f"base = AutoModelForCausalLM.from_pretrained("
-            f"{q(repo_id)}, revision={q(revision_tag(train_base['merged_from'], merged=True))})\n"
-        )
-        tok_src = f"{q(repo_id)}, revision={q(tag)}"
-    else:
-        rev = f", revision={q(base['revision'])}" if base.get("revision") else ""
-        base_line = f"base = AutoModelForCausalLM.from_pretrained({q(base['name'])}{rev})\n"
-        tok_src = f"{q(base['name'])}{rev}"
-    if files is None or any(f in TOKENIZER_FILES for f in files):
-        tok_src = f"{q(repo_id)}, revision={q(tag)}"
-    code = (
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        + base_line
-        + f"model = PeftModel.from_pretrained(base, {q(repo_id)}, revision={q(tag)})\n"
-        + f"tokenizer = AutoTokenizer.from_pretrained({tok_src})\n"
-    )
-    return _fence(code, "python")
-
-
-# -- Markdown helpers: every registry value passes through one of these
-
-
-def _text(value: Any) -> str:
-    """Inline text: HTML-escaped, one line, Markdown punctuation that could start markup escaped."""
-    s = " ".join(str(value).split())
-    s = html.escape(s, quote=False)
-    return re.sub(r"([\\`*_{}\[\]#|!~])", r"\\\1", s)
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None or value == "" else _text(value)
-
-
-def _code(value: Any) -> str:
-    """An inline code span that no backtick in the value can close."""
-    if value is None or value == "":
-        return "-"
-    s = " ".join(str(value).split()).replace("|", "\\|")
-    longest = max((len(r) for r in re.findall(r"`+", s)), default=0)
-    ticks = "`" * (longest + 1)
-    pad = " " if s.startswith("`") or s.endswith("`") else ""
-    return f"{ticks}{pad}{s}{pad}{ticks}"
-
-
-def _fence(code: str, lang: str = "") -> str:
-    longest = max((len(r) for r in re.findall(r"`+", code)), default=0)
-    ticks = "`" * max(3, longest + 1)
-    return f"{ticks}{lang}\n{code}{ticks}\n"
-
-
-def _quote(text: str) -> str:
-    """A blockquote: every line prefixed, so ``---`` or ``# x`` in a note stays quoted text."""
-    lines = [html.escape(line, quote=False) for line in text.splitlines() or [""]]
-    return "\n".join(f"> {line}".rstrip() for line in lines) + "\n"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(d, dict):
-        out = []
-        for k in sorted(d, key=str):
-            out += _flatten(d[k], f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [(prefix, d)]
-
-
-def _metrics(d: Any) -> str:
-    if not d:
-        return "None recorded.\n"
-    rows = []
-    for k, v in _flatten(d):
-        if isinstance(v, float):
-            v = f"{v:.6g}"
-        elif isinstance(v, (list, tuple)):
-            v = json.dumps(v)
-        rows.append((_text(k), _cell(v)))
-    return _table(("metric", "value"), rows)
 
 
 def _human_size(n: int) -> str:
@@ -552,6 +288,37 @@ class PushResult:
             "pushed_at": self.pushed_at,
             "merged": self.merged,
         }
+
+
+def plan_version(project, version: str, *, merged: bool = False) -> PushPlan:
+    """:func:`plan_push` for ``version`` of the project's registry, with its lineage and the
+    project's ``hub:`` settings (``cl-release push --dry-run``)."""
+    registry = Registry(project.root)
+    data = registry.load()
+    entry = registry.find(data, version)
+    return plan_push(project.root, entry, registry.lineage(data, entry["version"]), project.hub, merged=merged,
+                     project_name=project.name)
+
+
+def publish(project, version: str, *, merged: bool = False, once: bool = False,
+            progress: Progress | None = None) -> PushResult | None:
+    """Plan, push and record ``version`` (``cl-release push``), holding the release lock from
+    the plan to the registry commit, so no release, merge or A/B move interleaves. The git
+    state is checked before anything is uploaded. ``once``: push nothing (None) when the
+    registry already records a push of this kind (adapter or merged) of the version."""
+    from ..gitops import ReleaseRepo
+    from ..registry import release_lock
+
+    repo = ReleaseRepo(project.root)  # before the lock: nothing is written in a folder that is not a repository
+    with release_lock(project.root):
+        repo.check_state(progress)  # before the upload, not after it
+        plan = plan_version(project, version, merged=merged)
+        pushes = Registry(project.root).get(plan.version).get("pushes") or []
+        if once and any(bool(p.get("merged")) == merged for p in pushes):
+            return None
+        result = push(plan, progress=progress)
+        record_push(Registry(project.root), plan.version, result, lock_held=True)
+    return result
 
 
 def record_push(registry: Registry, version: str, result: PushResult, *, lock_held: bool = False) -> dict[str, Any]:
@@ -594,6 +361,8 @@ def push(
     The tag is checked before anything is uploaded: an existing tag is a HubError, never moved.
     """
     from huggingface_hub import constants
+
+    from ..timeutil import registry_now
 
     say = progress or (lambda _msg: None)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -658,7 +427,7 @@ def push(
             hint_extra=f"the files are committed as {info.oid} on {plan.branch}; run the push again to tag it",
         )
     except HubError as e:
-        if getattr(e, "status", None) != 409:
+        if e.status != 409:
             raise
         raise HubError(
             f"tag {plan.tag} appeared on {plan.repo_id} during this push (another push of {plan.version}?); "
@@ -671,7 +440,7 @@ def push(
         branch=plan.branch,
         commit=info.oid,
         url=info.commit_url,
-        pushed_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        pushed_at=registry_now(),
         merged=plan.merged,
         files=[f.path_in_repo for f in plan.files],
     )
@@ -782,9 +551,7 @@ class _Hub:
             )
         if hint_extra:
             hint = f"{hint_extra}; {hint}"
-        error = HubError(self._scrub(message), hint=self._scrub(hint))
-        error.status = status  # the HTTP status, None for network errors
-        return error
+        return HubError(self._scrub(message), status=status, hint=self._scrub(hint))
 
     def _scrub(self, text: str) -> str:
         """Remove the token (and anything shaped like one) from text meant for people."""

@@ -22,11 +22,10 @@ from typing import Any, Callable, Iterable
 
 from ..data import formats as ds
 from ..errors import NothingToTrain, UnknownRequest, UserError
+from ..eval.suite import DEFAULT_SUITE, prompt_input
 
 Progress = Callable[[str], None]
-DEFAULT_SUITE = "registry/regression_tests.jsonl"
 PATCH_ANNOTATOR = "cl-release patch"
-CRITICAL = ("critical", "safety")
 
 # A value an answer states: a number with its unit when it has a known one ("10 ppm",
 # "2.5 mg/m3", "50%", "-20 °C", "30 minutes"). What a correction changes in a safety answer
@@ -54,9 +53,7 @@ def incident_tests(record: dict[str, Any], *, criticality: str = "critical") -> 
     if not correction:
         raise UserError(f"request {record['id']!r} has no correction",
                         hint=f"give one: cl-release patch {record['id']} --correction TEXT")
-    prompt = record["input"]
-    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
-        prompt = prompt[0]["content"]
+    prompt = prompt_input(record["input"])
     right = values(correction)
     base = {"input": prompt, "criticality": criticality, "domain": "incident", "tags": ["incident"],
             "source": f"feedback:{record['id']}"}
@@ -73,10 +70,11 @@ def open_incidents(project, *, now=None) -> list[str]:
     """Request ids of the critical or safety corrections a PATCH on the serving version would
     train on (what ``status`` reports as a PATCH due)."""
     from ..data.build import release_feedback
+    from ..decide.triggers import CRITICAL_SEVERITIES
     from ..store.sqlite import FeedbackStore
     from ..timeutil import store_now as utc_now
     from ..registry import Registry
-    from .run import serving_version
+    from .plan import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
@@ -88,7 +86,7 @@ def open_incidents(project, *, now=None) -> list[str]:
         return []
     with FeedbackStore(project.feedback_path) as store:
         return [rid for rid in result.manifest["record_ids"]
-                if (store.get(rid) or {}).get("severity") in CRITICAL]
+                if (store.get(rid) or {}).get("severity") in CRITICAL_SEVERITIES]
 
 
 @dataclass
@@ -130,11 +128,12 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     before anything is written. ``dry_run``: record nothing, add nothing, train nothing; the
     result holds the tests and the plan. ``push``: default ``hub.push_patches``.
     ``evaluator``: the release gates (default ``gates.release_evaluator(force, reason)``)."""
-    from ..eval import runner as evaluate
+    from ..eval.suite import append_cases
     from ..store.sqlite import FeedbackStore
     from ..eval.gates import release_evaluator
     from . import run as release_mod
-    from .run import plan_release, run_release
+    from .plan import plan_release
+    from .run import run_release
 
     ids = list(dict.fromkeys(request_ids))
     if correction is not None and len(ids) != 1:
@@ -173,7 +172,7 @@ def patch(project, request_ids: Iterable[str] = (), *, correction: str | None = 
     if show is not None:
         show(result.tests)
     if not dry_run:
-        added, _ = evaluate.append_cases(project.root, suite, result.tests)
+        added, _ = append_cases(project.root, suite, result.tests)
         result.tests_added = added
         if added:
             progress(f"{suite}: added {', '.join(added)}")
@@ -235,7 +234,7 @@ def _fixed_in(project, ids: list[str]) -> str | None:
     """The released version, in the serving lineage, that trained on these incidents."""
     from ..store.sqlite import FeedbackStore
     from ..registry import Registry
-    from .run import serving_version
+    from .plan import serving_version
 
     data = Registry(project.root).load()
     serving = serving_version(data)
@@ -250,17 +249,7 @@ def _fixed_in(project, ids: list[str]) -> str | None:
 
 def _push_once(project, version: str, progress: Progress) -> dict[str, Any] | None:
     """Push ``version``'s adapter unless the registry records a push of it already."""
-    from ..hub import push as hub
-    from ..registry import Registry, release_lock
+    from ..hub.push import publish
 
-    registry = Registry(project.root)
-    with release_lock(project.root):  # from the upload to its record
-        data = registry.load()
-        entry = registry.find(data, version)
-        if any(not p.get("merged") for p in entry.get("pushes") or []):
-            return None
-        plan = hub.plan_push(project.root, entry, registry.lineage(data, version), project.hub, merged=False,
-                             project_name=project.name)
-        pushed = hub.push(plan, progress=progress)
-        hub.record_push(registry, version, pushed, lock_held=True)
-    return pushed.to_registry()
+    pushed = publish(project, version, once=True, progress=progress)
+    return pushed.to_registry() if pushed is not None else None

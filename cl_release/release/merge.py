@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..errors import IntegrityError, TrainingError, UserError
 from ..project import Project
-from ..registry import Registry, committed_change
+from ..registry import Registry, committed_change, release_lock
 from .weights import ADAPTER_FILE, adapter_sha256, weights_sha256
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -40,6 +40,18 @@ def check_adapter_base(root: Path, entry: dict[str, Any]) -> None:
     if adapter_sha256(adapter_dir) != entry["adapter"]["sha256"]:
         raise IntegrityError(f"{entry['adapter']['path']}/{ADAPTER_FILE} does not match the registry's hash",
                              hint="run 'cl-release verify'")
+
+
+def merge_and_commit(project: Project, version: str, *,
+                     progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """``cl-release merge``: :func:`merge_version` under the release lock (no release merges or
+    records at the same time), the git state checked before the merge, the record committed."""
+    from ..gitops import ReleaseRepo
+
+    repo = ReleaseRepo(project.root)  # before the lock: nothing is written in a folder that is not a repository
+    with release_lock(project.root):
+        repo.check_state(progress)  # before the merge, not after it
+        return merge_version(project, version, progress=progress, commit=True)
 
 
 def merge_version(project: Project, version: str, *, progress: Callable[[str], None] = lambda m: None,

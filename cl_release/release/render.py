@@ -81,6 +81,12 @@ STRATEGY_BUMP = {
 }
 
 
+def strategy_bump(strategy: str) -> str:
+    """The bump a release with ``strategy`` makes. ``initial`` makes the first version (1.0.0)
+    from any bump and takes its data as a MINOR does: ``minor``."""
+    return STRATEGY_BUMP[check_strategy(strategy)] or "minor"
+
+
 def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", hint=f"use one of: {', '.join(STRATEGIES)}")

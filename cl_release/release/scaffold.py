@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..files import atomic_write_json
-from ..registry import empty_registry
+from ..registry import REGISTRY_FILE, SCHEMA_FILE, empty_registry
 from ..resources import default_registry_schema, default_templates_dir, defaults_dir
 
 PROJECT_TEMPLATE = """\
@@ -124,8 +124,8 @@ def init_repository(target: Path, *, demo: bool = False, name: str | None = None
     try:
         shutil.copytree(default_templates_dir(), tmp / "templates")
         (tmp / "registry").mkdir()
-        shutil.copy2(default_registry_schema(), tmp / "registry" / "schema.json")
-        atomic_write_json(tmp / "registry" / "model_registry.json", empty_registry())
+        shutil.copy2(default_registry_schema(), tmp / SCHEMA_FILE)
+        atomic_write_json(tmp / REGISTRY_FILE, empty_registry())
         for sub in ("domain", "general", "corrections"):
             (tmp / "datasets" / sub).mkdir(parents=True)
             (tmp / "datasets" / sub / ".gitkeep").write_text("")

@@ -5,7 +5,9 @@ and serves OpenAI-compatible chat completions from the champion and the challeng
 every answer in the feedback store (``/v1/chat/completions``, ``/v1/models``). Built on FastAPI
 and uvicorn; the OpenAPI document is generated at ``GET /openapi.json``.
 
-- :mod:`.app`: the FastAPI app and the :class:`~.app.Gateway` state;
+- :mod:`.app`: the FastAPI app, the :class:`~.app.Gateway` state and the collector endpoints;
+- :mod:`.chat`: ``/v1/chat/completions``, every answer captured (streams too);
+- :mod:`.responses`: JSON and error answers outside the models, the server's log lines;
 - :mod:`.models`: the pydantic request and response models;
 - :mod:`.writer`: group commit of the store writes (a 2xx means committed);
 - :mod:`.backends`: ``local`` (PEFT multi-adapter, dynamic batching) and ``openai`` (vLLM & co.);

@@ -17,7 +17,8 @@ OpenAI-compatible (error body ``{"error": {"message", "type", "param", "code"}}`
   ``X-Request-Id`` header, the version in ``X-CL-Release-Version``;
 - ``GET /v1/models``: the served versions and the names that reach them.
 
-``GET /openapi.json`` is generated from the pydantic models (:mod:`.models`). Every request but
+``GET /openapi.json`` is generated from the pydantic models (:mod:`.models`); chat completions
+are :mod:`.chat`'s, error shapes and log lines :mod:`.responses`'. Every request but
 ``/health`` and ``/openapi.json`` needs ``Authorization: Bearer <token>``; request bodies are JSON
 with ``Content-Length`` up to ``serve.max_body_bytes``. Those checks run in :class:`Guard` before
 a body is read. A write is answered only once committed (:mod:`.writer`).
@@ -26,23 +27,31 @@ a body is read. A write is answered only once committed (:mod:`.writer`).
 from __future__ import annotations
 
 import hmac
-import re
-import sys
-import time
-import uuid
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.formats import max_example_chars, oversize
-from ..errors import ClReleaseError, ConflictError, UnknownRequest, UpstreamError, UserError
+from ..errors import ClReleaseError, UserError
 from . import models as m
-from .backends import Backend, Generation
+from .backends import Backend
+from .chat import chat_completion
+from .responses import (
+    ApiError,
+    client,
+    error_body,
+    error_response,
+    json_response,
+    redact,
+    say,
+    store_error,
+    validation_error,
+)
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 ROUTES: dict[str, frozenset[str]] = {
@@ -52,52 +61,6 @@ ROUTES: dict[str, frozenset[str]] = {
     "/v1/chat/completions": frozenset({"POST"}), "/v1/models": frozenset({"GET", "HEAD"}),
 }
 ALIASES = ("champion", "challenger")
-MAX_STOP = 4  # OpenAI's limit on stop strings
-# Query parameters whose values never reach the log (a client may send its token as ?token=).
-_SECRET_PARAM = re.compile(r"([?&;][^=&;\s\"]*(?:token|key|secret|passw|auth|sig|session|cookie)[^=&;\s\"]*=)[^&;\s\"]*",
-                           re.IGNORECASE)
-
-
-class ApiError(Exception):
-    """An answer other than 2xx, with the message a client sees."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-
-def is_openai(path: str) -> bool:
-    return path.startswith("/v1/")
-
-
-def error_body(path: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> bytes:
-    """The error shape of the endpoint family: OpenAI's under /v1, the collector's elsewhere."""
-    if not is_openai(path):
-        return orjson.dumps({"error": {"status": status, "message": message}})
-    kind = ("authentication_error" if status == 401 else "invalid_request_error" if status < 500
-            else "upstream_error" if status in (502, 504) else "server_error")
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
-
-
-def error_response(path: str, e: ApiError) -> Response:
-    return Response(error_body(path, e.status, e.message, param=e.param, code=e.code), status_code=e.status,
-                    media_type="application/json", headers=e.headers)
-
-
-def redact(text: str, token: bytes) -> str:
-    """``text`` without the bearer token and without the values of secret-looking query
-    parameters (``?token=``, ``?api_key=``...)."""
-    text = _SECRET_PARAM.sub(r"\1[REDACTED]", text)
-    t = re.escape(token.decode("utf-8"))
-    return re.sub(rf"(?<![\w.~-]){t}(?![\w.~-])", "[REDACTED]", text) if t else text
-
-
-def say(line: str) -> None:
-    """One line on the server's stderr."""
-    sys.stderr.write(line.rstrip("\n") + "\n")
-    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------- the gateway's state
@@ -200,10 +163,6 @@ class Gateway:
 # per-request machinery, which cost as much CPU as the rest of a /log together.
 
 
-def _json(payload: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(payload, status_code=status, media_type="application/json", headers=headers)
-
-
 async def log_answer(gw: Gateway, body: m.LogRequest, raw: dict, scope) -> Response:
     """``POST /log``: store one answer; answered once it is committed."""
     fields = body.model_dump(exclude_unset=True)
@@ -220,7 +179,7 @@ async def log_answer(gw: Gateway, body: m.LogRequest, raw: dict, scope) -> Respo
         rid = await gw.writer.log(fields)
     except ClReleaseError as e:
         raise store_error(e) from None
-    return _json(orjson.dumps({"request_id": rid, "model_version": version}), 201)
+    return json_response(orjson.dumps({"request_id": rid, "model_version": version}), 201)
 
 
 async def add_feedback(gw: Gateway, body: m.FeedbackRequest, raw: dict, scope) -> Response:
@@ -229,50 +188,7 @@ async def add_feedback(gw: Gateway, body: m.FeedbackRequest, raw: dict, scope) -
         fid = await gw.writer.feedback(body.model_dump(exclude_unset=True))
     except ClReleaseError as e:
         raise store_error(e) from None
-    return _json(orjson.dumps({"id": fid, "request_id": body.request_id}), 201)
-
-
-def _header(scope, name: bytes) -> str | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return v.decode("latin-1")
-    return None
-
-
-async def chat_completion(gw: Gateway, body: m.ChatCompletionRequest, raw: dict, scope) -> Response:
-    """``POST /v1/chat/completions``: resolve the version, generate, capture, answer."""
-    started = time.perf_counter()
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    if gw.backend is None:
-        raise ApiError(503, "this server has no model backend (serve.backend: none); it only collects")
-    key = body.user or _header(scope, b"x-cl-release-key") or None
-    version, arm = gw.resolve(body.model, key, rid)
-    headers = {"X-Request-Id": rid, "X-CL-Release-Version": version, "X-CL-Release-Arm": arm}
-    gen = _generation(gw, body, raw, rid, version, headers)
-    capture = Capture(gw, gen, body, key=key, arm=arm, started=started, client=_client(scope))
-    if body.stream:
-        try:
-            events = await gw.backend.stream(gen)
-        except UpstreamError as e:
-            raise upstream_error(e, headers) from None
-        except ClReleaseError as e:
-            raise _api(store_error(e), headers) from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return SSEResponse(capture.sse(events, include_usage), headers=headers)
-    try:
-        out = await gw.backend.complete(gen)
-    except UpstreamError as e:
-        raise upstream_error(e, headers) from None
-    except ClReleaseError as e:
-        raise _api(store_error(e), headers) from None
-    out.update(id=rid, object="chat.completion", created=int(time.time()), model=version)
-    texts = [(c.get("message") or {}).get("content") or "" for c in out["choices"]]
-    reasons = [c.get("finish_reason") for c in out["choices"]]
-    try:
-        await capture.write(texts, reasons, out.get("usage"))
-    except ClReleaseError as e:
-        raise _api(store_error(e), headers) from None
-    return _json(orjson.dumps(out), headers=headers)
+    return json_response(orjson.dumps({"id": fid, "request_id": body.request_id}), 201)
 
 
 POSTS = {"/log": (m.LogRequest, log_answer), "/feedback": (m.FeedbackRequest, add_feedback),
@@ -332,11 +248,11 @@ class Guard:
                 if state["status"] is None:
                     await self._send_error(send_, path, 500, "internal error (see the server log)", {}, True)
         if state["gone"] and not state["body_done"]:
-            say(redact(f"cl-release serve: client {_client(scope)} disconnected during {method} {path}", gw.token))
+            say(redact(f"cl-release serve: client {client(scope)} disconnected during {method} {path}", gw.token))
         if gw.verbose:
             query = scope.get("query_string", b"").decode("latin-1")
             target = path + (f"?{query}" if query else "")
-            say(redact(f'{_client(scope)} - "{method} {target} HTTP/{scope.get("http_version", "1.1")}" '
+            say(redact(f'{client(scope)} - "{method} {target} HTTP/{scope.get("http_version", "1.1")}" '
                        f'{state["status"] or "-"}', gw.token))
 
     def _refuse(self, scope, route: str, method: str) -> tuple | None:
@@ -395,7 +311,7 @@ class Guard:
             try:
                 body = model.model_validate(raw)
             except ValidationError as e:
-                raise validation_error(route, [{**x, "loc": ("body", *x["loc"])} for x in e.errors()]) from None
+                raise validation_error(route, [{**x, "loc": ("body", *x["loc"])} for x in e.errors()], model) from None
             response = await handler(self.gw, body, raw, scope)
         except ApiError as e:
             response = error_response(route, e)
@@ -413,11 +329,6 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def _client(scope) -> str:
-    c = scope.get("client")
-    return c[0] if c else "-"
-
-
 def _client_gone(e: BaseException) -> bool:
     from starlette.requests import ClientDisconnect
 
@@ -425,61 +336,6 @@ def _client_gone(e: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------- errors
-
-
-def _loc_name(loc: tuple) -> str:
-    """``messages[0].role`` from pydantic's location, without the union-member tags."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and not ("[" in part or "-" in part or part in (
-                "str", "int", "float", "bool", "list", "dict", "none", "literal")):
-            out += f".{part}" if out else part
-    return out
-
-
-def validation_error(path: str, errors: list[dict]) -> ApiError:
-    """The first pydantic error as one message naming the field (collector: the old messages)."""
-    e = errors[0]
-    loc = tuple(e.get("loc") or ())
-    where = loc[0] if loc else "body"
-    kind = e.get("type", "")
-    openai = is_openai(path)
-    bad = 400 if openai else 422
-    if kind == "json_invalid":
-        return ApiError(400, f"invalid JSON: {(e.get('ctx') or {}).get('error', e.get('msg'))}", code="invalid_json")
-    name = _loc_name(loc[1:])
-    if where == "query":
-        return ApiError(400 if openai else 422, f"query parameter {name!r}: {e.get('msg')}", param=name)
-    if not name and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return ApiError(bad, f"expected a JSON object, got {type(e.get('input')).__name__}")
-    if kind == "extra_forbidden":
-        model = POSTS[path][0] if path in POSTS else None
-        known = f" (known: {', '.join(sorted(model.model_fields))})" if model is not None and "." not in name else ""
-        return ApiError(bad, f"unknown field {name!r}{known}", param=name)
-    if kind == "missing":
-        return ApiError(bad, f"missing field {name!r}", param=name)
-    if name == "messages" and kind == "too_short":
-        return ApiError(bad, "messages must not be empty: send at least one message", param=name)
-    return ApiError(bad, f"field {name!r}: {e.get('msg')}", param=name)
-
-
-def store_error(e: ClReleaseError) -> ApiError:
-    """An error of the store or the router as an answer: 409 conflict, 404 unknown request id,
-    422 bad value, 503 anything else (the store or the registry cannot be used)."""
-    if isinstance(e, ConflictError):
-        return ApiError(409, str(e), code="conflict")
-    if isinstance(e, UnknownRequest):
-        return ApiError(404, str(e), code="unknown_request")
-    if isinstance(e, UserError):
-        return ApiError(422, str(e))
-    return ApiError(503, str(e))
-
-
-def upstream_error(e: UpstreamError, headers: dict[str, str]) -> ApiError:
-    return ApiError(e.status, str(e), code="upstream_timeout" if e.status == 504 else "upstream_error",
-                    headers=headers)
 
 
 # ---------------------------------------------------------------- the app
@@ -516,7 +372,8 @@ def create_app(gw: Gateway) -> "Guard":
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        return error_response(request.url.path, validation_error(request.url.path, list(e.errors())))
+        path = request.url.path
+        return error_response(path, validation_error(path, list(e.errors()), POSTS.get(path, (None,))[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -612,172 +469,13 @@ def create_app(gw: Gateway) -> "Guard":
     return Guard(app, gw)
 
 
-def _api(e: ApiError, headers: dict[str, str]) -> ApiError:
-    e.headers.update(headers)
-    return e
-
-
 def _epoch(stamp: Any) -> int:
-    from datetime import datetime
+    from ..timeutil import parse_time
 
     try:
-        return int(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp())
+        return int(parse_time(str(stamp)).timestamp())
     except ValueError:
         return 0
-
-
-def _generation(gw: Gateway, body: m.ChatCompletionRequest, raw: dict, rid: str, version: str,
-                headers: dict[str, str]) -> Generation:
-    """The checked request for the backend; a limit or an unsupported field is a 400."""
-    conf = gw.conf
-    n = body.n or 1
-    if n > conf["max_n"]:
-        raise ApiError(400, f"n={n} is over this server's limit of {conf['max_n']} (serve.max_n)", param="n",
-                       headers=headers)
-    asked = body.max_completion_tokens or body.max_tokens
-    if asked is not None and asked > conf["max_tokens"]:
-        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise ApiError(400, f"{field}={asked} is over this server's limit of {conf['max_tokens']} (serve.max_tokens)",
-                       param=field, headers=headers)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop", headers=headers)
-    unsupported = gw.backend.check(body.model_extra or {})
-    if unsupported:
-        raise ApiError(400, f"the {gw.backend.name} backend does not support {unsupported!r}", param=unsupported,
-                       headers=headers)
-    messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
-    return Generation(request_id=rid, version=version, messages=messages,
-                      max_tokens=asked or min(conf["default_max_tokens"], conf["max_tokens"]), n=n,
-                      temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed, body=raw)
-
-
-class Capture:
-    """Writes a completion (or an aborted stream) to the feedback store, one record per choice
-    (the first under the request id, the others as ``<id>-<index>``)."""
-
-    def __init__(self, gw: Gateway, gen: Generation, body: m.ChatCompletionRequest, *, key: str | None, arm: str,
-                 started: float, client: str):
-        self.gw, self.gen, self.body = gw, gen, body
-        self.key, self.arm, self.started, self.client = key, arm, started, client
-        self.first_token_ms: float | None = None
-
-    def _records(self, texts: list[str], reasons: list, usage: dict | None, *, aborted: bool = False,
-                 error: str | None = None) -> list[dict[str, Any]]:
-        latency = round((time.perf_counter() - self.started) * 1000, 3)
-        usage = usage or {}
-        meta = {"route_key": self.key, "arm": self.arm, "model": self.body.model, "backend": self.gw.backend.name,
-                "stream": bool(self.body.stream), "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens")}
-        if self.first_token_ms is not None:
-            meta["first_token_ms"] = self.first_token_ms
-        if aborted:
-            meta["aborted"] = True
-        if error:
-            meta["error"] = error
-        total = usage.get("total_tokens")
-        out = []
-        for i, text in enumerate(texts or [""]):
-            rid = self.gen.request_id if i == 0 else f"{self.gen.request_id}-{i}"
-            out.append({"input": self.gen.messages, "output": text, "request_id": rid,
-                        "model_version": self.gen.version, "latency_ms": latency,
-                        "tokens": total if i == 0 and isinstance(total, int) else None,
-                        "metadata": {**meta, "finish_reason": reasons[i] if i < len(reasons) else None,
-                                     **({"choice": i} if len(texts) > 1 else {})}})
-        return out
-
-    async def write(self, texts: list[str], reasons: list, usage: dict | None, *, aborted: bool = False,
-                    error: str | None = None) -> None:
-        """Log and wait for the commit."""
-        for fut in [self.gw.writer.log(r) for r in self._records(texts, reasons, usage, aborted=aborted, error=error)]:
-            await fut
-
-    def write_later(self, texts: list[str], reasons: list, usage: dict | None, *, error: str | None) -> None:
-        """Log an aborted stream without waiting (the request is being torn down)."""
-        for r in self._records(texts, reasons, usage, aborted=True, error=error):
-            self.gw.writer.log(r).add_done_callback(_report)
-
-    async def sse(self, events, include_usage: bool):
-        """The stream to the client: each chunk with the request id, then ``[DONE]`` once the
-        answer is committed; a dropped client or an upstream failure logs what was sent."""
-        n = self.gen.n
-        texts: list[list[str]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        usage: dict | None = None
-        created = int(time.time())
-        common = {"id": self.gen.request_id, "object": "chat.completion.chunk", "created": created,
-                  "model": self.gen.version}
-        logged = False
-        chunks = 0
-        try:
-            async for chunk in events:
-                for c in chunk.get("choices") or ():
-                    i = c.get("index", 0)
-                    if isinstance(i, int) and 0 <= i < n:
-                        piece = (c.get("delta") or {}).get("content")
-                        if piece:
-                            if self.first_token_ms is None:
-                                self.first_token_ms = round((time.perf_counter() - self.started) * 1000, 3)
-                            texts[i].append(piece)
-                        if c.get("finish_reason"):
-                            reasons[i] = c["finish_reason"]
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                    if not include_usage:
-                        if not chunk.get("choices"):
-                            continue
-                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                chunk.update(common)
-                chunks += 1
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        except ClReleaseError as e:  # the upstream failed (or the local model did)
-            logged = True
-            upstream = isinstance(e, UpstreamError)
-            say(f"cl-release serve: {'upstream' if upstream else 'generation'} failed during stream "
-                f"{self.gen.request_id}: {e}")
-            try:  # committed before the client hears of it
-                await self.write(["".join(t) for t in texts], reasons, usage, aborted=True, error=str(e))
-            except ClReleaseError as le:
-                say(f"cl-release serve: logging the aborted stream {self.gen.request_id} failed: {le}")
-            err = error_body("/v1/", e.status if upstream else 503, str(e),
-                             code="upstream_error" if upstream else "generation_failed")
-            yield b"data: " + err + b"\n\n"
-            return
-        except BaseException:  # the client went away (cancelled) or the server stops
-            if not logged:
-                logged = True
-                events.cancel()
-                self.write_later(["".join(t) for t in texts], reasons, usage, error=None)
-                say(f"cl-release serve: client {self.client} disconnected during POST /v1/chat/completions: "
-                    f"stream {self.gen.request_id} aborted after {chunks} chunks (logged as aborted)")
-            raise
-        logged = True
-        try:
-            await self.write(["".join(t) for t in texts], reasons, usage)
-        except ClReleaseError as e:
-            yield b"data: " + error_body("/v1/", 503, f"the answer could not be logged: {e}") + b"\n\n"
-            return
-        yield b"data: [DONE]\n\n"
-
-
-def _report(fut) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        say(f"cl-release serve: logging an aborted stream failed: {fut.exception()}")
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events; the generator is closed when the response ends in any way, so an
-    aborted stream is logged at once (not when the generator is garbage-collected)."""
-
-    def __init__(self, content, headers: dict[str, str]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 def _document_security(app: FastAPI) -> None:

@@ -1,0 +1,5 @@
+"""``python -m cl_release.cli``: the ``cl-release`` command."""
+
+from . import run
+
+run()
