@@ -59,6 +59,17 @@ class ProjectError(InputFileError):
     """cl-release.yaml is missing or invalid."""
 
 
+class RuleError(UserError):
+    """An invalid extraction rule; ``parts`` is the path of the key under ``extraction:``
+    (the project loader turns it into a :class:`ProjectError` naming the line)."""
+
+    def __init__(self, parts: tuple, message: str):
+        self.parts = parts
+        self.detail = message
+        name = ".".join(str(p) for p in ("extraction", *parts))
+        super().__init__(f"{name}: {message}")
+
+
 class DataError(InputFileError):
     """A dataset file is malformed."""
 

@@ -223,9 +223,10 @@ def test_chatml_text_and_lookalikes_are_accepted(tmp_path):
 
 
 def test_control_token_rule_is_the_one_extraction_uses():
-    from cl_release.data import build as extract
+    from cl_release.data import rules
 
-    assert extract.CONTROL_TOKEN is datasets.CONTROL_TOKEN
+    assert rules.CONTROL_TOKEN is datasets.CONTROL_TOKEN
+    assert rules.find_control_token.__self__ is datasets.CONTROL_TOKEN  # the data build's test is this pattern's
 
 
 # ---------------------------------------------------------------- per-example size limit

@@ -1,120 +1,36 @@
-"""Feedback rows -> training sets (cl_release.data.build) and the ``data`` commands."""
+"""Feedback rows -> training sets (cl_release.data.build, .examples) and the ``data`` commands."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import re
-import sqlite3
 from pathlib import Path
 
 import pytest
-
-from cl_release import parallel
 from click.testing import CliRunner
 
-from cl_release.data import formats as datasets
 from cl_release.cli import main
-from cl_release.errors import DataError, UserError
+from cl_release.data import formats as datasets
 from cl_release.data.build import (
     CONTROL_TOKEN,
-    EMAIL_RE,
-    PHONE_RE,
     ExtractionRules,
-    RuleError,
-    _prompt,
-    _redact_email,
-    _redact_phone,
     build,
-    classify,
     corrections_only,
     dump_jsonl,
     extract_since,
     format_example,
     manifest_path,
     normalize_time,
-    redact,
     validate_data_file,
     write_build,
 )
+from cl_release.data.examples import json_bodies
+from cl_release.errors import DataError, UserError
 
+from data_rows import reference_build, row, varied_rows
 
-def row(i: int, **kw) -> dict:
-    """A feedback row as FeedbackStore.rows() yields it."""
-    base = {
-        "id": f"r{i:03d}",
-        "created_at": f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}.000000Z",
-        "input": f"question {i}",
-        "output": f"answer {i}",
-        "model_version": "1.0.0",
-        "latency_ms": 12.0,
-        "tokens": 7,
-        "quality_score": None,
-        "metadata": {},
-        "rating": None,
-        "thumbs": None,
-        "correction": None,
-        "notes": None,
-        "hallucinated": None,
-        "error_tag": None,
-        "severity": None,
-        "annotator": None,
-        "feedback_at": None,
-    }
-    base.update(kw)
-    return base
-
-
-# ---------------------------------------------------------------- rules, one per row
-
-CASES = [
-    # (feedback, expected source or skip reason)
-    ({"rating": 5}, "kept"),
-    ({"rating": 4}, "kept"),
-    ({"thumbs": 1}, "kept"),
-    ({"quality_score": 0.8}, "kept"),
-    ({"quality_score": 0.95, "rating": 3}, "kept"),
-    ({"rating": 4, "correction": "better"}, "kept"),
-    ({"rating": 2, "correction": "fixed"}, "corrected"),
-    ({"rating": 1, "correction": "fixed"}, "corrected"),
-    ({"thumbs": -1, "correction": "fixed"}, "corrected"),
-    ({"hallucinated": True, "correction": "fixed"}, "corrected"),
-    ({"rating": 5, "hallucinated": True, "correction": "fixed"}, "corrected"),  # negative wins
-    ({"thumbs": 1, "rating": 1, "correction": "fixed"}, "corrected"),
-    ({"rating": 2}, "negative_without_correction"),
-    ({"rating": 1, "correction": "   "}, "negative_without_correction"),
-    ({"thumbs": -1}, "negative_without_correction"),
-    ({"hallucinated": True}, "negative_without_correction"),
-    ({"rating": 5, "hallucinated": True}, "negative_without_correction"),
-    ({}, "no_feedback"),
-    ({"rating": 3}, "neutral"),
-    ({"thumbs": 0}, "neutral"),
-    ({"quality_score": 0.79}, "neutral"),
-    ({"hallucinated": False}, "neutral"),
-    ({"rating": 3, "correction": "fixed"}, "unrated_correction"),
-    ({"correction": "fixed"}, "unrated_correction"),
-    ({"rating": 5, "output": "  \n"}, "empty_output"),
-    ({"rating": 1, "output": "", "correction": "fixed"}, "corrected"),
-]
-
-
-@pytest.mark.parametrize("feedback,expected", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_classify(feedback, expected):
-    assert classify(row(1, **feedback), ExtractionRules()) == expected
-
-
-@pytest.mark.parametrize("feedback,expected", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_build_counts_each_rule(feedback, expected):
-    result = build([row(1, **feedback)])
-    m = result.manifest
-    if expected in ("kept", "corrected"):
-        assert m["sources"][expected] == 1 and m["examples"] == 1 and m["skipped"] == {}
-        answer = result.examples[0]["messages"][-1]
-        assert answer == {"role": "assistant", "content": "fixed" if expected == "corrected" else "answer 1"}
-        assert (result.corrections == result.examples) == (expected == "corrected")
-    else:
-        assert m["examples"] == 0 and m["skipped"] == {expected: 1}
+# ---------------------------------------------------------------- one row
 
 
 @pytest.mark.parametrize(
@@ -137,25 +53,6 @@ def test_skip_reasons_for_bad_rows(bad, reason):
 
 def test_non_mapping_row_is_invalid():
     assert build([["not", "a", "dict"], row(1, rating=5)]).manifest["skipped"] == {"invalid_row": 1}
-
-
-def test_rules_are_configurable():
-    strict = ExtractionRules(min_rating=5, max_negative_rating=3, quality_threshold=None)
-    assert classify(row(1, rating=4), strict) == "neutral"
-    assert classify(row(1, rating=5), strict) == "kept"
-    assert classify(row(1, quality_score=0.99), strict) == "neutral"
-    assert classify(row(1, rating=3, correction="x"), strict) == "corrected"
-
-
-def test_rules_reject_bad_values():
-    with pytest.raises(RuleError, match="max_negative_rating"):
-        ExtractionRules(min_rating=3, max_negative_rating=3)
-    with pytest.raises(RuleError, match=r"redact_patterns\.0"):
-        ExtractionRules(redact_patterns=["(unclosed"])
-    with pytest.raises(RuleError, match="format"):
-        ExtractionRules(format="sharegpt")
-    with pytest.raises(RuleError, match="unknown key"):
-        ExtractionRules.from_mapping({"min_ratng": 4})
 
 
 def test_messages_input_keeps_context_and_replaces_final_answer():
@@ -240,7 +137,7 @@ def test_redaction_before_writing(tmp_path):
     result = build([row(1, **PII_ROW), row(2, input="ask bob@corp.example", output="ok", rating=5)], rules)
     paths = write_build(result, tmp_path / "out.jsonl")
     assert set(paths) == {"data", "manifest", "corrections"}
-    assert result._make is not None  # writing did not build every example's dict
+    assert not result.examples_made  # writing did not build every example's dict
     for p in paths.values():
         blob = p.read_text(encoding="utf-8")
         for secret in [*SECRETS, "bob@corp.example"]:
@@ -253,38 +150,6 @@ def test_redaction_before_writing(tmp_path):
 def test_no_redaction_keeps_text():
     result = build([row(1, **PII_ROW)], ExtractionRules(redact_pii=False))
     assert "jane.doe+ops@example.co.uk" in result.data.decode()
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "Released 2026-01-15 at 10:30:00",
-        "IDLH is 300 ppm; TWA 25 ppm, STEL 35 ppm",
-        "host 192.168.1.1 port 8080",
-        "version 1.2.3 and 10.4.12",
-        "ISO 9001:2015 and EN 12345",
-        "order 12345678, pressure 1,000,000 Pa, pi 3.14159",
-        "valve +5 degrees, -12 bar",
-        "part no. 4711-0815",
-    ],
-)
-def test_redaction_leaves_ordinary_numbers(text):
-    assert redact(text) == text
-
-
-@pytest.mark.parametrize(
-    "text,expected",
-    [
-        ("call 555-123-4567 now", "call [PHONE] now"),
-        ("call (555) 123-4567.", "call [PHONE]."),
-        ("call +1 555 123 4567", "call [PHONE]"),
-        ("ruf +4915112345678 an", "ruf [PHONE] an"),
-        ("tel 030 1234567", "tel [PHONE]"),
-        ("a.b-c@sub.example.org wrote", "[EMAIL] wrote"),
-    ],
-)
-def test_redaction_finds_contacts(text, expected):
-    assert redact(text) == expected
 
 
 # ---------------------------------------------------------------- formats
@@ -375,120 +240,7 @@ def test_dump_matches_datasets_canonical_json():
     assert dump_jsonl(records) == datasets.dump_jsonl(records)
 
 
-
 # ---------------------------------------------------------------- fast path == straightforward path
-
-_WS = re.compile(r"\s+")
-
-
-def _ref_id_key(rid):
-    if isinstance(rid, (int, float)) and not isinstance(rid, bool):
-        return (0, rid, "")
-    return (1, 0, rid if isinstance(rid, str) else str(rid))
-
-
-def reference_build(rows, rules, fmt):
-    """The straightforward path build() must match byte for byte: classify() and _prompt()
-    per row, every redaction regex run with re.sub on every text, sha256 of the regex-folded
-    text as the dedupe key (keeping a correction over a kept duplicate, then the newest), one
-    json.dumps per record."""
-    custom = [re.compile(p) for p in rules.redact_patterns]
-
-    def red(text):
-        for rx in custom:
-            text = rx.sub("[REDACTED]", text)
-        if rules.redact_pii:
-            text = PHONE_RE.sub("[PHONE]", EMAIL_RE.sub("[EMAIL]", text))
-        return text
-
-    skipped, seen, entries = {}, {}, []
-
-    def skip(reason):
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    for r in rows:
-        if not isinstance(r, dict) or r.get("id") is None:
-            skip("invalid_row")
-            continue
-        source = classify(r, rules)
-        if source not in ("kept", "corrected"):
-            skip(source)
-            continue
-        prompt = _prompt(r.get("input"))
-        if isinstance(prompt, str):
-            skip(prompt)
-            continue
-        msgs = [*prompt, {"role": "assistant", "content": r["output"] if source == "kept" else r["correction"]}]
-        if any(re.search(r"<\|[A-Za-z0-9_]{1,40}\|>", m["content"]) for m in msgs):
-            skip("control_tokens")
-            continue
-        msgs = [{"role": m["role"], "content": red(m["content"])} for m in msgs]
-        created = r.get("created_at") or ""
-        idk = _ref_id_key(r["id"])
-        e = {"order": (created, idk), "newest": (source == "corrected", r.get("feedback_at") or created, created, idk),
-             "id": r["id"],
-             "source": source, "messages": msgs}
-        if not rules.dedupe:
-            entries.append(e)
-            continue
-        folded = _WS.sub(" ", "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in msgs)).strip().casefold()
-        key = hashlib.sha256(folded.encode("utf-8")).hexdigest()
-        if key not in seen:
-            seen[key] = e
-        else:
-            skip("duplicate")
-            if e["newest"] > seen[key]["newest"]:
-                seen[key] = e
-    if rules.dedupe:
-        entries = list(seen.values())
-    entries.sort(key=lambda e: e["order"])
-    examples = [format_example(e["messages"], fmt) for e in entries]
-    data = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for x in examples)
-    corr = [x for x, e in zip(examples, entries) if e["source"] == "corrected"]
-    cdata = "".join(json.dumps(x, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for x in corr)
-    ids = sorted((e["id"] for e in entries), key=_ref_id_key)
-    cids = sorted((e["id"] for e in entries if e["source"] == "corrected"), key=_ref_id_key)
-    return data.encode("utf-8"), cdata.encode("utf-8"), ids, cids, dict(sorted(skipped.items())), examples
-
-
-def varied_rows(n, seed=1, uniform=False):
-    """Unicode, case and whitespace variants, duplicates, PII, chat inputs, bad rows, mixed ids.
-    ``uniform``: string ids and created_at all of one length, as FeedbackStore.rows() gives."""
-    rnd = random.Random(seed)
-    words = ["Ammonia", "ÄRGER", "straße", "STRASSE", "ﬁre", "İstanbul", "🚀", "\u00a0", "\t", "\u2028", "\x1e", "\x00",
-             "valve", "+44 20 7946 0958", "555-123-4567", "(555) 123-4567", "020 7946 0958", "1-800-555-0199",
-             "+1(2)3  45678", "١٢٣-٤٥٦-٧٨٩٠", "123456-789", "jane.doe+ops@example.co.uk", "a@b", "x@@y.io", "ppm", '"q"',
-             "\\", "  ", "\n", "<|im_start|>", "ACME-12345"]
-    rows = []
-    for i in range(n):
-        q = " ".join(rnd.choice(words) for _ in range(rnd.randrange(1, 8)))
-        if rnd.random() < 0.3:
-            q = q.upper()
-        p = rnd.random()
-        if p < 0.2:
-            inp = [{"role": "system", "content": rnd.choice(["Be brief.", "BE  brief.", "sys 555-123-4567"])},
-                   {"role": "user", "content": q}]
-            if rnd.random() < 0.5:
-                inp += [{"role": "assistant", "content": "old", "name": "bot"}, {"role": "user", "content": q.lower()}]
-        elif p < 0.23:
-            inp = rnd.choice([None, 42, [{"role": "wizard", "content": "x"}], "   ", ["hi"],
-                              [{"role": "assistant", "content": "x"}], [{"role": "user", "content": 3}]])
-        else:
-            inp = q
-        rid = f"r{i:06d}"
-        if rnd.random() < 0.3:
-            rid = rnd.choice([f"id{i:05d}", i, float(i) + 0.5, f"ID{rnd.randrange(50)}", rid])
-        r = row(i, id=rid if rnd.random() > 0.01 else None, input=inp,
-                created_at=rnd.choice(["", None, f"2026-01-{1 + i % 3:02d}T00:00:00.000000Z"]),
-                feedback_at=rnd.choice([None, None, "2026-02-01T00:00:00.000000Z", f"2026-01-0{1 + i % 5}T00:00:00.000000Z"]),
-                output=rnd.choice(["answer 1", "Answer  1", "  ", "call 555-123-4567 or bob@corp.example", "ünï 🚀", q]),
-                rating=rnd.choice([None, 1, 2, 3, 4, 5]), thumbs=rnd.choice([None, None, -1, 0, 1]),
-                quality_score=rnd.choice([None, None, 0.5, 0.8, 0.95]), hallucinated=rnd.choice([None, None, True, False]),
-                correction=rnd.choice([None, "", "  ", "Fixed  answer", "fixed ANSWER", "mail a.b@c.de", "+44 20 7946 0958"]))
-        if uniform:
-            r.update(id=str(r["id"]), created_at=f"2026-01-{1 + i % 3:02d}T00:00:00.000000Z")
-        rows.append(["not a dict"] if rnd.random() < 0.005 else r)
-    return rows
 
 
 @pytest.mark.parametrize(
@@ -517,17 +269,6 @@ def test_fast_path_matches_straightforward_path(rules, fmt, uniform):
     assert m["sha256"] == hashlib.sha256(data).hexdigest() and m["corrections"]["sha256"] == hashlib.sha256(cdata).hexdigest()
     assert b"[EMAIL]" in data and b"[PHONE]" in data if rules.redact_pii else b"[EMAIL]" not in data
 
-
-def test_redaction_shortcuts_match_plain_regex():
-    # _redact_phone/_redact_email skip text that cannot match; on random text (digits,
-    # separators, Unicode digits, real numbers and addresses) they equal re.sub exactly
-    rnd = random.Random(3)
-    alphabet = list("0123456789" * 4 + " .-()+" * 3 + "aZ_@x.é٣\n") + [
-        "555-123-4567", "+44 20 7946 0958", "(555) 123-4567", "020 7946 0958", "1-800-555-0199", "a.b@c.de", "x@y"]
-    for _ in range(20000):
-        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 30)))
-        assert _redact_phone(text) == PHONE_RE.sub("[PHONE]", text), text
-        assert _redact_email(text) == EMAIL_RE.sub("[EMAIL]", text), text
 
 def test_one_turn_rows_match_straightforward_path():
     # every input a plain string: the messages lines are put together in C (map/zip) from
@@ -563,17 +304,15 @@ def test_string_ids_with_uneven_created_at_match_straightforward_path():
 
 
 def test_json_bodies_match_one_dump_per_string():
-    from cl_release.data.build import _json_bodies
-
     rnd = random.Random(8)
     pieces = ['"', "\\", '","', '"],["', ",", '"]', '["', "", "é", "\x1f", "\n", "\t", "💡", "x"]
     for _ in range(300):
         texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 5))) for _ in range(rnd.randrange(0, 30))]
         expected = [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in texts]
-        assert _json_bodies(texts) == expected, texts
+        assert json_bodies(texts) == expected, texts
         # without any '"' (the one-dump split path), and texts that are exactly "," or end in "\"
         plain = [t.replace('"', "") for t in texts]
-        assert _json_bodies(plain) == [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in plain], plain
+        assert json_bodies(plain) == [json.dumps(t, ensure_ascii=False)[1:-1].encode("utf-8") for t in plain], plain
 
 
 def test_examples_are_made_on_first_use_and_stay_the_same_objects():
@@ -953,354 +692,3 @@ def test_cli_build_since_release_version(repo, monkeypatch):
     assert res.exit_code == 0, res.output
     # created after the release, or rated after it (new feedback on an old answer)
     assert json.loads(res.output)["record_ids"] == ["r002", "r003"]
-
-
-# ---------------------------------------------------------------- the store build == the dict build
-
-
-def varied_store(path, n=2500, seed=7):
-    """A FeedbackStore with what the store build must classify exactly as the dicts: several
-    feedback rows per record (ties in time, broken by row id), records without feedback,
-    quality-score-only records, Unicode, PII, near-duplicates, chat inputs, blank and missing
-    outputs, whitespace-only corrections, two model versions, and a record without an id."""
-    from cl_release.store.sqlite import FeedbackStore
-
-    rnd = random.Random(seed)
-    words = ["Ammonia", "ÄRGER", "straße", "STRASSE", "ﬁre", "İstanbul", "🚀", "\u00a0", "\t", "\u2028", "valve",
-             "+44 20 7946 0958", "555-123-4567", "jane.doe+ops@example.co.uk", '"q"', "\\", "  ", "\n", "ACME-12345",
-             "<|im_end|>", "<|", "|>", "<|not a token|>"]
-    times = [f"2026-01-{d:02d}T00:00:00.000000Z" for d in range(1, 29)]
-    store = FeedbackStore(path)
-    records, feedback = [], []
-    for i in range(n):
-        q = " ".join(rnd.choice(words) for _ in range(rnd.randrange(1, 6)))
-        if rnd.random() < 0.3:
-            q = q.upper()
-        p = rnd.random()
-        if p < 0.15:
-            inp = [{"role": "system", "content": rnd.choice(["Be brief.", "BE  brief."])}, {"role": "user", "content": q}]
-            if rnd.random() < 0.5:
-                inp += [{"role": "assistant", "content": "old"}, {"role": "user", "content": q.lower()}]
-        elif p < 0.18:
-            inp = rnd.choice(["   ", [{"role": "wizard", "content": "x"}], [{"role": "assistant", "content": "x"}]])
-        else:
-            inp = q
-        rid = f"r{i:05d}" if rnd.random() < 0.8 else f"Z{rnd.randrange(10**6)}-{i}"
-        records.append({
-            "request_id": rid, "input": inp, "created_at": rnd.choice(times), "model_version": rnd.choice(["1.0.0", "1.1.0"]),
-            "output": rnd.choice(["answer 1", "Answer  1", "  ", "", "call 555-123-4567 or bob@corp.example", "ünï 🚀", q,
-                                  "ok<|eot_id|>"]),
-            "quality_score": rnd.choice([None, None, None, 0.5, 0.8, 0.95]),
-        })
-        for _ in range(rnd.choice([0, 0, 1, 1, 1, 2, 3])):
-            fb = {"request_id": rid, "created_at": rnd.choice(times[:4] + times[20:]),
-                  "rating": rnd.choice([None, 1, 2, 3, 4, 5]), "thumbs": rnd.choice([None, None, -1, 0, 1]),
-                  "hallucinated": rnd.choice([None, None, True, False]),
-                  "correction": rnd.choice([None, None, "", "  ", "\u2028", "Fixed  answer", "fixed ANSWER", "mail a.b@c.de"])}
-            if all(fb[k] is None for k in ("rating", "thumbs", "hallucinated", "correction")):
-                fb["notes"] = "seen"
-            feedback.append(fb)
-    store.log_many(records)
-    store.feedback_many(feedback)
-    with store.conn:  # what the API refuses but the schema allows: no output, no id
-        store.conn.execute("INSERT INTO records (id, created_at, input, output, quality_score)"
-                           " VALUES ('no-output', ?, '\"q\"', NULL, 0.9), (NULL, ?, '\"q\"', 'a', 0.9)", (times[0], times[1]))
-    return store
-
-
-def dict_rows(rows):
-    """The same rows, as a plain iterator of dicts: build() takes its generic path."""
-    return (r for r in rows)
-
-
-STORE_RULES = [
-    (ExtractionRules(), "messages"),
-    (ExtractionRules(), "alpaca"),
-    (ExtractionRules(dedupe=False, redact_pii=False), "chatml"),
-    (ExtractionRules(min_rating=5, max_negative_rating=3, quality_threshold=None), "messages"),
-    (ExtractionRules(min_rating=3.5, max_negative_rating=1, quality_threshold=0.95, redact_patterns=["ACME-\\d+"]),
-     "completion"),
-]
-
-
-def shards_used(monkeypatch):
-    """The number of shards each store build combined (1: read in one process). Forking
-    allowed: threads other tests left behind (idle) would otherwise turn it off."""
-    import cl_release.data.build as extract
-    import cl_release.store.sqlite as feedback
-
-    monkeypatch.setattr(parallel, "can_fork", lambda: True)
-
-    used = []
-    combine = extract._combine
-
-    def counting(shards, *args):
-        used.append(len(shards))
-        return combine(shards, *args)
-
-    monkeypatch.setattr(extract, "_combine", counting)
-    return used
-
-
-def same_examples(a, b):
-    """Equal, and with keys in the same order (what json.dumps without sort_keys writes)."""
-    return a == b and json.dumps(a) == json.dumps(b)
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("rules,fmt", STORE_RULES, ids=["default", "alpaca", "plain", "strict", "float-thresholds"])
-def test_store_build_matches_dict_build(tmp_path, monkeypatch, rules, fmt, workers):
-    import cl_release.data.build as extract
-
-    store = varied_store(tmp_path / "f.db")
-    expected = build(dict_rows(store.rows()), rules, fmt)
-    data, cdata, ids, cids, skipped, examples = reference_build(list(store.rows()), rules, fmt)
-    monkeypatch.setattr(extract, "_entries", None)  # the store path must not fall back
-    used = shards_used(monkeypatch)
-    result = build(store.rows(), rules, fmt, workers=workers)
-    assert used == [workers]  # forked workers really read the shards
-    assert result.data == expected.data == data and result.corrections_data == expected.corrections_data == cdata
-    assert result.manifest == expected.manifest
-    m = result.manifest
-    assert m["record_ids"] == ids and m["corrections"]["record_ids"] == cids and m["skipped"] == skipped
-    assert same_examples(result.examples, expected.examples) and result.examples == examples
-    assert same_examples(result.corrections, expected.corrections)
-    assert m["rows_read"] == store.count()
-    # the store really has every case
-    assert {"invalid_row", "no_feedback", "neutral", "negative_without_correction", "empty_output",
-            "empty_input", "invalid_input", "control_tokens"} <= set(m["skipped"]) and m["sources"]["corrected"]
-    text = result.data.decode()
-    assert not CONTROL_TOKEN.search(text.replace("<|im_start|>", "").replace("<|im_end|>", "") if fmt == "chatml" else text)
-    assert "unrated_correction" in skipped and ("duplicate" in skipped) == rules.dedupe
-    store.close()
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        {"since": "2026-01-20"},
-        {"until": "2026-01-10"},
-        {"since": "2026-01-03", "until": "2026-01-15T12:00:00+02:00"},
-        {"model_version": "1.1.0"},
-        {"model_version": "none"},
-        {"has_feedback": True},
-        {"has_feedback": False},
-        {"after": ("2026-01-14T00:00:00.000000Z", "r01000")},
-    ],
-)
-def test_store_build_matches_dict_build_with_filters(tmp_path, monkeypatch, query):
-    import cl_release.data.build as extract
-
-    store = varied_store(tmp_path / "f.db", n=1200)
-    expected = build(dict_rows(store.rows(**query)))
-    monkeypatch.setattr(extract, "_entries", None)
-    used = shards_used(monkeypatch)
-    for workers in (1, 2):
-        result = build(store.rows(**query), workers=workers)
-        assert used[-1] == workers
-        assert result.data == expected.data and result.corrections_data == expected.corrections_data
-        assert result.manifest == expected.manifest and result.manifest["rows_read"] == len(list(store.rows(**query)))
-    store.close()
-
-
-def sharded_store(tmp_path, n=600):
-    """A store whose records straddle any split by time: the same few questions (so dedupe
-    groups span shards) asked every day, rated, some corrected, some rated after later ones."""
-    from cl_release.store.sqlite import FeedbackStore
-
-    store = FeedbackStore(tmp_path / "s.db")
-    rnd = random.Random(3)
-    records, feedback = [], []
-    for i in range(n):
-        rid = f"{rnd.getrandbits(64):016x}"
-        q = rnd.choice(["What is the IDLH?", "what is the  IDLH?", "Mail ops@example.com", "Valve 7?"])
-        records.append({"request_id": rid, "input": q, "output": rnd.choice(["300 ppm", "300  PPM", "no idea"]),
-                        "created_at": f"2026-01-{1 + i * 28 // n:02d}T{i % 24:02d}:00:00Z"})
-        rating = rnd.choice([1, 4, 5, 5])
-        feedback.append({"request_id": rid, "rating": rating, "correction": "300 ppm" if rating == 1 else None,
-                         "created_at": f"2026-02-{1 + rnd.randrange(28):02d}T00:00:00Z"})
-    store.log_many(records)
-    store.feedback_many(feedback)
-    return store
-
-
-@pytest.mark.parametrize("workers", [2, 3, 5])
-def test_sharded_store_build_merges_dedupe_groups_across_shards(tmp_path, monkeypatch, workers):
-    store = sharded_store(tmp_path)
-    one = build(store.rows(), workers=1)
-    used = shards_used(monkeypatch)
-    result = build(store.rows(), workers=workers)
-    assert used == [workers]
-    assert result.data == one.data and result.manifest == one.manifest
-    assert result.manifest == build(dict_rows(store.rows())).manifest
-    assert result.manifest["skipped"]["duplicate"] > 500  # the groups span every shard
-    assert same_examples(result.examples, one.examples)
-    store.close()
-
-
-def test_sharded_store_build_with_one_created_at(tmp_path, monkeypatch):
-    store = sharded_store(tmp_path, n=200)
-    with store.conn:
-        store.conn.execute("UPDATE records SET created_at = '2026-01-01T00:00:00.000000Z'")
-    used = shards_used(monkeypatch)
-    result = build(store.rows(), workers=3)
-    assert used == [3]  # all in the last shard, the others empty
-    assert result.data == build(dict_rows(store.rows())).data
-    store.close()
-
-
-def test_sharded_store_build_reads_in_one_process_when_a_worker_fails(tmp_path, monkeypatch):
-    import os
-
-    import cl_release.data.build as extract
-
-    store = sharded_store(tmp_path, n=300)
-    expected = build(store.rows(), workers=1)
-    shard = extract._shard
-    for failure in ("raise", "exit", "exit after sending"):
-        def failing(rows, rules, fmt, created, failure=failure):
-            if created[0] is None:  # this process's shard
-                return shard(rows, rules, fmt, created)
-            if failure == "raise":
-                raise sqlite3.OperationalError("disk I/O error")
-            if failure == "exit":
-                os._exit(3)
-            part = shard(rows, rules, fmt, created)
-            part.ask = lambda wanted: os._exit(4)
-            return part
-
-        monkeypatch.setattr(extract, "_shard", failing)
-        used = shards_used(monkeypatch)
-        result = build(store.rows(), workers=2)
-        assert used[-1] == 1, failure  # read again in one process
-        assert result.data == expected.data and result.manifest == expected.manifest, failure
-    store.close()
-
-
-def test_sharded_store_build_of_odd_values_reads_dicts_or_one_process(tmp_path, monkeypatch):
-    store = sharded_store(tmp_path, n=300)
-    with store.conn:  # a blob id (only possible outside cl-release): not a plain shard
-        store.conn.execute("INSERT INTO records (id, created_at, input, output, quality_score)"
-                           " VALUES (X'0102', '2026-01-27T00:00:00.000000Z', '\"q\"', 'a', 0.9)")
-    used = shards_used(monkeypatch)
-    result = build(store.rows(), workers=2)
-    assert used == [1]
-    assert result.manifest == build(dict_rows(store.rows())).manifest
-    store.conn.execute("PRAGMA ignore_check_constraints = ON")
-    with store.conn:  # a text rating in the last shard: the dicts are read
-        store.conn.execute("UPDATE feedback SET rating = 'high' WHERE request_id = "
-                           "(SELECT id FROM records ORDER BY created_at DESC LIMIT 1)")
-    used.clear()
-    with pytest.raises(DataError, match="rating: record .*: 'high' is not a number"):
-        build(store.rows(), workers=2)  # from the dicts, as one process reads them
-    assert used == []
-    with pytest.raises(DataError, match="rating: record .*: 'high' is not a number"):
-        build(dict_rows(store.rows()))
-    store.close()
-
-
-def test_build_workers_default_and_checks(tmp_path, monkeypatch):
-    import cl_release.data.build as extract
-    import cl_release.store.sqlite as feedback
-
-    store = sharded_store(tmp_path, n=50)
-    monkeypatch.setattr(parallel, "can_fork", lambda: True)
-    monkeypatch.setattr(parallel, "cores", lambda: 4)
-    assert extract._build_workers(store.rows(), None) == 1  # a small store: one process
-    monkeypatch.setattr(extract, "PARALLEL_BUILD_RECORDS", 10)
-    assert extract._build_workers(store.rows(), None) == 4
-    monkeypatch.setattr(parallel, "cores", lambda: 1)
-    assert extract._build_workers(store.rows(), None) == 1
-    assert extract._build_workers(store.rows(), 3) == 3
-    monkeypatch.setattr(parallel, "can_fork", lambda: False)  # threads running, or no fork
-    assert extract._build_workers(store.rows(), 3) == 1
-    with pytest.raises(UserError, match="workers"):
-        build(store.rows(), workers=0)
-    store.close()
-
-
-def test_store_build_takes_the_latest_feedback_ties_by_row_id(tmp_path):
-    from cl_release.store.sqlite import FeedbackStore
-
-    store = FeedbackStore(tmp_path / "f.db")
-    t = "2026-01-05T00:00:00Z"
-    a = store.log("tie, corrected last", "bad", request_id="a", created_at="2026-01-01")
-    store.feedback(a, rating=5, created_at=t)
-    store.feedback(a, rating=1, correction="good", created_at=t)  # same time, later row: counts
-    b = store.log("tie, praised last", "fine", request_id="b", created_at="2026-01-01")
-    store.feedback(b, rating=1, correction="x", created_at=t)
-    store.feedback(b, thumbs=1, created_at=t)
-    c = store.log("older feedback written later", "meh", request_id="c", created_at="2026-01-01")
-    store.feedback(c, rating=5, created_at="2026-01-09")
-    store.feedback(c, thumbs=-1, created_at="2026-01-08")  # older: does not count
-    d = store.log("no feedback, a quality score", "scored", request_id="d", created_at="2026-01-02", quality_score=0.9)
-    result = build(store.rows())
-    assert result.manifest == build(dict_rows(store.rows())).manifest
-    assert result.manifest["record_ids"] == [a, b, c, d] == ["a", "b", "c", "d"]
-    assert [e["messages"][-1]["content"] for e in result.examples] == ["good", "fine", "meh", "scored"]
-    assert result.manifest["sources"] == {"kept": 3, "corrected": 1}
-    store.close()
-
-
-def test_store_build_falls_back_to_dicts_on_values_the_schema_refuses(tmp_path):
-    store = varied_store(tmp_path / "f.db", n=300)
-    odd = store.log("odd", "praised", created_at="2026-01-03")
-    store.feedback(odd, rating=5)  # decides before the score is compared
-    hallucinated = store.log("hallucinated 2", "wrong", created_at="2026-01-03")
-    store.feedback(hallucinated, correction="right")
-    store.conn.execute("PRAGMA ignore_check_constraints = ON")
-    with store.conn:
-        store.conn.execute("UPDATE records SET quality_score = 'high' WHERE id = ?", (odd,))
-        store.conn.execute("UPDATE feedback SET hallucinated = 2 WHERE request_id = ?", (hallucinated,))
-    result = build(store.rows())
-    expected = build(dict_rows(store.rows()))
-    assert result.data == expected.data and result.manifest == expected.manifest
-    assert {odd, hallucinated} <= set(result.manifest["record_ids"])  # bool(2) is True: a negative signal
-    # a text score reached by the comparison fails the same way on both paths
-    with store.conn:
-        store.conn.execute("UPDATE records SET quality_score = 'high' WHERE rowid = 1")
-        store.conn.execute("DELETE FROM feedback WHERE request_id = (SELECT id FROM records WHERE rowid = 1)")
-    first = store.conn.execute("SELECT id FROM records WHERE rowid = 1").fetchone()[0]
-    with pytest.raises(DataError, match=f"feedback rows: quality_score: record '{first}': 'high' is not a number"):
-        build(dict_rows(store.rows()))
-    with pytest.raises(DataError, match=f"f.db: quality_score: record '{first}': 'high' is not a number") as e:
-        build(store.rows())
-    assert "fix or delete" in e.value.hint
-    with store.conn:
-        store.conn.execute("UPDATE records SET quality_score = NULL WHERE rowid = 1")
-        store.conn.execute("UPDATE feedback SET rating = X'01' WHERE id = (SELECT max(id) FROM feedback)")
-    with pytest.raises(DataError, match=r"rating: record .*: b'\\x01' is not a number"):
-        build(dict_rows(store.rows()))
-    with pytest.raises(DataError, match=r"rating: record .*: b'\\x01' is not a number"):
-        build(store.rows())
-    store.close()
-
-
-def test_store_build_with_limit_started_rows_or_odd_rules_reads_dicts(tmp_path, monkeypatch):
-    from fractions import Fraction
-
-    import cl_release.data.build as extract
-
-    store = varied_store(tmp_path / "f.db", n=400)
-    calls = []
-    monkeypatch.setattr(extract, "_store_entries", lambda *a: calls.append(a))  # must not be used
-    assert build(store.rows(limit=150)).manifest == build(dict_rows(store.rows(limit=150))).manifest
-    rows = store.rows()
-    next(rows)
-    started = build(rows)
-    rest = store.rows()
-    next(rest)
-    assert started.manifest == build(dict_rows(rest)).manifest and started.manifest["rows_read"] == store.count() - 1
-    odd = ExtractionRules(min_rating=Fraction(9, 2), quality_threshold=float("nan"))
-    assert build(store.rows(), odd).manifest == build(dict_rows(store.rows()), odd).manifest
-    assert calls == []
-    store.close()
-
-
-def test_store_build_of_an_empty_store(tmp_path):
-    from cl_release.store.sqlite import FeedbackStore
-
-    store = FeedbackStore(tmp_path / "f.db")
-    result = build(store.rows())
-    assert result.data == b"" and result.manifest == build([]).manifest
-    store.close()
