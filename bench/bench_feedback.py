@@ -30,7 +30,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cl_release.store.sqlite import IMPORT_PARALLEL_BYTES, FeedbackStore, _import_workers  # noqa: E402
+from cl_release.store import FeedbackStore  # noqa: E402
+from cl_release.store.staged import IMPORT_PARALLEL_BYTES, import_workers  # noqa: E402
 from cl_release.files import atomic_write_bytes  # noqa: E402
 
 WORK = ROOT / ".bench-out" / "feedback"
@@ -130,10 +131,10 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
     parsed and checked beforehand (not timed), sorted by id, inserted with one executemany (1)
     into a fresh WAL file with just the records table and its primary key, then its created_at
     index and the COMMIT; (2) into an in-memory table without any index. Rows per second."""
-    from cl_release.store.sqlite import _import_row
+    from cl_release.store.importer import import_row
 
     with open(log, "rb") as f:
-        rows = sorted(_import_row(orjson.loads(line), line)[0] for line in f)
+        rows = sorted(import_row(orjson.loads(line), line)[0] for line in f)
     out = {}
     # (3) SQLite alone, no Python per row: the rows copied by INSERT ... SELECT from a scratch
     # file (filled beforehand, not timed) into the same fresh WAL file, index and COMMIT included
@@ -212,7 +213,7 @@ def main() -> None:
         log = WORK / f"log-{n}.jsonl"
         make_log(log, n)
         size_mb = log.stat().st_size / 1e6
-        workers = _import_workers(log.stat().st_size, None)
+        workers = import_workers(log.stat().st_size, None)
         inline = None
         if log.stat().st_size >= IMPORT_PARALLEL_BYTES:  # the other way of parsing, for comparison
             other_workers = 2 if workers == 1 else 1

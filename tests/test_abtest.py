@@ -542,8 +542,6 @@ def test_an_unreadable_look_counter_is_an_error_naming_it(repo):
 
 
 def test_store_reads_flags_and_latency_ranks_in_the_window(repo):
-    from cl_release.decide.triggers import LatencyRanks, answer_flags
-
     start = T0 + dt.timedelta(days=31)
     ids = log_arm(repo, "1.1.0", 10, start=start, latency=100.0)
     store = FeedbackStore(Project.load(repo).feedback_path)
@@ -553,15 +551,16 @@ def test_store_reads_flags_and_latency_ranks_in_the_window(repo):
     store.feedback(ids[2], severity="safety", created_at=start + dt.timedelta(minutes=59))
     store.feedback(ids[3], severity="critical", created_at=start + dt.timedelta(hours=3))  # after the look
     store.feedback(ids[2], rating=5, created_at=start + dt.timedelta(minutes=59, seconds=30))  # later, no severity
-    store.close()
     until = start + dt.timedelta(hours=2)
-    flags = answer_flags(Project.load(repo).feedback_path, since=start, until=until, versions=["1.1.0", "1.0.0"])
+    flags = store.answer_flags(since=start, until=until, versions=["1.1.0", "1.0.0"])
     assert flags == {"1.1.0": {"errors": 1, "critical": 1}}  # answers, not rows; a report stays a report
-    with LatencyRanks(Project.load(repo).feedback_path, since=start, until=until, version="1.1.0") as ranks:
-        values = [ranks.at(k) for k in range(1, 11)]
-        assert values == sorted(values) and 100 <= values[0] and values[-1] <= 120
+    ranks = store.latency_ranks(since=start, until=until, version="1.1.0")
+    values = [ranks.at(k) for k in range(1, 11)]
+    assert values == sorted(values) and 100 <= values[0] and values[-1] <= 120
+    for k in (0, 11):
         with pytest.raises(IndexError):
-            ranks.at(11)
+            ranks.at(k)
+    store.close()
 
 
 # ---------------------------------------------------------------- CLI

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cl_release.decide import triggers
 from cl_release.cli import main
 from cl_release.errors import ProjectError
-from cl_release.store.sqlite import FeedbackStore
+from cl_release.store import FeedbackStore
 from cl_release.project import Project
 
 from test_abtest import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)
@@ -185,6 +185,22 @@ def test_status_names_whose_answers_it_counts_and_the_others(tmp_path):
     neg = next(t for t in d.triggers if t.name == "negative_rate")
     assert neg.detail == ("0 answers of 1.0.0 (or no version) with feedback in the last 24 h (need 30); "
                           "other versions: 113 answers, 113 with feedback")
+
+
+@pytest.mark.parametrize("extraction, due", [("", False), ("extraction:\n  max_negative_rating: 3\n", True)])
+def test_negative_rate_counts_what_the_extraction_rules_call_negative(tmp_path, extraction, due):
+    """A rating of 3 is neutral by default and negative once the project's rules say so: the
+    trigger and the data build count by the same rule."""
+    quiet = "triggers:\n  min_new_examples: 1000000\n  planned_corrections: 1000000\n"
+    root = fake_repo(tmp_path, REL, yaml_extra=quiet + extraction)
+    project = Project.load(root)
+    now = T0 + 10 * D
+    with FeedbackStore(project.feedback_path) as store:
+        seed(store, n=70, start=now - 10 * H, rating=5)
+        seed(store, n=30, start=now - 10 * H, rating=3, tag="three")
+    d = triggers.evaluate(project, now=now)
+    neg = next(t for t in d.triggers if t.name == "negative_rate")
+    assert neg.value == (0.3 if due else 0.0) and neg.fires is due
 
 
 def test_config_errors_name_the_line(tmp_path):

@@ -54,7 +54,7 @@ from ..errors import RegistryError, UserError, VersionError
 from ..files import atomic_write_json, locked
 from ..registry import Registry, committed_change, normalize_version
 from ..timeutil import parse_time, registry_time, utc
-from .triggers import LatencyRanks, Metrics, answer_flags, version_metrics
+from .triggers import Metrics, opinion_rules, reading, version_metrics
 
 DEFAULTS: dict[str, Any] = {
     "traffic": 0.1,
@@ -565,16 +565,17 @@ def compare(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | 
         raise UserError("no A/B test is running", hint="start one with: cl-release ab start VERSION --traffic 0.1")
     champ_v, chall_v = running["champion"], running["challenger"]
     started = parse_time(running["started_at"])
-    store = project.feedback_path
-    per = version_metrics(store, since=started, until=now, versions=[champ_v, chall_v])
-    flags = answer_flags(store, since=started, until=now, versions=[champ_v, chall_v])
+    versions = [champ_v, chall_v]
     hours = (now - started).total_seconds() / 3600
-    with contextlib.ExitStack() as stack:
+    with reading(project.feedback_path) as store:
+        per = version_metrics(store, since=started, until=now, versions=versions, **opinion_rules(project))
+        flags = store.answer_flags(since=started, until=now, versions=versions) if store is not None else {}
         arms = []
-        for v in (champ_v, chall_v):
-            ranks = stack.enter_context(LatencyRanks(store, since=started, until=now, version=v))
+        for v in versions:
+            ranks = store.latency_ranks(since=started, until=now, version=v) if store is not None else None
             f = flags.get(v, {})
-            arms.append(Arm(v, per.get(v, Metrics()), f.get("errors", 0), f.get("critical", 0), ranks.at))
+            arms.append(Arm(v, per.get(v, Metrics()), f.get("errors", 0), f.get("critical", 0),
+                            ranks.at if ranks is not None else None))
         v = decide(*arms, hours=hours, traffic=float(running["traffic"]), conf=conf)
     look = _count_look(project.root, running, now) if count_look else None
     return Comparison(

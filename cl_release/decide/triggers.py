@@ -19,22 +19,29 @@ Every function takes ``now`` (a datetime; the CLI passes the real clock), so tes
 the clock. Feedback after ``now`` is ignored.
 
 Quality of one answer: its latest rating mapped to 0..1 ((rating - 1) / 4); else the
-record's ``quality_score`` (taken as 0..1); else thumbs (up 1, down 0). Positive: rating >= 4
-or thumbs up. Negative: rating <= 2, thumbs down or hallucinated. The quality and error
-windows count answers served by the serving version (``champion`` alias, else ``current``)
-and answers logged without a version.
+record's ``quality_score`` (taken as 0..1); else thumbs (up 1, down 0) (the store's
+``queries.QUALITY``). Positive: rating >= ``min_rating`` or thumbs up. Negative: rating <=
+``max_negative_rating``, thumbs down or hallucinated; both thresholds are the project's
+extraction rules (``extraction:``; 4 and 2 by default). The quality and error windows count
+answers served by the serving version (``champion`` alias, else ``current``) and answers
+logged without a version. The store answers every question through named methods
+(:class:`~cl_release.store.base.FeedbackBackend`); no SQL here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..errors import UserError
+from ..store.values import CRITICAL_SEVERITIES
 from ..timeutil import parse_time, registry_time, store_time as iso, utc
+
+if TYPE_CHECKING:
+    from ..store.base import FeedbackBackend
 
 DEFAULTS: dict[str, Any] = {
     "min_new_examples": 200,
@@ -48,7 +55,6 @@ DEFAULTS: dict[str, Any] = {
     "cooldown_hours": 24.0,
     "merge_after": 4,
 }
-CRITICAL_SEVERITIES = ("critical", "safety")
 EXIT_DUE = 10
 
 
@@ -66,12 +72,6 @@ def trigger_config(project) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- metrics from the store
-
-_QUALITY = (
-    "CASE WHEN f.rating IS NOT NULL THEN (f.rating - 1) / 4.0"
-    " WHEN r.quality_score IS NOT NULL THEN r.quality_score"
-    " WHEN f.thumbs IN (-1, 1) THEN (f.thumbs + 1) / 2.0 END"
-)
 
 
 @dataclass
@@ -126,117 +126,37 @@ class Metrics:
                 "avg_latency_ms": r(self.avg_latency_ms)}
 
 
-def _connect(store_path: Path) -> sqlite3.Connection | None:
-    """A connection to an existing store (schema migrated), or None when there is no store yet."""
-    if not Path(store_path).is_file():
-        return None
-    from ..store.sqlite import FeedbackStore
+@contextlib.contextmanager
+def reading(store_path: Path) -> Iterator[FeedbackBackend | None]:
+    """The feedback store at ``store_path`` for reading, or None when there is none yet (a
+    trigger that only looks creates nothing)."""
+    from ..store import FeedbackStore
 
-    return FeedbackStore(store_path).reader()
+    with FeedbackStore(store_path) as store:
+        yield store if store.exists() else None
 
 
-def version_metrics(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime,
-                    versions: Iterable[str] | None = None, include_unversioned: bool = False) -> dict[str | None, Metrics]:
+def opinion_rules(project) -> dict[str, int]:
+    """What a positive and a negative opinion are (``min_rating``, ``max_negative_rating``): the
+    project's extraction rules, so the triggers count what the data build keeps and corrects."""
+    from ..data.build import rules_from_project
+
+    rules = rules_from_project(project)
+    return {"min_rating": rules.min_rating, "max_negative_rating": rules.max_negative_rating}
+
+
+def version_metrics(store: FeedbackBackend | None, *, since: _dt.datetime | None, until: _dt.datetime,
+                    min_rating: int, max_negative_rating: int, versions: Iterable[str] | None = None,
+                    include_unversioned: bool = False) -> dict[str | None, Metrics]:
     """Per ``model_version``: metrics over answers created in [since, until), with the latest
     feedback given before ``until``. ``versions``: only these (plus unversioned answers when
-    ``include_unversioned``). The key ``None`` holds unversioned answers."""
-    conn = _connect(store_path)
-    if conn is None:
+    ``include_unversioned``). The key ``None`` holds unversioned answers. ``store`` None: no
+    store yet, no answers."""
+    if store is None:
         return {}
-    where, params = ["r.created_at < ?"], [iso(until)]
-    if since is not None:
-        where.append("r.created_at >= ?")
-        params.append(iso(since))
-    if versions is not None:
-        vs = list(versions)
-        cond = f"r.model_version IN ({', '.join('?' * len(vs))})" if vs else "0"
-        if include_unversioned:
-            cond = f"({cond} OR r.model_version IS NULL)"
-        where.append(cond)
-        params += vs
-    sql = (
-        f"SELECT r.model_version, count(*), count(f.id), count(q), total(q), total(q * q),"
-        " total(f.rating IS NOT NULL OR f.thumbs IN (-1, 1)), total(f.rating >= 4 OR f.thumbs = 1),"
-        " total(f.rating <= 2 OR f.thumbs = -1 OR f.hallucinated = 1), count(r.latency_ms), total(r.latency_ms)"
-        f" FROM (SELECT r.*, f.id AS fid, {_QUALITY} AS q FROM records r LEFT JOIN feedback f ON f.id ="
-        " (SELECT f2.id FROM feedback f2 WHERE f2.request_id = r.id AND f2.created_at < ?"
-        "  ORDER BY f2.created_at DESC, f2.id DESC LIMIT 1)) r"
-        " LEFT JOIN feedback f ON f.id = r.fid"
-        f" WHERE {' AND '.join(where)} GROUP BY r.model_version"
-    )
-    try:
-        rows = conn.execute(sql, [iso(until), *params]).fetchall()
-    finally:
-        conn.close()
-    out: dict[str | None, Metrics] = {}
-    for mv, records, fb, qn, qs, qq, op, pos, neg, ln, ls in rows:
-        out[mv] = Metrics(records, fb, qn, qs, qq, int(op), int(pos), int(neg), ln, ls)
-    return out
-
-
-def _window(since: _dt.datetime | None, until: _dt.datetime, versions: list[str]) -> tuple[str, list[Any]]:
-    where, params = ["r.created_at < ?"], [iso(until)]
-    if since is not None:
-        where.append("r.created_at >= ?")
-        params.append(iso(since))
-    where.append(f"r.model_version IN ({', '.join('?' * len(versions))})" if versions else "0")
-    return " AND ".join(where), params + versions
-
-
-def answer_flags(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime,
-                 versions: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Per version: answers created in [since, until) that any feedback row given before
-    ``until`` marks as an error (a non-empty ``error_tag``: the store's only per-answer error
-    mark today) or as critical (severity in ``CRITICAL_SEVERITIES``). ``{version: {"errors",
-    "critical"}}``; a version without such answers is absent."""
-    conn = _connect(store_path)
-    if conn is None:
-        return {}
-    where, params = _window(since, until, list(versions))
-    crit = ", ".join(f"'{s}'" for s in CRITICAL_SEVERITIES)
-    sql = ("SELECT r.model_version,"
-           " count(DISTINCT CASE WHEN f.error_tag IS NOT NULL AND trim(f.error_tag) != '' THEN r.id END),"
-           f" count(DISTINCT CASE WHEN f.severity IN ({crit}) THEN r.id END)"
-           " FROM records r JOIN feedback f ON f.request_id = r.id AND f.created_at < ?"
-           f" WHERE {where} GROUP BY r.model_version")
-    try:
-        rows = conn.execute(sql, [iso(until), *params]).fetchall()
-    finally:
-        conn.close()
-    return {mv: {"errors": int(e), "critical": int(c)} for mv, e, c in rows}
-
-
-class LatencyRanks:
-    """Order statistics of the latencies of one version's answers created in [since, until):
-    ``at(k)`` is the k-th smallest (1-based), read from the store when asked (the quantile
-    interval needs two or three of them, not the whole sample). Use as a context manager."""
-
-    def __init__(self, store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime, version: str):
-        self._conn = _connect(store_path)
-        where, params = _window(since, until, [version])
-        self._sql = (f"SELECT r.latency_ms FROM records r WHERE {where} AND r.latency_ms IS NOT NULL"
-                     " ORDER BY r.latency_ms LIMIT 1 OFFSET ?")
-        self._params = params
-        self._cache: dict[int, float] = {}
-
-    def at(self, k: int) -> float:
-        if k not in self._cache:
-            row = None if self._conn is None else self._conn.execute(self._sql, [*self._params, k - 1]).fetchone()
-            if row is None:
-                raise IndexError(f"no latency of rank {k}")
-            self._cache[k] = float(row[0])
-        return self._cache[k]
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def __enter__(self) -> "LatencyRanks":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    per = store.version_aggregates(since=since, until=until, versions=versions, include_unversioned=include_unversioned,
+                                   min_rating=min_rating, max_negative_rating=max_negative_rating)
+    return {v: Metrics(*agg) for v, agg in per.items()}
 
 
 def total(metrics: dict[Any, Metrics] | Iterable[Metrics]) -> Metrics:
@@ -245,21 +165,6 @@ def total(metrics: dict[Any, Metrics] | Iterable[Metrics]) -> Metrics:
     for m in metrics.values() if isinstance(metrics, dict) else metrics:
         out.add(m)
     return out
-
-
-def critical_feedback(store_path: Path, *, since: _dt.datetime | None, until: _dt.datetime) -> dict[str, int]:
-    """Feedback rows flagged critical/safety in [since, until): with and without a correction."""
-    conn = _connect(store_path)
-    if conn is None:
-        return {"with_correction": 0, "without_correction": 0}
-    sql = ("SELECT total(correction IS NOT NULL AND trim(correction) != ''), count(*) FROM feedback"
-           " WHERE severity IN ('critical', 'safety') AND created_at < ?" + (" AND created_at >= ?" if since else ""))
-    params = [iso(until)] + ([iso(since)] if since else [])
-    try:
-        with_c, n = conn.execute(sql, params).fetchone()
-    finally:
-        conn.close()
-    return {"with_correction": int(with_c), "without_correction": int(n - with_c)}
 
 
 def new_examples(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
@@ -277,7 +182,7 @@ def patch_corrections(project, *, used_by: Iterable[str], until: _dt.datetime) -
     """The feedback corrections a PATCH on the lineage ``used_by`` would train on (the query
     ``plan patch`` runs): how many, and how many of them are critical or safety reports."""
     from ..data.build import release_feedback
-    from ..store.sqlite import FeedbackStore
+    from ..store import FeedbackStore
 
     result = release_feedback(project, used_by, bump="patch", until=iso(until))
     if result is None or not result.manifest["examples"]:
@@ -367,6 +272,12 @@ def recommend_bump(data: dict[str, Any], conf: dict[str, Any]) -> tuple[str, str
 
 def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] | None = None) -> Decision:
     """Every trigger against the registry and the feedback store at ``now``."""
+    with reading(project.feedback_path) as store:
+        return _evaluate(project, store, now=now, data=data)
+
+
+def _evaluate(project, store: FeedbackBackend | None, *, now: _dt.datetime | None,
+              data: dict[str, Any] | None) -> Decision:
     from ..registry import Registry
 
     now = utc(now)
@@ -377,7 +288,6 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     serving = (data.get("aliases") or {}).get("champion") or data["current"]
     last_released = _latest(models, ("released",))
     last_attempt = _latest(models, ("released", "rejected"))
-    store = project.feedback_path
     triggers: list[Trigger] = []
 
     if current is None:
@@ -402,7 +312,8 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     start = now - window
     min_n = conf["min_window_samples"]
     serving_versions = [serving] if serving else []
-    per_version = version_metrics(store, since=start, until=now)
+    opinions = opinion_rules(project)
+    per_version = version_metrics(store, since=start, until=now, **opinions)
     win = total(m for v, m in per_version.items() if v is None or v in serving_versions)
     others = total(m for v, m in per_version.items() if v is not None and v not in serving_versions)
     whose = f"of {serving} (or no version)" if serving else "(no version serves)"
@@ -413,7 +324,7 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     if serving_entry is not None:
         base_since = parse_time(serving_entry["created_at"])
         if base_since < start:
-            base = total(version_metrics(store, since=base_since, until=start, versions=serving_versions))
+            base = total(version_metrics(store, since=base_since, until=start, versions=serving_versions, **opinions))
     drop = _rel_drop(base.avg_quality, win.avg_quality)
     hours = f"{conf['quality_window_hours']:g} h"
     if base.quality_n < min_n or win.quality_n < min_n:
@@ -451,7 +362,8 @@ def evaluate(project, *, now: _dt.datetime | None = None, data: dict[str, Any] |
     # on the serving version runs, so 'status' and 'plan patch' agree on what it would train on
     serving_lineage = [e["version"] for e in Registry.lineage(data, serving)] if serving else []
     patch = patch_corrections(project, used_by=serving_lineage, until=now)
-    crit = critical_feedback(store, since=since, until=now)
+    crit = (store.critical_feedback(since=since, until=now) if store is not None
+            else {"with_correction": 0, "without_correction": 0})
     k = patch["critical"]
     detail = (f"{k} critical/safety corrections not yet trained into {serving or '-'} "
               f"(a patch would train on {patch['corrections']} corrections)")

@@ -7,862 +7,58 @@ is a ``BEGIN IMMEDIATE`` transaction (a writer waits for the lock up to ``busy_t
 instead of failing half-way), and logging is idempotent on the request id, so a retried
 request is stored once.
 
-Tables (the names are a contract; other modules read them):
-
-- ``records``: one row per answer, keyed by request id.
-- ``feedback``: any number of rows per answer; the latest (by ``created_at``, then row id)
-  is the one that counts.
-- ``release_usage``: which records each release trained on, and in which role. Pruning
-  never deletes those.
+The tables are the store's own (:mod:`.schema`); the rest of cl-release asks through the
+methods here, which :class:`~cl_release.store.base.FeedbackBackend` lists. Reads are the
+named queries of :mod:`.queries`; values are checked by :mod:`.values`; the JSONL import is
+:mod:`.importer` (line shapes) and :mod:`.staged` (the parallel, staged copy).
 
 Timestamps are ISO-8601 UTC strings ``YYYY-MM-DDTHH:MM:SS.ffffffZ``, so string order is time
-order. The schema evolves through named migrations (sqlite-utils ``Migrations``), each applied
-in its own transaction together with its bookkeeping row.
+order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import re
 import sqlite3
-import tempfile
 import threading
-import time
-import uuid
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone, tzinfo
+from datetime import date, datetime
 from pathlib import Path
-from typing import IO, Any, Callable, Generator, Iterable, Iterator, Sequence
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import orjson
 import sqlite_utils
-from sqlite_utils.migrations import Migrations
 
-from .. import parallel
-from ..errors import ClReleaseError, ConflictError, DataError, FieldValueError, UnknownRequest, UserError
-from ..timeutil import store_now as utc_now, time_zone, timestamp, utc_time  # noqa: F401  (re-exported)
+from ..errors import ClReleaseError, ConflictError, DataError, UnknownRequest, UserError
 from ..files import locked
-from ..registry import match_release
+from ..timeutil import timestamp
+from . import queries, schema, staged
+from .importer import (  # noqa: F401  (re-exported: cl_release.store.sqlite keeps its public names)
+    LIFTED_FEEDBACK_FIELDS, LIFTED_RECORD_FIELDS, ImportCounts, ImportReader, ImportResult, import_row,
+)
+from .queries import LatencyRanks, VersionAggregates
+from .rows import StoreRows, select_rows
+from .schema import APPLICATION_ID, MIGRATION_SET, MIGRATION_STEPS, build_migrations  # noqa: F401  (re-exported)
+from .staged import (  # noqa: F401  (re-exported)
+    IMPORT_CACHE_KIB, IMPORT_MAX_WORKERS, IMPORT_PARALLEL_BYTES, IMPORT_PARALLEL_CORES, import_workers,
+)
+from .values import (  # noqa: F401  (re-exported)
+    CRITICAL_SEVERITIES, FEEDBACK_FIELDS, MAX_TOKENS, ROW_KEYS, SEVERITIES, Invalid, bound, feedback_values,
+    record_row,
+)
 
 BUSY_TIMEOUT_S = 30.0
 BATCH = 10_000
-IMPORT_CACHE_KIB = -131072
-IMPORT_PARALLEL_BYTES = 16 << 20  # smaller files are parsed in the importing process
-IMPORT_PARALLEL_CORES = 2  # one core: parsed in the importing process (see import_jsonl)
-IMPORT_MAX_WORKERS = 8  # at most SQLite's default limit of 10 attached databases
 WAL_SIZE_LIMIT = 64 << 20  # a checkpointed WAL is cut back to this (PRAGMA journal_size_limit)
-SEVERITIES = ("low", "high", "critical", "safety")
-MIGRATION_SET = "cl_release.store.sqlite"
-APPLICATION_ID = 0x636C7266  # "clrf" in the SQLite header: this file is a cl-release feedback store
-MAX_TOKENS = 2**53  # whole numbers above this lose precision as JSON numbers
-
-_FEEDBACK_FIELDS = (
-    "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag", "severity", "annotator",
-)
-ROW_KEYS = (
-    "id", "created_at", "input", "output", "model_version", "latency_ms", "tokens",
-    "quality_score", "metadata", *_FEEDBACK_FIELDS, "feedback_at", "logged_version",
-)
-# Import: known fields that collectors put in ``metadata`` (see ``import_jsonl``).
-LIFTED_RECORD_FIELDS = ("model_version", "latency_ms", "tokens", "quality_score")
-LIFTED_FEEDBACK_FIELDS = ("hallucinated", "error_tag", "severity")
-_LIFTED = frozenset(LIFTED_RECORD_FIELDS + LIFTED_FEEDBACK_FIELDS)
-# Import: the top-level keys each line shape knows (others are counted and named, not stored).
-# An exported row (``export``) is shape (a) with its latest feedback flat, at ``feedback_at``.
-_EXPORTED_FEEDBACK = frozenset(("rating", "thumbs", "correction", "notes", "hallucinated", "error_tag",
-                                "severity", "annotator"))
-_KNOWN_REQUEST_LOG = frozenset(ROW_KEYS) | {"request_id", "timestamp", "user_feedback"}
-_KNOWN_FLAT = frozenset(("query", "response", "model", "model_version", "quality_score", "latency_ms", "metadata",
-                         "timestamp", "user_feedback"))
-
-
-# ---------------------------------------------------------------- schema migrations
-
-
-def _m001_records_and_feedback(db: sqlite_utils.Database) -> None:
-    db.execute(
-        """CREATE TABLE records (
-            id TEXT PRIMARY KEY,
-            created_at TEXT NOT NULL,
-            input TEXT NOT NULL,
-            output TEXT,
-            model_version TEXT,
-            latency_ms REAL,
-            tokens INTEGER,
-            quality_score REAL,
-            metadata TEXT NOT NULL DEFAULT '{}'
-        )"""
-    )
-    db.execute("CREATE INDEX records_created_at ON records (created_at)")
-    db.execute("CREATE INDEX records_model_version ON records (model_version, created_at)")
-    db.execute(
-        """CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY,
-            request_id TEXT NOT NULL REFERENCES records(id),
-            created_at TEXT NOT NULL,
-            rating INTEGER CHECK (rating BETWEEN 1 AND 5),
-            thumbs INTEGER CHECK (thumbs IN (-1, 0, 1)),
-            correction TEXT,
-            notes TEXT,
-            hallucinated INTEGER CHECK (hallucinated IN (0, 1)),
-            error_tag TEXT,
-            severity TEXT CHECK (severity IN ('low', 'high', 'critical', 'safety')),
-            annotator TEXT
-        )"""
-    )
-    db.execute("CREATE INDEX feedback_request_id ON feedback (request_id, created_at)")
-    db.execute("CREATE INDEX feedback_created_at ON feedback (created_at)")
-
-
-def _m002_release_usage(db: sqlite_utils.Database) -> None:
-    db.execute(
-        """CREATE TABLE release_usage (
-            request_id TEXT NOT NULL,
-            version TEXT NOT NULL,
-            role TEXT NOT NULL,
-            PRIMARY KEY (request_id, version)
-        )"""
-    )
-    db.execute("CREATE INDEX release_usage_version ON release_usage (version)")
-
-
-def _m003_logged_version(db: sqlite_utils.Database) -> None:
-    # The model version as another tool logged it ("v1.0"), when import mapped it to a release.
-    db.execute("ALTER TABLE records ADD COLUMN logged_version TEXT")
-
-
-def _m004_application_id(db: sqlite_utils.Database) -> None:
-    # Marks the file as ours: a store path pointing at another program's database is refused.
-    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-
-
-def _m005_usage_read_at(db: sqlite_utils.Database) -> None:
-    # When the release read the store: feedback given after it makes the record new again.
-    db.execute("ALTER TABLE release_usage ADD COLUMN read_at TEXT")
-
-
-def _m006_feedback_supersedes(db: sqlite_utils.Database) -> None:
-    # Other questions a correction answers (JSON list): the paraphrases it retires (cl_release.data.mix).
-    db.execute("ALTER TABLE feedback ADD COLUMN supersedes TEXT")
-
-
-# Ordered; append new steps, never rename or reorder applied ones.
-MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
-    ("m001_records_and_feedback", _m001_records_and_feedback),
-    ("m002_release_usage", _m002_release_usage),
-    ("m003_logged_version", _m003_logged_version),
-    ("m004_application_id", _m004_application_id),
-    ("m005_usage_read_at", _m005_usage_read_at),
-    ("m006_feedback_supersedes", _m006_feedback_supersedes),
-]
-
-
-def build_migrations(steps: Sequence[tuple[str, Callable]] | None = None) -> Migrations:
-    """The migration set for ``steps`` (default: :data:`MIGRATION_STEPS`)."""
-    migrations = Migrations(MIGRATION_SET)
-    for name, fn in MIGRATION_STEPS if steps is None else steps:
-        migrations(name=name)(fn)
-    return migrations
-
-
-# ---------------------------------------------------------------- value checks
-
-
-Invalid = FieldValueError  # one field of a record or feedback row is wrong (the caller adds file/line)
-_dumps = orjson.dumps
-
-
-def _check_input(value: Any) -> str:
-    """The model input as stored: JSON of a string or of a list of ``{role, content}``."""
-    if isinstance(value, str):
-        return _dumps(value).decode()
-    if isinstance(value, list) and value:
-        for m in value:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                i = next(i for i, m2 in enumerate(value) if m2 is m)
-                raise Invalid(f"message {i} must be an object with string 'role' and 'content'", "input")
-        return _dumps(value).decode()
-    raise Invalid("expected a string or a non-empty list of chat messages", "input")
-
-
-_NUMBER_RANGES: dict[str, tuple[float, float]] = {  # by field name (also as "metadata.<name>")
-    "latency_ms": (0.0, 1e12),
-    "tokens": (0, MAX_TOKENS),
-    "quality_score": (0.0, 1.0),
-}
-_LATENCY_MAX = _NUMBER_RANGES["latency_ms"][1]
-
-
-def _opt_num(value: Any, field: str, kind: type = float) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Invalid(f"expected a number, got {value!r}", field)
-    if not math.isfinite(value):
-        raise Invalid(f"expected a finite number, got {value!r}", field)
-    if kind is int:
-        if value != int(value):
-            raise Invalid(f"expected a whole number, got {value!r}", field)
-        value = int(value)
-    else:
-        value = float(value)
-    low, high = _NUMBER_RANGES.get(field.rpartition(".")[2], (-math.inf, math.inf))
-    if not low <= value <= high:
-        raise Invalid(f"must be from {low:g} to {high:g}, got {value!r}", field)
-    return value
-
-
-def _opt_str(value: Any, field: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise Invalid(f"expected a string, got {type(value).__name__}", field)
-
-
-def record_row(
-    input: Any,
-    output: Any,
-    *,
-    request_id: Any = None,
-    model_version: Any = None,
-    latency_ms: Any = None,
-    tokens: Any = None,
-    quality_score: Any = None,
-    metadata: Any = None,
-    created_at: Any = None,
-    logged_version: Any = None,
-) -> tuple:
-    """Check one record and return its ``records`` row tuple (column order of the table)."""
-    if request_id is None:
-        request_id = uuid.uuid4().hex
-    elif not isinstance(request_id, str) or not request_id:
-        raise Invalid("request id must be a non-empty string", "request_id")
-    if not isinstance(output, str):
-        raise Invalid("expected the model output as a string", "output")
-    if metadata is None:
-        meta = "{}"
-    elif isinstance(metadata, dict):
-        meta = orjson.dumps(metadata).decode()
-    else:
-        raise Invalid("expected a JSON object", "metadata")
-    return (
-        request_id,
-        timestamp(created_at),
-        _check_input(input),
-        output,
-        _opt_str(model_version, "model_version"),
-        _opt_num(latency_ms, "latency_ms"),
-        _opt_num(tokens, "tokens", int),
-        _opt_num(quality_score, "quality_score"),
-        meta,
-        _opt_str(logged_version, "logged_version"),
-    )
-
-
-def feedback_values(
-    *,
-    rating: Any = None,
-    thumbs: Any = None,
-    correction: Any = None,
-    notes: Any = None,
-    hallucinated: Any = None,
-    error_tag: Any = None,
-    severity: Any = None,
-    annotator: Any = None,
-) -> dict[str, Any]:
-    """Check feedback fields; returns them as stored (``thumbs`` True/"up" → 1, False/"down" → -1,
-    bools → 0/1).
-
-    Raises :class:`Invalid` naming the field. At least one field besides ``annotator`` must
-    be given.
-    """
-    if rating is not None:
-        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != int(rating) or not 1 <= rating <= 5:
-            raise Invalid(f"rating must be a whole number from 1 to 5, got {rating!r}", "rating")
-        rating = int(rating)
-    if isinstance(thumbs, bool):
-        thumbs = 1 if thumbs else -1
-    elif thumbs in ("up", "down"):
-        thumbs = 1 if thumbs == "up" else -1
-    if thumbs is not None and (not isinstance(thumbs, int) or thumbs not in (-1, 0, 1)):
-        raise Invalid(f"thumbs must be up, down, true, false, -1, 0 or 1, got {thumbs!r}", "thumbs")
-    if hallucinated is not None:
-        if hallucinated not in (True, False, 0, 1) or isinstance(hallucinated, float):
-            raise Invalid(f"hallucinated must be true or false, got {hallucinated!r}", "hallucinated")
-        hallucinated = int(hallucinated)
-    if severity is not None and severity not in SEVERITIES:
-        raise Invalid(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}", "severity")
-    values = {
-        "rating": rating,
-        "thumbs": thumbs,
-        "correction": _opt_str(correction, "correction"),
-        "notes": _opt_str(notes, "notes"),
-        "hallucinated": hallucinated,
-        "error_tag": _opt_str(error_tag, "error_tag"),
-        "severity": severity,
-        "annotator": _opt_str(annotator, "annotator"),
-    }
-    if all(values[k] is None for k in _FEEDBACK_FIELDS if k != "annotator"):
-        raise Invalid("feedback needs at least one of rating, thumbs, correction, notes, hallucinated, error_tag, severity")
-    return values
-
-
-# ---------------------------------------------------------------- JSONL import shapes
-
-
-@dataclass
-class ImportCounts:
-    """What the rows of an import carried (summed over the parse workers)."""
-
-    naive: int = 0  # timestamps without a UTC offset (read in the import's time zone)
-    lifted: dict[str, int] = field(default_factory=dict)  # field -> lines that took it from metadata
-    conflicts: dict[str, int] = field(default_factory=dict)  # field -> top level and metadata disagree
-    versions: dict[str | None, int] = field(default_factory=dict)  # stored model version -> lines
-    mapped: int = 0  # lines whose version string was mapped to a release ("v1.0" -> "1.0.0")
-    unknown: dict[str, int] = field(default_factory=dict)  # top-level key no line shape knows -> lines
-
-    def add(self, other: "ImportCounts") -> None:
-        self.naive += other.naive
-        self.mapped += other.mapped
-        for mine, theirs in ((self.lifted, other.lifted), (self.conflicts, other.conflicts),
-                             (self.versions, other.versions), (self.unknown, other.unknown)):
-            for k, n in theirs.items():
-                mine[k] = mine.get(k, 0) + n
-
-
-def _bump(counts: dict, key: Any) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-class ImportReader:
-    """Turns one parsed JSONL line into (records row, feedback row or None); see ``import_jsonl``.
-
-    ``tz``: how naive timestamps are read (None: UTC). ``releases``: the registry's versions;
-    a version string naming one of them after normalization (``v1.0`` -> ``1.0.0``, see
-    :func:`registry.match_release`) is stored as that release, the string as given in
-    ``logged_version``. ``counts`` collects what the lines carried.
-
-    Shape (a) is checked inline (the hot path of a large import); the checks, their order and
-    their messages are those of :func:`record_row`, which shape (b) still goes through.
-    """
-
-    def __init__(self, tz: tzinfo | None = None, releases: Iterable[str] | None = None,
-                 max_chars: int | None = None):
-        self.tz = tz
-        self.releases = None if releases is None else frozenset(releases)
-        self.max_chars = max_chars
-        self.counts = ImportCounts()
-        self._stored_version: dict[str, str] = {}
-
-    def __call__(self, obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
-        if not isinstance(obj, dict):
-            raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
-        if self.max_chars is not None and len(raw) > self.max_chars:  # a line is never shorter than its text
-            self._check_size(obj)
-        get = obj.get
-        counts = self.counts
-        if "output" in obj or "input" in obj:  # shape (a): structured request log
-            request_id = obj["request_id"] if "request_id" in obj else get("id")
-            if request_id is None:
-                raise Invalid("missing 'request_id'", "request_id")
-            if "input" not in obj:
-                raise Invalid("missing 'input'", "input")
-            if not isinstance(request_id, str) or not request_id:
-                raise Invalid("request id must be a non-empty string", "request_id")
-            output = get("output")
-            if not isinstance(output, str):
-                raise Invalid("expected the model output as a string", "output")
-            metadata = get("metadata")
-            if metadata is None:
-                meta = "{}"
-            elif isinstance(metadata, dict):
-                meta = _dumps(metadata).decode() if metadata else "{}"
-            else:
-                raise Invalid("expected a JSON object", "metadata")
-            created_at = obj["timestamp"] if "timestamp" in obj else get("created_at")
-            created, naive = utc_time(created_at, tz=self.tz)
-            if naive:
-                counts.naive += 1
-            input_ = _check_input(obj["input"])
-            model_version = get("model_version")
-            if model_version is not None and not isinstance(model_version, str):
-                raise Invalid(f"expected a string, got {type(model_version).__name__}", "model_version")
-            latency_ms = get("latency_ms")
-            if latency_ms is not None:
-                if type(latency_ms) is not float or not 0.0 <= latency_ms <= _LATENCY_MAX:  # else: checked
-                    latency_ms = _opt_num(latency_ms, "latency_ms")
-            tokens = get("tokens")
-            if tokens is not None:
-                tokens = _opt_num(tokens, "tokens", int)
-            quality_score = get("quality_score")
-            if quality_score is not None:
-                quality_score = _opt_num(quality_score, "quality_score")
-            lift = metadata and not _LIFTED.isdisjoint(metadata)
-            if lift:
-                model_version, latency_ms, tokens, quality_score = self._lift_record(
-                    metadata, model_version, latency_ms, tokens, quality_score)
-            logged = get("logged_version")
-            if logged is not None and not isinstance(logged, str):
-                raise Invalid(f"expected a string, got {type(logged).__name__}", "logged_version")
-            if model_version is not None and self.releases is not None:
-                stored = self._stored_version.get(model_version) or self._release_of(model_version)
-                if stored != model_version:
-                    logged, model_version = logged or model_version, stored
-                    counts.mapped += 1
-            record = (request_id, created, input_, output, model_version, latency_ms, tokens, quality_score, meta,
-                      logged)
-        elif "query" in obj:  # shape (b): flat rows; the id is a hash of the line
-            metadata = get("metadata")
-            created_at = get("timestamp")
-            record = record_row(
-                obj["query"],
-                get("response"),
-                request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
-                model_version=get("model", get("model_version")),
-                quality_score=get("quality_score"),
-                latency_ms=get("latency_ms"),
-                metadata=metadata,
-                created_at=None if created_at is None else self._time(created_at, "created_at"),
-            )
-            lift = isinstance(metadata, dict) and not _LIFTED.isdisjoint(metadata)
-            if lift:
-                record = record[:4] + self._lift_record(metadata, *record[4:8]) + record[8:]
-            model_version = record[4]
-            if model_version is not None and self.releases is not None:
-                stored = self._release_of(model_version)
-                if stored != model_version:
-                    record = record[:4] + (stored,) + record[5:9] + (model_version,)
-                    counts.mapped += 1
-        else:
-            raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
-        versions, version = counts.versions, record[4]
-        versions[version] = versions.get(version, 0) + 1
-        unknown = obj.keys() - (_KNOWN_REQUEST_LOG if "query" not in obj else _KNOWN_FLAT)
-        if unknown:
-            for name in unknown:
-                _bump(counts.unknown, name)
-        uf = get("user_feedback")
-        prefix, time_key = "user_feedback.", "timestamp"
-        if uf is None:
-            if not _EXPORTED_FEEDBACK.isdisjoint(obj):  # cl-release's export: the latest feedback, flat
-                uf, prefix, time_key = obj, "", "feedback_at"
-            elif not lift:
-                return record, None
-            else:
-                uf = {}
-        elif isinstance(uf, (int, float)) and not isinstance(uf, bool):
-            uf = {"rating": uf}
-        elif not isinstance(uf, dict):
-            raise Invalid("expected a rating number or an object", "user_feedback")
-        fields = {k: uf.get(k) for k in _FEEDBACK_FIELDS}
-        if lift:
-            self._lift_feedback(metadata, fields)
-        if all(v is None for v in fields.values()):
-            return record, None
-        try:
-            fb = feedback_values(**fields)
-            fb_time = uf.get(time_key, uf.get("created_at")) if prefix else uf.get(time_key)
-            fb_at = self._time(fb_time, prefix + time_key) if fb_time else record[1]
-        except Invalid as e:
-            raise Invalid(str(e), f"{prefix}{e.field}" if e.field and "." not in e.field else e.field) from None
-        return record, (record[0], fb_at, *fb.values())
-
-    def _check_size(self, obj: dict) -> None:
-        """The per-example size limit (``datasets.max_example_chars``) over what would be
-        trained on: the prompt, the answer and a correction."""
-        from ..data.formats import OVERSIZE_HINT, oversize
-
-        uf = obj.get("user_feedback")
-        fields = {"input": obj.get("input", obj.get("query")), "output": obj.get("output", obj.get("response")),
-                  "correction": uf.get("correction") if isinstance(uf, dict) else obj.get("correction")}
-        problem = oversize({k: v for k, v in fields.items() if v is not None}, self.max_chars)
-        if problem is not None:
-            raise Invalid(f"{problem[0]} ({OVERSIZE_HINT})", problem[1])
-
-    def _time(self, value: Any, field: str) -> str:
-        """A timestamp of a line, read in the import's time zone; naive ones are counted."""
-        ts, naive = utc_time(value, field=field, tz=self.tz)
-        if naive:
-            self.counts.naive += 1
-        return ts
-
-    def _release_of(self, version: str) -> str:
-        stored = self._stored_version.get(version)
-        if stored is None:
-            stored = self._stored_version[version] = match_release(version, self.releases) or version
-        return stored
-
-    def _lift_record(self, metadata: dict, *values: Any) -> tuple:
-        """Fill absent top-level record fields from ``metadata``; count disagreements."""
-        out = list(values)
-        for k, name in enumerate(LIFTED_RECORD_FIELDS):
-            m = metadata.get(name)
-            if m is None:
-                continue
-            where = f"metadata.{name}"
-            if name == "model_version":
-                if isinstance(m, (int, float)) and not isinstance(m, bool):
-                    m = str(m)  # a collector wrote 1.0 for "1.0"
-                m = _opt_str(m, where)
-            else:
-                m = _opt_num(m, where, int if name == "tokens" else float)
-            top = out[k]
-            if top is None:
-                out[k] = m
-                _bump(self.counts.lifted, name)
-            elif top != m and not (name == "model_version" and self.releases is not None
-                                   and self._release_of(top) == self._release_of(m)):
-                _bump(self.counts.conflicts, name)
-        return tuple(out)
-
-    def _lift_feedback(self, metadata: dict, fields: dict[str, Any]) -> None:
-        """Fill absent feedback flags from ``metadata``. ``hallucinated: false`` alone makes no
-        feedback row (a collector may write it on every answer); true, a tag or a severity do."""
-        for name in LIFTED_FEEDBACK_FIELDS:
-            m = metadata.get(name)
-            if m is None:
-                continue
-            try:
-                m = feedback_values(**{name: m})[name]
-            except Invalid as e:
-                raise Invalid(str(e), f"metadata.{name}") from None
-            top = fields[name]
-            if top is None:
-                if name == "hallucinated" and not m and all(v is None for v in fields.values()):
-                    continue
-                fields[name] = m
-                _bump(self.counts.lifted, name)
-            elif _stored_feedback(name, top) != m:
-                _bump(self.counts.conflicts, name)
-
-
-def _stored_feedback(name: str, value: Any) -> Any:
-    """A feedback field as stored; an invalid value stays as given (its own check reports it)."""
-    try:
-        return feedback_values(**{name: value})[name]
-    except Invalid:
-        return value
-
-
-def _import_row(obj: Any, raw: bytes) -> tuple[tuple, tuple | None]:
-    """One line read as UTC with no releases known (what :class:`ImportReader` does by default)."""
-    return ImportReader()(obj, raw)
-
-
-@dataclass
-class ImportResult:
-    """What ``import_jsonl`` did: lines read, new records, records already present, feedback
-    rows, and what the lines carried: records per model version (as stored; ``"unknown"``
-    for none), fields lifted from ``metadata`` and disagreements with the top level (per
-    field), naive timestamps and the zone they were read in, version strings mapped to a
-    release, records whose version names no release (None when no releases were given), and
-    top-level keys no line shape knows (ignored; per key, the lines that had it)."""
-
-    lines: int = 0
-    records: int = 0
-    duplicates: int = 0
-    feedback: int = 0
-    seconds: float = 0.0
-    by_model_version: dict[str, int] = field(default_factory=dict)
-    lifted: dict[str, int] = field(default_factory=dict)
-    conflicts: dict[str, int] = field(default_factory=dict)
-    naive_timestamps: int = 0
-    timezone: str = "UTC"
-    mapped_versions: int = 0
-    unmatched_versions: int | None = None
-    unknown_fields: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def per_second(self) -> float:
-        return self.lines / self.seconds if self.seconds else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["per_second"] = self.per_second
-        return out
-
-    def _count(self, counts: ImportCounts, releases: frozenset[str] | None) -> None:
-        self.by_model_version = {("unknown" if v is None else v): n for v, n in
-                                 sorted(counts.versions.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))}
-        self.lifted = dict(sorted(counts.lifted.items()))
-        self.conflicts = dict(sorted(counts.conflicts.items()))
-        self.naive_timestamps = counts.naive
-        self.mapped_versions = counts.mapped
-        self.unknown_fields = dict(sorted(counts.unknown.items()))
-        if releases is not None:
-            self.unmatched_versions = sum(n for v, n in counts.versions.items() if v is not None and v not in releases)
-
-
-# ---------------------------------------------------------------- the store
+# The extraction rules' default (cl_release.data): a rating at or below it is negative in stats.
+DEFAULT_MAX_NEGATIVE_RATING = 2
 
 _INSERT_RECORD = (
-    "INSERT INTO records (id, created_at, input, output, model_version, latency_ms, tokens,"
-    " quality_score, metadata, logged_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+    f"INSERT INTO records ({', '.join(schema.RECORD_COLUMNS)}) VALUES ({', '.join('?' * len(schema.RECORD_COLUMNS))})"
+    " ON CONFLICT (id) DO NOTHING"
 )
 _INSERT_FEEDBACK = (
-    "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
-    " error_tag, severity, annotator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-# Import: indexes no import statement reads; a large import drops and rebuilds them (see
-# ``import_jsonl``). ``feedback_request_id`` stays: the "insert once" check searches it.
-_DEFERRABLE_INDEXES = ("records_created_at", "records_model_version", "feedback_created_at")
-_REBUILD_INDEXES_RATIO = 0.5  # rebuild when the import adds at least half the table again
-# Import, one line at a time: identical feedback on one answer is stored once, so
-# re-importing a file adds nothing. The staged import (``_copy_feedback_sql``) does the same
-# for a whole file in one statement; the tests keep this row-by-row form as its reference.
-_INSERT_FEEDBACK_ONCE = (
-    "INSERT INTO feedback (request_id, created_at, rating, thumbs, correction, notes, hallucinated,"
-    " error_tag, severity, annotator) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10"
-    " WHERE NOT EXISTS (SELECT 1 FROM feedback WHERE request_id = ?1 AND rating IS ?3"
-    " AND thumbs IS ?4 AND correction IS ?5 AND notes IS ?6 AND hallucinated IS ?7"
-    " AND error_tag IS ?8 AND severity IS ?9 AND annotator IS ?10)"
-)
-
-# ---------------------------------------------------------------- staged import
-#
-# ``import_jsonl`` parses the file into scratch SQLite files (one per byte range of the file,
-# each written by one process, no journal: they are thrown away on any failure), then copies
-# them into the store with two INSERT ... SELECT statements. A scratch file holds the records
-# (r) and the feedback rows (f) of its range in file order (plain appends); the copy numbers
-# them ``part << 40 | rowid``, which is file order across parts.
-_RECORD_COLUMNS = (
-    "id, created_at, input, output, model_version, latency_ms, tokens, quality_score, metadata, logged_version"
-)
-_FEEDBACK_MATCH = ("request_id", "rating", "thumbs", "correction", "notes", "hallucinated", "error_tag",
-                   "severity", "annotator")  # what makes two feedback rows "identical" (not created_at)
-_FEEDBACK_COLUMNS = "request_id, created_at, " + ", ".join(_FEEDBACK_MATCH[1:])
-_SCRATCH_SCHEMA = (
-    f"CREATE TABLE r ({_RECORD_COLUMNS}, line)",  # line: in the range, for a conflict's message
-    f"CREATE TABLE f ({_FEEDBACK_COLUMNS})",
-)
-_SEQ_SHIFT = 40
-
-
-def _copy_records_sql(parts: Sequence[str]) -> str:
-    """Records of the attached scratch ``parts``, sorted by (id, file order): the first line
-    with an id wins, and the primary-key index of ``records`` is appended to in key order."""
-    arms = " UNION ALL ".join(
-        f"SELECT {_RECORD_COLUMNS}, ({k} << {_SEQ_SHIFT}) + rowid AS seq FROM {p}.r" for k, p in enumerate(parts)
-    )
-    return (
-        f"INSERT INTO main.records ({_RECORD_COLUMNS}) SELECT {_RECORD_COLUMNS}"
-        f" FROM ({arms} ORDER BY id, seq) WHERE true ON CONFLICT (id) DO NOTHING"
-    )
-
-
-def _copy_feedback_sql(parts: Sequence[str]) -> str:
-    """Feedback of the attached scratch ``parts``: the first of identical rows in the file,
-    unless the store already has an identical one; inserted by answer, then file order."""
-    arms = " UNION ALL ".join(
-        f"SELECT {_FEEDBACK_COLUMNS}, ({k} << {_SEQ_SHIFT}) + rowid AS seq FROM {p}.f" for k, p in enumerate(parts)
-    )
-    same = " AND ".join(["x.request_id = s.request_id"] + [f"x.{c} IS s.{c}" for c in _FEEDBACK_MATCH[1:]])
-    return (
-        f"INSERT INTO main.feedback ({_FEEDBACK_COLUMNS}) SELECT {_FEEDBACK_COLUMNS} FROM"
-        f" (SELECT *, row_number() OVER (PARTITION BY {', '.join(_FEEDBACK_MATCH)} ORDER BY seq) AS nth"
-        f" FROM ({arms})) AS s"
-        f" WHERE nth = 1 AND NOT EXISTS (SELECT 1 FROM main.feedback x WHERE {same})"
-        " ORDER BY request_id, seq"
-    )
-
-
-@dataclass
-class _Staged:
-    """One staged byte range: physical lines read, records and feedback rows staged, and the
-    first bad line as (line number within the range, message, field), if any."""
-
-    lines: int = 0
-    records: int = 0
-    feedback: int = 0
-    error: tuple[int, str, str | None] | None = None
-    counts: ImportCounts | None = None
-
-
-def _import_workers(size: int, workers: int | None) -> int:
-    if workers is not None:
-        if workers < 1:
-            raise UserError(f"workers must be at least 1, got {workers}")
-        workers = min(workers, IMPORT_MAX_WORKERS)
-    else:
-        cores = parallel.cores()
-        workers = min(cores, IMPORT_MAX_WORKERS) if size >= IMPORT_PARALLEL_BYTES and cores >= IMPORT_PARALLEL_CORES else 1
-    return workers if workers > 1 and parallel.can_fork() else 1
-
-
-def _split_lines(f: IO[bytes], size: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` byte ranges covering the file, each starting at a line start (empty ones left out)."""
-    bounds = [0]
-    for k in range(1, parts):
-        f.seek(size * k // parts)
-        f.readline()  # to the start of the next line
-        bounds.append(max(bounds[-1], min(f.tell(), size)))
-    bounds.append(size)
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def _stage_chunk(
-    path: Path, start: int, end: int, scratch: Path, batch: int, reader: ImportReader,
-    progress: Callable[[int], None] | None = None,
-) -> _Staged:
-    """Parse and check the lines in bytes ``[start, end)`` of ``path`` into a new scratch file.
-
-    Stops at the first bad line and returns it in ``_Staged.error`` (the scratch file is then
-    of no use). ``progress`` gets the bytes read since its previous call, once per batch.
-    """
-    staged = _Staged(counts=reader.counts)
-    c = sqlite3.connect(str(scratch), isolation_level=None)
-    try:
-        c.execute("PRAGMA journal_mode = OFF")  # a scratch file: any failure throws it away
-        c.execute("PRAGMA synchronous = OFF")
-        for sql in _SCRATCH_SCHEMA:
-            c.execute(sql)
-        c.execute("BEGIN")
-        records: list[tuple] = []
-        feedback: list[tuple] = []
-        append_r, append_f = records.append, feedback.append
-        loads, JSONDecodeError, import_row = orjson.loads, orjson.JSONDecodeError, reader
-        insert_r = f"INSERT INTO r VALUES ({', '.join('?' * 11)})"
-        insert_f = f"INSERT INTO f VALUES ({', '.join('?' * 10)})"
-
-        def flush() -> None:
-            c.executemany(insert_r, records)
-            c.executemany(insert_f, feedback)
-            staged.records += len(records)
-            staged.feedback += len(feedback)
-            records.clear()
-            feedback.clear()
-
-        pos = reported = start
-        n = 0
-        with open(path, "rb") as f:
-            f.seek(start)
-            for n, raw in enumerate(f, 1):
-                pos += len(raw)
-                try:
-                    rec, fb = import_row(loads(raw), raw)
-                except JSONDecodeError as e:
-                    if raw.strip():
-                        staged.error = (n, f"invalid JSON: {e}", None)
-                        return staged
-                    rec = None  # blank line
-                except Invalid as e:
-                    staged.error = (n, str(e), e.field)
-                    return staged
-                if rec is not None:
-                    append_r((*rec, n))
-                    if fb is not None:
-                        append_f(fb)
-                    if len(records) >= batch:
-                        flush()
-                        if progress:
-                            progress(pos - reported)
-                            reported = pos
-                if pos >= end:
-                    break
-        staged.lines = n
-        flush()
-        c.execute("COMMIT")
-        if progress and pos > reported:
-            progress(pos - reported)
-        return staged
-    finally:
-        c.close()
-
-
-def _stage_worker(send: Any, done: Any, part: int, args: tuple) -> None:
-    """A forked worker: stage one byte range, send back ("ok", _Staged) or ("failed", reason)."""
-
-    def progress(n: int) -> None:
-        done[part] += n
-
-    try:
-        send.send(("ok", _stage_chunk(*args, progress)))
-    except BaseException as e:  # report it, never a traceback from a child
-        send.send(("failed", f"{type(e).__name__}: {e}"))
-    finally:
-        send.close()
-
-
-def _stage_forked(
-    path: Path, ranges: Sequence[tuple[int, int]], scratch: Sequence[Path], batch: int,
-    reader: Callable[[], ImportReader], progress: Callable[[int], None] | None,
-) -> list[_Staged]:
-    """Stage each range in its own forked process. Once a range reports a bad line, the later
-    ranges are stopped (the earlier ones still run: their line counts number the bad line).
-    The workers touch no connection of this process: each opens its own scratch file."""
-    ctx = multiprocessing.get_context("fork")
-    done = ctx.RawArray("q", len(ranges))
-    procs, pending = [], {}
-    results: list[_Staged | None] = [None] * len(ranges)
-    reported = 0
-
-    def report() -> None:
-        nonlocal reported
-        total = sum(done)
-        if progress and total > reported:
-            progress(total - reported)
-            reported = total
-
-    try:
-        for k, (start, end) in enumerate(ranges):
-            recv, send = ctx.Pipe(duplex=False)
-            args = (path, start, end, scratch[k], batch, reader())
-            proc = ctx.Process(target=_stage_worker, args=(send, done, k, args),
-                               name=f"cl-release-import-{k}")
-            proc.start()
-            send.close()
-            procs.append(proc)
-            pending[recv] = k
-        while pending:
-            for recv in multiprocessing.connection.wait(list(pending), timeout=0.2):
-                if recv not in pending:
-                    continue  # stopped by an earlier range's bad line in this same round
-                k = pending.pop(recv)
-                try:
-                    status, value = recv.recv()
-                except EOFError:
-                    procs[k].join()
-                    status, value = "failed", f"exited with code {procs[k].exitcode}"
-                recv.close()
-                if status != "ok":
-                    raise DataError(path, f"import worker for bytes {ranges[k][0]}-{ranges[k][1]} failed: {value}")
-                results[k] = value
-                if value.error is not None:  # what follows this range no longer matters
-                    for later, j in list(pending.items()):
-                        if j > k:
-                            procs[j].terminate()
-                            del pending[later]
-                            later.close()
-            report()
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
-        for recv in pending:
-            recv.close()
-    staged = []
-    for part in results:
-        if part is None:
-            break
-        staged.append(part)
-        if part.error is not None:
-            break
-    return staged
-
-
-_LATEST = (
-    "feedback f ON f.id = (SELECT f2.id FROM feedback f2 WHERE f2.request_id = r.id"
-    " ORDER BY f2.created_at DESC, f2.id DESC LIMIT 1)"
-)
-_SELECT_ROWS = (
-    "SELECT r.id, r.created_at, r.input, r.output, r.model_version, r.latency_ms, r.tokens,"
-    " r.quality_score, r.metadata, f.rating, f.thumbs, f.correction, f.notes, f.hallucinated,"
-    " f.error_tag, f.severity, f.annotator, f.created_at, r.logged_version FROM records r LEFT JOIN " + _LATEST
+    f"INSERT INTO feedback ({', '.join(schema.FEEDBACK_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(schema.FEEDBACK_COLUMNS))})"
 )
 
 
@@ -950,8 +146,8 @@ class FeedbackStore:
             if self._migrated:
                 return
             db = sqlite_utils.Database(conn, execute_plugins=False)
-            migrations = build_migrations()
-            known = {name for name, _ in MIGRATION_STEPS}
+            migrations = schema.build_migrations()  # read at call time: tests add a step
+            known = {name for name, _ in schema.MIGRATION_STEPS}
             try:
                 self._check_owner(conn)
                 if migrations.pending(db):
@@ -982,11 +178,11 @@ class FeedbackStore:
         another application id, or with tables but no record of our migrations. An empty file
         is ours to set up; a store from before the application id has our migrations table."""
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == APPLICATION_ID:
+        if app_id == schema.APPLICATION_ID:
             return
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if app_id == 0 and (not tables or ("_sqlite_migrations" in tables and conn.execute(
-                "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1", (MIGRATION_SET,)).fetchone())):
+                "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1", (schema.MIGRATION_SET,)).fetchone())):
             return
         raise DataError(
             self.path,
@@ -1198,7 +394,7 @@ class FeedbackStore:
         r = dict(r)
         request_id = r.pop("request_id", None)
         created_at = r.pop("created_at", None)
-        unknown = set(r) - set(_FEEDBACK_FIELDS)
+        unknown = set(r) - set(FEEDBACK_FIELDS)
         if unknown:
             raise UserError(f"{where}unknown field {sorted(unknown)[0]!r}")
         if not isinstance(request_id, str) or not request_id:
@@ -1211,7 +407,7 @@ class FeedbackStore:
         return (request_id, ts, *fb.values())
 
     def _require(self, c: sqlite3.Connection, ids: Sequence[str]) -> None:
-        missing = _missing(c, ids)
+        missing = queries.missing(c, ids)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise UnknownRequest(
@@ -1221,7 +417,7 @@ class FeedbackStore:
 
     def missing(self, request_ids: Iterable[str]) -> list[str]:
         """The ids among ``request_ids`` that have no logged answer, in the given order."""
-        return _missing(self.conn, list(request_ids))
+        return queries.missing(self.conn, request_ids)
 
     def mark_used(self, request_ids: Iterable[str], version: str, role: str, *, replace: bool = False,
                   read_at: str | datetime | None = None) -> int:
@@ -1233,7 +429,7 @@ class FeedbackStore:
         records makes it new again for :meth:`rows` ``(unused_by=...)`` (a kept answer that an
         expert corrects afterwards must reach a later release).
         """
-        at = None if read_at is None else _bound(read_at, "read_at")
+        at = None if read_at is None else bound(read_at, "read_at")
         rows = [(rid, version, role, at) for rid in request_ids]
         sql = ("INSERT INTO release_usage (request_id, version, role, read_at) VALUES (?, ?, ?, ?)"
                " ON CONFLICT DO NOTHING")
@@ -1255,69 +451,38 @@ class FeedbackStore:
             raise UserError(f"--supersedes takes 1 to {MAX_SUPERSEDES} questions")
 
         def write(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT id, correction FROM feedback WHERE request_id = ? ORDER BY created_at DESC, id DESC"
-                            " LIMIT 1", (request_id,)).fetchone()
+            row = queries.latest_supersedable(c, request_id)
             if row is None or not (row[1] or "").strip():
                 raise UserError(f"{request_id!r} has no correction to supersede other questions with",
                                 hint="give the correction too: feedback add ID --correction TEXT --supersedes Q")
-            c.execute("UPDATE feedback SET supersedes = ? WHERE id = ?", (_dumps(qs).decode(), row[0]))
+            c.execute("UPDATE feedback SET supersedes = ? WHERE id = ?", (orjson.dumps(qs).decode(), row[0]))
 
         self._write(write)
 
     def supersedes(self, request_ids: Iterable[str]) -> dict[str, list[str]]:
         """The ``supersedes`` questions of these records' latest feedback (records with none left out)."""
-        ids = list(dict.fromkeys(request_ids))
-        out: dict[str, list[str]] = {}
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            sql = (f"SELECT r.id, f.supersedes FROM records r LEFT JOIN {_LATEST}"
-                   f" WHERE r.id IN ({', '.join('?' * len(part))}) AND f.supersedes IS NOT NULL")
-            out.update((rid, orjson.loads(v)) for rid, v in self.conn.execute(sql, part))
-        return dict(sorted(out.items()))
+        return queries.supersedes(self.conn, request_ids)
 
-    def severities(self, request_ids: Iterable[str]) -> dict[str, int]:
+    def severities(self, request_ids: Iterable[str]) -> dict[str | None, int]:
         """Severity of the latest feedback of these records: severity -> how many (None: none)."""
-        ids = list(dict.fromkeys(request_ids))
-        out: dict[str, int] = {}
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            sql = (f"SELECT f.severity, count(*) FROM records r LEFT JOIN {_LATEST}"
-                   f" WHERE r.id IN ({', '.join('?' * len(part))}) GROUP BY f.severity")
-            for severity, n in self.conn.execute(sql, part):
-                out[severity] = out.get(severity, 0) + n
-        return out
+        return queries.severities(self.conn, request_ids)
 
     def marks(self, request_ids: Iterable[str]) -> dict[str, int]:
         """How many of these records each release version trained on (version -> records)."""
-        ids = list(dict.fromkeys(request_ids))
-        out: dict[str, int] = {}
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            sql = (f"SELECT version, count(*) FROM release_usage WHERE request_id IN ({', '.join('?' * len(part))})"
-                   " GROUP BY version")
-            for version, n in self.conn.execute(sql, part):
-                out[version] = out.get(version, 0) + n
-        return dict(sorted(out.items()))
+        return queries.marks(self.conn, request_ids)
 
     def usage(self, versions: Iterable[str] | None = None) -> dict[str, int]:
         """Records trained on, per release version (only ``versions`` when given)."""
-        sql = "SELECT version, count(*) FROM release_usage"
-        vs = None if versions is None else list(versions)
-        if vs is not None:
-            sql += f" WHERE version IN ({', '.join('?' * len(vs))})" if vs else " WHERE 0"
-        return dict(self.conn.execute(sql + " GROUP BY version ORDER BY version", vs or []).fetchall())
+        return queries.usage(self.conn, None if versions is None else list(versions))
 
     def used_by(self, version: str) -> dict[str, str]:
         """The records release ``version`` trained on: request id → role."""
-        cur = self.conn.execute(
-            "SELECT request_id, role FROM release_usage WHERE version = ? ORDER BY request_id", (version,)
-        )
-        return dict(cur.fetchall())
+        return queries.used_by(self.conn, version)
 
     def prune(self, before: str | datetime | date, *, dry_run: bool = False) -> int:
         """Delete records created before ``before`` and their feedback, except those any release
         trained on. Returns the number of records deleted (or that would be, with ``dry_run``)."""
-        cutoff = _bound(before, "before")
+        cutoff = bound(before, "before")
         where = (
             "created_at < ? AND NOT EXISTS (SELECT 1 FROM release_usage u WHERE u.request_id = records.id)"
         )
@@ -1332,6 +497,11 @@ class FeedbackStore:
 
     # -- reading
 
+    def exists(self) -> bool:
+        """Whether the store has been created (reads of a store that does not exist yet would
+        create it: a caller that only looks can ask first)."""
+        return self.path.is_file()
+
     def rows(
         self,
         *,
@@ -1342,7 +512,7 @@ class FeedbackStore:
         unused_by: Iterable[str] | None = None,
         after: tuple[str, str] | None = None,
         limit: int | None = None,
-    ) -> "StoreRows":
+    ) -> StoreRows:
         """Each record joined with its latest feedback, oldest first, streamed.
 
         ``since``: records created at or after it, *or* whose feedback arrived at or after it
@@ -1350,87 +520,69 @@ class FeedbackStore:
         ``has_feedback``: only records with (True) or without (False) feedback. ``unused_by``:
         only records none of these release versions trained on with the feedback they hold now
         (a lineage's new data: feedback given after a release read the store counts as new).
-        ``after`` and
-        ``limit`` page through results: ``after`` is the (created_at, id) of the last row seen.
+        ``after`` and ``limit`` page through results: ``after`` is the (created_at, id) of the
+        last row seen.
 
         Returns an iterator of row dicts (the query runs on the first ``next``) that also
-        holds the query: ``extract.build`` reads the same records through
+        holds the query: the data build reads the same records through
         :meth:`StoreRows.select` instead, as tuples of the columns it needs.
         """
-        where, params = [], []
-        s = u = None
-        if since is not None:
-            s = _bound(since, "since")
-            where.append("(r.created_at >= ? OR r.id IN (SELECT request_id FROM feedback WHERE created_at >= ?))")
-            params += [s, s]
-        if until is not None:
-            u = _bound(until, "until")
-            where.append("r.created_at < ?")
-            params.append(u)
-        if model_version is not None:
-            where.append("r.model_version = ?")
-            params.append(model_version)
-        if has_feedback is not None:
-            where.append(("" if has_feedback else "NOT ") + "EXISTS (SELECT 1 FROM feedback f3 WHERE f3.request_id = r.id)")
-        if unused_by is not None:
-            vs = list(unused_by)
-            if vs:
-                where.append("NOT EXISTS (SELECT 1 FROM release_usage u WHERE u.request_id = r.id"
-                             f" AND u.version IN ({', '.join('?' * len(vs))})"
-                             " AND (u.read_at IS NULL OR f.created_at IS NULL OR f.created_at < u.read_at))")
-                params += vs
-        if after is not None:
-            where.append("(r.created_at, r.id) > (?, ?)")
-            params += list(after)
-        return StoreRows(self, " AND ".join(where), params, None if limit is None else int(limit), (s, u))
+        return select_rows(self, since=since, until=until, model_version=model_version, has_feedback=has_feedback,
+                           unused_by=unused_by, after=after, limit=limit)
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """One record joined with its latest feedback (keys as in :meth:`rows`), or None."""
-        t = self.conn.execute(_SELECT_ROWS + " WHERE r.id = ?", (request_id,)).fetchone()
-        return _row_dict(t) if t else None
+        return queries.get(self.conn, request_id)
 
     def count(self) -> int:
         """Number of logged answers."""
-        return self.conn.execute("SELECT count(*) FROM records").fetchone()[0]
+        return queries.count(self.conn)
 
-    def stats(self, *, since: str | datetime | date | None = None) -> dict[str, Any]:
-        """Totals and rates over the records ``rows(since=...)`` would return.
+    def stats(self, *, since: str | datetime | date | None = None,
+              max_negative_rating: int = DEFAULT_MAX_NEGATIVE_RATING) -> dict[str, Any]:
+        """Totals and rates over the records ``rows(since=...)`` would return, in total and per
+        model version (``by_model_version``).
 
-        Rates are over records that have feedback: ``negative_rate`` counts rating ≤ 2 or
-        thumbs down; ``hallucination_rate`` counts hallucinated answers. ``critical`` counts
-        latest feedback with severity critical or safety.
+        Rates are over records that have feedback: ``negative_rate`` counts a rating at or
+        below ``max_negative_rating`` (pass the extraction rules') or thumbs down;
+        ``hallucination_rate`` counts hallucinated answers. ``critical`` counts latest feedback
+        with a severity in :data:`CRITICAL_SEVERITIES`.
         """
-        params: list[Any] = []
-        where = ""
-        if since is not None:
-            s = _bound(since, "since")
-            where = " WHERE (r.created_at >= ? OR r.id IN (SELECT request_id FROM feedback WHERE created_at >= ?))"
-            params = [s, s]
-        sql = (
-            "SELECT r.model_version, count(*), count(f.id), avg(f.rating), count(f.rating),"
-            " sum(f.rating <= 2 OR f.thumbs = -1), sum(f.hallucinated = 1),"
-            " sum(f.correction IS NOT NULL AND f.correction != ''),"
-            " sum(f.severity IN ('critical', 'safety'))"
-            f" FROM records r LEFT JOIN {_LATEST}{where} GROUP BY r.model_version ORDER BY r.model_version"
-        )
-        per = {}
-        for mv, *vals in self.conn.execute(sql, params):
-            per[mv if mv is not None else "unknown"] = _stats_block(*vals)
-        totals = [0, 0, 0.0, 0, 0, 0, 0, 0]
-        for b in per.values():
-            totals[0] += b["records"]
-            totals[1] += b["feedback"]
-            totals[2] += (b["average_rating"] or 0.0) * b["ratings"]
-            totals[3] += b["ratings"]
-            totals[4] += b["negative"]
-            totals[5] += b["hallucinated"]
-            totals[6] += b["corrections"]
-            totals[7] += b["critical"]
-        avg = totals[2] / totals[3] if totals[3] else None
-        out = _stats_block(totals[0], totals[1], avg, *totals[3:])
-        out["since"] = _bound(since, "since") if since is not None else None
-        out["by_model_version"] = per
-        return out
+        s = bound(since, "since") if since is not None else None
+        return queries.stats(self.conn, since=s, max_negative_rating=max_negative_rating)
+
+    # -- windows of answers: what the triggers and A/B tests read
+
+    def version_aggregates(
+        self, *, since: str | datetime | None, until: str | datetime, min_rating: int, max_negative_rating: int,
+        versions: Iterable[str] | None = None, include_unversioned: bool = False,
+    ) -> dict[str | None, VersionAggregates]:
+        """Per model version (None: unversioned): sums over the answers created in [since,
+        until), each with its latest feedback given before ``until``; see
+        :func:`queries.version_aggregates`. ``min_rating`` / ``max_negative_rating``: what
+        counts as positive / negative (the caller's extraction rules)."""
+        return queries.version_aggregates(
+            self.conn, since=None if since is None else bound(since, "since"), until=bound(until, "until"),
+            versions=None if versions is None else list(versions), include_unversioned=include_unversioned,
+            min_rating=min_rating, max_negative_rating=max_negative_rating)
+
+    def answer_flags(self, *, since: str | datetime | None, until: str | datetime,
+                     versions: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Per version: answers created in [since, until) marked as an error or as critical by
+        feedback given before ``until`` (:func:`queries.answer_flags`)."""
+        return queries.answer_flags(self.conn, since=None if since is None else bound(since, "since"),
+                                    until=bound(until, "until"), versions=list(versions))
+
+    def critical_feedback(self, *, since: str | datetime | None, until: str | datetime) -> dict[str, int]:
+        """Critical or safety feedback given in [since, until): ``{"with_correction", "without_correction"}``."""
+        return queries.critical_feedback(self.conn, since=None if since is None else bound(since, "since"),
+                                         until=bound(until, "until"))
+
+    def latency_ranks(self, *, since: str | datetime | None, until: str | datetime, version: str) -> LatencyRanks:
+        """The latencies of ``version``'s answers created in [since, until), by rank, read when
+        asked (``.at(k)``: the k-th smallest) on this thread's connection."""
+        return LatencyRanks(self.conn, since=None if since is None else bound(since, "since"),
+                            until=bound(until, "until"), version=version)
 
     # -- import and export
 
@@ -1482,117 +634,17 @@ class FeedbackStore:
         Two phases. First the lines are parsed and checked into scratch SQLite files in a
         temporary folder, without touching the store: by ``workers`` forked processes, each
         taking one contiguous byte range of the file, or by this process (``workers=1``). The
-        default forks one worker per core (up to :data:`IMPORT_MAX_WORKERS`) for a file of at
-        least :data:`IMPORT_PARALLEL_BYTES` on a machine with at least
-        :data:`IMPORT_PARALLEL_CORES` cores (on 2 cores, 1M records: parsing 10.5 s instead
+        default forks one worker per core (up to :data:`staged.IMPORT_MAX_WORKERS`) for a file of at
+        least :data:`staged.IMPORT_PARALLEL_BYTES` on a machine with at least
+        :data:`staged.IMPORT_PARALLEL_CORES` cores (on 2 cores, 1M records: parsing 10.5 s instead
         of 21 s when the cores are free, no slower when they are busy; bench/RESULTS-feedback.md).
         Then one ``BEGIN IMMEDIATE`` transaction copies the staged
         rows into the store in request-id order, each statement run by SQLite itself; other
         writers wait only for this second phase. The scratch files go to the system temporary
         folder (``TMPDIR``), about twice the size of the rows staged, and are removed at the end.
         """
-        path = Path(path)
-        result = ImportResult(timezone=timezone or "UTC")
-        tz = time_zone(timezone)
-        releases = None if releases is None else frozenset(releases)
-
-        def reader() -> ImportReader:
-            return ImportReader(tz, releases, max_example_chars)
-
-        started = time.perf_counter()
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                parts = _import_workers(size, workers)
-                ranges = _split_lines(f, size, parts)
-        except OSError as e:
-            raise DataError(path, f"cannot read: {e.strerror}") from None
-        with tempfile.TemporaryDirectory(prefix="cl-release-import-") as tmp:
-            scratch = [Path(tmp, f"part-{k}.db") for k in range(len(ranges))]
-            if len(ranges) > 1:
-                staged = _stage_forked(path, ranges, scratch, batch, reader, progress)
-            else:
-                staged = [_stage_chunk(path, *ranges[0], scratch[0], batch, reader(), progress)] if ranges else []
-            line_base = 0
-            counts = ImportCounts()
-            for part in staged:
-                if part.error is not None:
-                    line, message, where = part.error
-                    raise DataError(path, message, line=line_base + line, field=where)
-                line_base += part.lines
-                counts.add(part.counts)
-            result._count(counts, releases)
-            result.lines = sum(part.records for part in staged)
-            if result.lines:
-                line_bases = [sum(part.lines for part in staged[:k]) for k in range(len(staged))]
-                self._copy_staged(scratch, sum(part.feedback for part in staged), result, path, line_bases)
-        result.duplicates = result.lines - result.records
-        result.seconds = time.perf_counter() - started
-        return result
-
-    def _copy_staged(self, scratch: Sequence[Path], feedback: int, result: ImportResult, path: Path,
-                     line_bases: Sequence[int]) -> None:
-        """Copy the staged rows of ``scratch`` files into the store, in one transaction."""
-        conn = self.conn
-        names = [f"cl_import_{k}" for k in range(len(scratch))]
-        attached: list[str] = []
-        try:
-            for name, file in zip(names, scratch):  # ATTACH is not allowed inside a transaction
-                conn.execute(f"ATTACH DATABASE ? AS {name}", (str(file),))
-                attached.append(name)
-            conn.execute(f"PRAGMA main.cache_size = {IMPORT_CACHE_KIB}")  # fewer page spills
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # A large import relative to the table: rebuild the indexes the import itself
-                # does not read once at the end (a sort) instead of an insert per row. Same
-                # transaction, so a failed import rolls the DROP back with everything else.
-                deferred: list[tuple[str, str]] = []
-                existing = conn.execute("SELECT max(rowid) FROM main.records").fetchone()[0] or 0
-                if result.lines >= existing * _REBUILD_INDEXES_RATIO:
-                    deferred = conn.execute(
-                        "SELECT name, sql FROM main.sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-                        f" AND name IN ({', '.join('?' * len(_DEFERRABLE_INDEXES))})",
-                        _DEFERRABLE_INDEXES,
-                    ).fetchall()
-                    for name, _ in deferred:
-                        conn.execute(f'DROP INDEX main."{name}"')
-                before = conn.total_changes
-                conn.execute(_copy_records_sql(names))
-                result.records = conn.total_changes - before
-                if result.records < result.lines:  # ids seen before: each must be an identical repeat
-                    self._refuse_conflicts(conn, names, path, line_bases)
-                if feedback:
-                    before = conn.total_changes
-                    conn.execute(_copy_feedback_sql(names))
-                    result.feedback = conn.total_changes - before
-                for _, sql in deferred:
-                    conn.execute(sql)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            conn.execute("PRAGMA main.cache_size = -2000")
-            for name in attached:
-                conn.execute(f"DETACH DATABASE {name}")
-
-    def _refuse_conflicts(self, conn: sqlite3.Connection, parts: Sequence[str], path: Path,
-                          line_bases: Sequence[int]) -> None:
-        """After the records copy: the first staged line whose id is stored with another input
-        or output (an earlier line of the file, or an earlier import) is a DataError."""
-        arms = " UNION ALL ".join(f"SELECT {k} AS part, line, id, input, output FROM {p}.r" for k, p in enumerate(parts))
-        row = conn.execute(
-            f"SELECT s.part, s.line, s.id, s.input IS NOT m.input FROM ({arms}) s JOIN main.records m ON m.id = s.id"
-            " WHERE s.input IS NOT m.input OR s.output IS NOT m.output ORDER BY s.part, s.line LIMIT 1"
-        ).fetchone()
-        if row is not None:
-            part, line, rid, other_input = row
-            raise DataError(
-                path, f"request id {rid!r} is already logged with another {'input' if other_input else 'output'}",
-                line=line_bases[part] + line, field="request_id",
-                hint="give each answer its own request id (repeating an identical line is fine); nothing was imported",
-            )
+        return staged.import_jsonl(lambda: self.conn, path, progress=progress, batch=batch, workers=workers,
+                                   timezone=timezone, releases=releases, max_example_chars=max_example_chars)
 
     def export(
         self, out: str | Path | IO[str], *, since: str | datetime | date | None = None, fmt: str = "jsonl"
@@ -1624,160 +676,6 @@ class FeedbackStore:
         return "\n".join(r[0] for r in self.conn.execute("PRAGMA integrity_check"))
 
 
-class StoreRows:
-    """What :meth:`FeedbackStore.rows` returns: an iterator over the row dicts (keys
-    :data:`ROW_KEYS`, oldest first), which also holds its query.
-
-    The dicts cost most of a large read (every column, ``input`` and ``metadata`` parsed, a
-    dict per row, and the sort): :meth:`select` reads the same records as tuples of the
-    columns a caller names, unordered, at a fraction of that.
-    """
-
-    def __init__(self, store: FeedbackStore, where: str, params: list[Any], limit: int | None,
-                 window: tuple[str | None, str | None] = (None, None)):
-        self.store = store
-        self._window = window  # (since, until) as given to rows(), normalized
-        self._where = where  # the filters, joined with AND ("" for none)
-        self._params = params
-        self._limit = limit
-        self._dicts: Iterator[dict[str, Any]] | None = None
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._dicts is None:
-            self._dicts = self._read()
-        return self._dicts  # the generator itself: no Python call per row on top
-
-    def __next__(self) -> dict[str, Any]:
-        return next(iter(self))
-
-    def close(self) -> None:
-        """Stop early: closes the read connection (as closing a generator would)."""
-        if self._dicts is None:
-            self._dicts = iter(())
-        else:
-            self._dicts.close()
-
-    def _read(self) -> Iterator[dict[str, Any]]:
-        sql = _SELECT_ROWS + (f" WHERE {self._where}" if self._where else "") + " ORDER BY r.created_at, r.id"
-        if self._limit is not None:
-            sql += f" LIMIT {self._limit}"
-        conn = self.store.reader()
-        try:
-            cur = conn.execute(sql, self._params)
-            while True:
-                chunk = cur.fetchmany(1000)
-                if not chunk:
-                    break
-                for t in chunk:
-                    yield _row_dict(t)
-        finally:
-            conn.close()
-
-    def select(
-        self,
-        columns: str,
-        params: Sequence[Any] = (),
-        *,
-        keep: tuple[str, Sequence[Any], Callable[[Any], Any]] | None = None,
-        created: tuple[str | None, str | None] = (None, None),
-        ordered: bool = False,
-    ) -> Generator[list[tuple], None, None] | None:
-        """The same records as tuples of ``columns``, in chunks, in no particular order (unless ``ordered``).
-
-        ``columns`` is an SQL select list over ``r`` (the ``records`` row) and ``f`` (its
-        latest ``feedback`` row, as in :meth:`FeedbackStore.rows`; all NULL when it has
-        none); ``params`` fill its ``?`` placeholders. Nothing is parsed: ``r.input`` is its
-        JSON text.
-
-        ``keep``: ``(expression, its params, fn)``: only the records for which ``fn`` of the
-        expression's value is true come back. ``fn`` is called exactly once for each record
-        the query selects (the filters are checked first, whatever order SQLite evaluates
-        its WHERE terms in), so it can count what it drops: a Python call costs less than a
-        row sent back.
-
-        ``created``: ``(low, high)``: only the records created at or after ``low`` and
-        before ``high`` (None: no bound). Consecutive ranges (see :meth:`created_bounds`)
-        split a selection into disjoint parts that several processes can read at once
-        (``extract.build`` does). ``ordered``: in ``rows()``'s order, (created_at, id), sorted
-        by SQLite after the filters (a sort of what comes back, not a walk of an index).
-
-        None where this would not be the same set of records: with a ``limit`` (which takes
-        the oldest), or once the dicts have been read from. Each call is a read of its own
-        (and leaves the dicts unread).
-        """
-        if not self.selectable:
-            return None
-        where, where_params = self._where, list(self._params)
-        low, high = created
-        if high is not None:  # unary +: still a scan of the table, not of created_at's index
-            where, where_params = "+r.created_at < ?" + (f" AND {where}" if where else ""), [high, *where_params]
-        if low is not None:
-            where, where_params = "+r.created_at >= ?" + (f" AND {where}" if where else ""), [low, *where_params]
-        sql = f"SELECT {columns} FROM records r LEFT JOIN {_LATEST}"
-        args = [*params]
-        if where:
-            sql += f" WHERE {where}"
-            args += where_params
-        if keep is not None:
-            expr, expr_params, fn = keep
-            if where:  # fn only sees rows that pass the filters
-                sql += f" AND CASE WHEN {where} THEN cl_keep({expr}) END"
-                args += where_params
-            else:
-                sql += f" WHERE cl_keep({expr})"
-            args += expr_params
-        if ordered:  # unary +: SQLite sorts the rows it selected instead of walking an index
-            sql += " ORDER BY +r.created_at, r.id"
-        return self._select(sql, args, None if keep is None else keep[2])
-
-    @property
-    def selectable(self) -> bool:
-        """Whether :meth:`select` reads the same records (no ``limit``, dicts not read)."""
-        return self._limit is None and self._dicts is None
-
-    def size_hint(self) -> int:
-        """At most how many records the selection holds (the table's largest rowid; instant)."""
-        return self.store.conn.execute("SELECT max(rowid) FROM records").fetchone()[0] or 0
-
-    def created_bounds(self, parts: int) -> list[str]:
-        """``parts - 1`` created_at values that split the records created in the selection's
-        ``since``/``until`` window into ``parts`` ranges of about equal size (ascending; equal
-        values where many records share one time). From created_at's index: milliseconds."""
-        since, until = self._window
-        where = " AND ".join(c for c, v in (("created_at >= ?", since), ("created_at < ?", until)) if v is not None)
-        args = [v for v in (since, until) if v is not None]
-        where = f" WHERE {where}" if where else ""
-        conn = self.store.conn
-        total = conn.execute(f"SELECT count(*) FROM records{where}", args).fetchone()[0]
-        bounds = []
-        for k in range(1, parts):
-            row = conn.execute(f"SELECT created_at FROM records{where} ORDER BY created_at LIMIT 1 OFFSET ?",
-                               [*args, total * k // parts]).fetchone()
-            if row is None:
-                break
-            bounds.append(row[0])
-        return bounds
-
-    def _select(
-        self, sql: str, params: list[Any], keep: Callable[[Any], Any] | None
-    ) -> Generator[list[tuple], None, None]:
-        conn = self.store.reader()
-        try:
-            if keep is not None:
-                conn.create_function("cl_keep", 1, keep)
-            cur = conn.execute(sql, params)
-            while True:
-                chunk = cur.fetchmany(2000)
-                if not chunk:
-                    break
-                yield chunk
-        finally:
-            conn.close()
-
-
-# ---------------------------------------------------------------- helpers
-
-
 def _count_changes(c: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> int:
     before = c.total_changes
     c.executemany(sql, rows)
@@ -1787,12 +685,7 @@ def _count_changes(c: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> in
 def _check_same(c: sqlite3.Connection, rows: Sequence[tuple]) -> None:
     """Raise :class:`ConflictError` if a stored record has one of ``rows``' ids (records row
     tuples) with another input or output. Identical repeats are fine (idempotent logging)."""
-    ids = list(dict.fromkeys(r[0] for r in rows))
-    stored: dict[str, tuple[str, str]] = {}
-    for i in range(0, len(ids), 500):
-        part = ids[i : i + 500]
-        q = f"SELECT id, input, output FROM records WHERE id IN ({', '.join('?' * len(part))})"
-        stored.update((rid, (input_, output)) for rid, input_, output in c.execute(q, part))
+    stored = queries.stored_answers(c, (r[0] for r in rows))
     for r in rows:  # two rows of one batch with one id: the first is stored, the second compared
         have = stored.get(r[0])
         if have is not None and have != (r[2], r[3]):
@@ -1800,49 +693,6 @@ def _check_same(c: sqlite3.Connection, rows: Sequence[tuple]) -> None:
                 f"request id {r[0]!r} is already logged with another " + ("input" if r[2] != have[0] else "output"),
                 hint="give each answer its own request id (repeating an identical answer is fine)",
             )
-
-
-def _missing(c: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
-    found: set[str] = set()
-    unique = list(dict.fromkeys(ids))
-    for i in range(0, len(unique), 500):
-        part = unique[i : i + 500]
-        q = f"SELECT id FROM records WHERE id IN ({', '.join('?' * len(part))})"
-        found.update(r[0] for r in c.execute(q, part))
-    return [i for i in unique if i not in found]
-
-
-def _bound(value: Any, name: str) -> str:
-    try:
-        return timestamp(value, field=name)
-    except Invalid as e:
-        raise UserError(f"--{name}: {e}", hint="use a date like 2026-01-31 or an ISO-8601 time") from None
-
-
-def _row_dict(t: tuple) -> dict[str, Any]:
-    d = dict(zip(ROW_KEYS, t))
-    d["input"] = orjson.loads(d["input"])
-    d["metadata"] = orjson.loads(d["metadata"]) if d["metadata"] else {}
-    if d["hallucinated"] is not None:
-        d["hallucinated"] = bool(d["hallucinated"])
-    return d
-
-
-def _stats_block(records, feedback, avg_rating, ratings, negative, hallucinated, corrections, critical) -> dict:
-    negative, hallucinated, corrections, critical = (int(x or 0) for x in (negative, hallucinated, corrections, critical))
-    return {
-        "records": records,
-        "feedback": feedback,
-        "feedback_rate": feedback / records if records else 0.0,
-        "average_rating": avg_rating,
-        "ratings": ratings,
-        "negative": negative,
-        "negative_rate": negative / feedback if feedback else 0.0,
-        "hallucinated": hallucinated,
-        "hallucination_rate": hallucinated / feedback if feedback else 0.0,
-        "corrections": corrections,
-        "critical": critical,
-    }
 
 
 def _write_jsonl(rows: Iterable[dict[str, Any]], f: IO[str]) -> int:

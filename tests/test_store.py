@@ -1,4 +1,6 @@
-"""The SQLite feedback store: schema migrations, concurrent writers, feedback, stats, import, CLI."""
+"""The SQLite feedback store: schema migrations, concurrent writers, values, feedback, the named
+reads (rows, stats, the windows triggers and A/B tests read), export and the feedback CLI.
+The JSONL import is tested in test_store_import.py."""
 
 from __future__ import annotations
 
@@ -10,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from cl_release import parallel
 import sqlite_utils
 from click.testing import CliRunner
 
-from cl_release.store import sqlite as fbmod
 from cl_release.cli import main
-from cl_release.errors import ConflictError, DataError, UserError
-from cl_release.store.sqlite import FeedbackStore, build_migrations
+from cl_release.errors import ConflictError, DataError, FieldValueError, UserError
+from cl_release.store import FeedbackBackend, FeedbackStore, schema
+from cl_release.store.schema import build_migrations
 from cl_release.timeutil import timestamp
+
+from test_store_import import write_jsonl  # noqa: E402  (tests/ is on sys.path)
 
 PROJECT_YAML = "name: t\nbase_model: {name: models/tiny}\ndatasets: [{name: d, path: d.jsonl}]\n"
 
@@ -55,7 +58,7 @@ def test_fresh_database_has_the_contract_schema(store):
     assert t["feedback"] == ["id", "request_id", "created_at", "rating", "thumbs", "correction", "notes",
                              "hallucinated", "error_tag", "severity", "annotator", "supersedes"]
     assert t["release_usage"] == ["request_id", "version", "role", "read_at"]
-    assert applied(store.path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    assert applied(store.path) == [name for name, _ in schema.MIGRATION_STEPS]
     with sqlite3.connect(store.path) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -68,7 +71,7 @@ def test_reopening_applies_each_migration_once(tmp_path):
         s = FeedbackStore(path)
         s.log("q", "a", request_id="r1")
         s.close()
-    assert applied(path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    assert applied(path) == [name for name, _ in schema.MIGRATION_STEPS]
     assert FeedbackStore(path).count() == 1
 
 
@@ -84,7 +87,7 @@ def test_upgrading_an_old_schema_keeps_the_data(tmp_path):
     assert [r["id"] for r in s.rows()] == ["old"]
     s.mark_used(["old"], "1.0.0", "new")
     assert s.used_by("1.0.0") == {"old": "new"}
-    assert applied(path) == [name for name, _ in fbmod.MIGRATION_STEPS]
+    assert applied(path) == [name for name, _ in schema.MIGRATION_STEPS]
     assert s.get("old")["logged_version"] is None
 
 
@@ -98,7 +101,7 @@ def test_failing_migration_rolls_back_and_reruns_once_fixed(tmp_path, monkeypatc
         db.execute("ALTER TABLE records ADD COLUMN half INTEGER")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS, ("m099_next", broken)])
+    monkeypatch.setattr(schema, "MIGRATION_STEPS", [*schema.MIGRATION_STEPS, ("m099_next", broken)])
     with pytest.raises(DataError, match="upgrading the feedback database schema failed: boom"):
         FeedbackStore(path).count()
     t = tables(path)
@@ -109,7 +112,7 @@ def test_failing_migration_rolls_back_and_reruns_once_fixed(tmp_path, monkeypatc
         calls.append(1)
         db.execute("CREATE TABLE half_done (x)")
 
-    monkeypatch.setattr(fbmod, "MIGRATION_STEPS", [*fbmod.MIGRATION_STEPS[:-1], ("m099_next", fixed)])
+    monkeypatch.setattr(schema, "MIGRATION_STEPS", [*schema.MIGRATION_STEPS[:-1], ("m099_next", fixed)])
     FeedbackStore(path).count()
     FeedbackStore(path).count()
     assert calls == [1]
@@ -160,7 +163,7 @@ def test_a_store_from_before_the_application_id_is_still_ours(tmp_path):
     s = FeedbackStore(path)
     s.log("q", "a", request_id="r")
     with sqlite3.connect(path) as c:
-        assert c.execute("PRAGMA application_id").fetchone()[0] == fbmod.APPLICATION_ID
+        assert c.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
 
 
 def _immutable(path: Path):
@@ -215,7 +218,7 @@ def test_database_from_a_newer_version_is_refused(tmp_path):
     FeedbackStore(path).count()
     with sqlite3.connect(path) as c:
         c.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, 'm999_future', 'x')",
-                  (fbmod.MIGRATION_SET,))
+                  (schema.MIGRATION_SET,))
     with pytest.raises(DataError, match="newer cl-release.*m999_future"):
         FeedbackStore(path).count()
 
@@ -553,10 +556,92 @@ def test_stats_on_a_crafted_set(store):
     assert (b["records"], b["feedback"], b["negative_rate"], b["average_rating"]) == (5, 1, 0.0, 3.0)
 
 
+def test_stats_negative_threshold_is_the_callers_and_defaults_to_the_extraction_rules(store):
+    from cl_release.data.build import ExtractionRules
+    from cl_release.store.sqlite import DEFAULT_MAX_NEGATIVE_RATING
+
+    assert DEFAULT_MAX_NEGATIVE_RATING == ExtractionRules().max_negative_rating
+    for i, rating in enumerate((1, 2, 3, 5)):
+        store.log("q", "a", request_id=f"r{i}")
+        store.feedback(f"r{i}", rating=rating)
+    assert store.stats()["negative"] == 2
+    assert store.stats(max_negative_rating=3)["negative"] == 3
+    assert store.stats(max_negative_rating=1)["negative"] == 1
+
+
 def test_stats_of_an_empty_store(store):
     s = store.stats(since="2026-01-01")
     assert s["records"] == 0 and s["average_rating"] is None and s["negative_rate"] == 0.0
     assert s["since"] == "2026-01-01T00:00:00.000000Z" and s["by_model_version"] == {}
+
+
+# ---------------------------------------------------------------- windows of answers (triggers, A/B tests)
+
+W0 = "2026-03-01T00:00:00Z"
+W1 = "2026-03-02T00:00:00Z"
+
+
+def _window_store(store):
+    """Answers of 1.0.0 in the window [W0, W1) with ratings 1..5, a thumbs-up one, a hallucinated
+    one, an unrated one with a quality score; one of 2.0.0; one unversioned; one before and one
+    after the window; a rating changed after W1 (not seen)."""
+    rows = [dict(request_id=f"v{r}", rating=r, latency_ms=10.0 * r) for r in range(1, 6)]
+    rows += [dict(request_id="up", thumbs=1), dict(request_id="hal", rating=5, hallucinated=True),
+             dict(request_id="qs", quality_score=0.5)]
+    for r in rows:
+        fb = {k: v for k, v in r.items() if k in ("rating", "thumbs", "hallucinated")}
+        store.log("q", "a", request_id=r["request_id"], model_version="1.0.0", created_at="2026-03-01T10:00:00Z",
+                  latency_ms=r.get("latency_ms"), quality_score=r.get("quality_score"))
+        if fb:
+            store.feedback(r["request_id"], created_at="2026-03-01T11:00:00Z", **fb)
+    store.feedback("v5", rating=1, created_at="2026-03-03T00:00:00Z")  # after the window's end: not seen
+    store.log("q", "a", request_id="other", model_version="2.0.0", created_at="2026-03-01T10:00:00Z")
+    store.log("q", "a", request_id="none", created_at="2026-03-01T10:00:00Z")
+    store.log("q", "a", request_id="before", model_version="1.0.0", created_at="2026-02-28T10:00:00Z")
+    store.log("q", "a", request_id="after", model_version="1.0.0", created_at="2026-03-02T10:00:00Z")
+
+
+def test_version_aggregates_count_with_the_callers_thresholds(store):
+    _window_store(store)
+    agg = store.version_aggregates(since=W0, until=W1, min_rating=4, max_negative_rating=2)
+    assert set(agg) == {"1.0.0", "2.0.0", None}
+    a = agg["1.0.0"]
+    assert (a.records, a.feedback, a.opinions) == (8, 7, 7)
+    assert (a.positive, a.negative) == (4, 3)  # 4, 5, thumbs up, hallucinated 5 / 1, 2, hallucinated
+    assert a.quality_n == 8 and a.quality_sum == pytest.approx(0 + 0.25 + 0.5 + 0.75 + 1 + 1 + 1 + 0.5)
+    assert (a.latency_n, a.latency_sum) == (5, 150.0)
+    strict = store.version_aggregates(since=W0, until=W1, min_rating=5, max_negative_rating=3)["1.0.0"]
+    assert (strict.positive, strict.negative) == (3, 4)
+    only = store.version_aggregates(since=W0, until=W1, min_rating=4, max_negative_rating=2, versions=["2.0.0"],
+                                    include_unversioned=True)
+    assert set(only) == {"2.0.0", None} and only["2.0.0"].records == 1 and only["2.0.0"].feedback == 0
+    later = store.version_aggregates(since=None, until="2026-03-04", min_rating=4, max_negative_rating=2)["1.0.0"]
+    assert later.records == 10 and later.negative == 4  # v5's later rating 1 counts now
+
+
+def test_critical_feedback_and_answer_flags_in_a_window(store):
+    _window_store(store)
+    store.feedback("v1", severity="safety", correction="fix", created_at="2026-03-01T12:00:00Z")
+    store.feedback("v2", severity="critical", error_tag="unit", created_at="2026-03-01T12:00:00Z")
+    store.feedback("v3", severity="critical", created_at="2026-03-05T00:00:00Z")  # after the window
+    assert store.critical_feedback(since=W0, until=W1) == {"with_correction": 1, "without_correction": 1}
+    assert store.critical_feedback(since=None, until="2026-03-06") == {"with_correction": 1, "without_correction": 2}
+    assert store.answer_flags(since=W0, until=W1, versions=["1.0.0", "2.0.0"]) == {
+        "1.0.0": {"errors": 1, "critical": 2}}
+    assert store.answer_flags(since=W0, until=W1, versions=[]) == {}
+
+
+def test_feedback_store_implements_the_backend_protocol(store):
+    import inspect
+
+    assert isinstance(store, FeedbackBackend)
+    members = [n for n, v in vars(FeedbackBackend).items() if callable(v) and not n.startswith("_")]
+    assert {"log", "feedback", "rows", "import_jsonl", "version_aggregates", "latency_ranks"} <= set(members)
+    for name in members:
+        want = inspect.signature(getattr(FeedbackBackend, name))
+        have = inspect.signature(getattr(FeedbackStore, name))
+        assert list(have.parameters) == list(want.parameters), name
+        assert [p.kind for p in have.parameters.values()] == [p.kind for p in want.parameters.values()], name
 
 
 def test_prune_keeps_rows_a_release_trained_on(store):
@@ -575,95 +660,62 @@ def test_prune_keeps_rows_a_release_trained_on(store):
     assert store.integrity_check() == "ok"
 
 
-# ---------------------------------------------------------------- import and export
+def _reference_timestamp(value, field="created_at"):
+    """The general parser (what every timestamp went through before the canonical fast path)."""
+    from datetime import datetime as dt, timezone as tz
+    if isinstance(value, str):
+        try:
+            value = dt.fromisoformat(value)
+        except ValueError:
+            raise FieldValueError(f"not an ISO-8601 date or time: {value!r}", field) from None
+        if value.tzinfo is not None:
+            value = value.astimezone(tz.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    return timestamp(value, field=field)
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
+def _outcome(fn, *args, **kwargs):
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except FieldValueError as e:
+        return ("invalid", str(e), e.field)
 
 
-def test_import_request_log_shape(store, tmp_path):
-    f = write_jsonl(tmp_path / "log.jsonl", [
-        {"request_id": "r1", "input": [{"role": "user", "content": "q1"}], "output": "a1",
-         "metadata": {"site": "x"}, "model_version": "1.0.0", "latency_ms": 80, "timestamp": "2026-01-05T10:00:00Z",
-         "user_feedback": {"rating": 2, "correction": "better", "notes": "n", "hallucinated": True}},
-        {"request_id": "r2", "input": "q2", "output": "a2", "metadata": {}, "timestamp": 1767600000,
-         "user_feedback": {"rating": None, "correction": None, "notes": None}},
-        "",
+@pytest.mark.parametrize("value", [
+    "2026-01-05T10:00:00Z", "2026-01-05T10:00:00", "2026-01-05T10:00:00+00:00", "2026-01-05T10:00:00.123456Z",
+    "2026-01-05T10:00:00.123456", "2026-01-05T10:00:00.123456+00:00", "2026-01-05T10:00:00.123Z",
+    "2026-01-05T10:00:00+02:00", "2026-01-05 10:00:00Z", "2026-01-05", "2026-01-05T10:00Z", "2024-02-29T23:59:59Z",
+    "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z", "2026-01-01T00:00:60Z",
+    "2026-01-01T00:00:00z", "2026-01-01T00:00:00Z ", "２０２６-01-01T00:00:00Z", "soon", "",
+])
+def test_timestamp_fast_path_matches_the_general_parser(value):
+    assert _outcome(timestamp, value, field="f") == _outcome(_reference_timestamp, value, field="f")
+
+
+def test_write_batch_commits_together_and_fails_each_write_alone(tmp_path):
+    """The gateway's group commit: one transaction; a write that conflicts, names an unknown
+    answer or has a bad field gets its own error and writes nothing, the others commit."""
+    from cl_release.errors import ConflictError, UnknownRequest
+
+    store = FeedbackStore(tmp_path / "f.db")
+    store.log("q", "a", request_id="x")
+    out = store.write_batch([
+        ("log", {"input": "q2", "output": "b", "request_id": "y", "model_version": "1.0.0"}),
+        ("log", {"input": "q", "output": "other", "request_id": "x"}),
+        ("feedback", {"request_id": "y", "rating": 5}),  # on an answer logged earlier in the batch
+        ("feedback", {"request_id": "nope", "rating": 1}),
+        ("log", {"input": "q", "output": "a", "tokens": -1}),
+        ("feedback", {"request_id": "x", "rating": 9}),
+        ("log", {"input": "q", "output": "a", "request_id": "x"}),  # an identical repeat
     ])
-    seen = []
-    result = store.import_jsonl(f, progress=seen.append)
-    assert (result.lines, result.records, result.feedback, result.duplicates) == (2, 2, 1, 0)
-    assert sum(seen) == f.stat().st_size
-    r1 = store.get("r1")
-    assert (r1["rating"], r1["correction"], r1["hallucinated"], r1["latency_ms"]) == (2, "better", True, 80.0)
-    assert r1["feedback_at"] == r1["created_at"] == "2026-01-05T10:00:00.000000Z"
-    assert store.get("r2")["created_at"] == "2026-01-05T08:00:00.000000Z" and store.get("r2")["rating"] is None
-    again = store.import_jsonl(f)
-    assert (again.records, again.duplicates, again.feedback) == (0, 2, 0)
-    assert store.stats()["feedback"] == 1
+    assert out[0] == "y" and isinstance(out[2], int) and out[6] == "x"
+    assert isinstance(out[1], ConflictError) and isinstance(out[3], UnknownRequest)
+    assert isinstance(out[4], UserError) and "tokens" in str(out[4]) and isinstance(out[5], UserError)
+    assert store.count() == 2 and store.get("y")["rating"] == 5 and store.get("x")["output"] == "a"
+    assert store.get("x")["rating"] is None and store.write_batch([]) == []
 
 
-def test_import_flat_shape(store, tmp_path):
-    f = write_jsonl(tmp_path / "flat.jsonl", [
-        {"query": "q1", "response": "a1", "model": "0.9.0", "quality_score": 0.4, "user_feedback": 5,
-         "timestamp": "2026-01-01T00:00:00"},
-        {"query": "q2", "response": "a2", "model": "0.9.0", "quality_score": 0.9,
-         "user_feedback": {"rating": 1, "correction": "c", "thumbs": False}},
-        {"query": "q3", "response": "a3", "model": "0.9.0", "quality_score": 0.1},
-    ])
-    assert store.import_jsonl(f).records == 3
-    rows = {r["input"]: r for r in store.rows()}
-    assert (rows["q1"]["rating"], rows["q1"]["model_version"], rows["q1"]["quality_score"]) == (5, "0.9.0", 0.4)
-    assert (rows["q2"]["rating"], rows["q2"]["thumbs"], rows["q2"]["correction"]) == (1, -1, "c")
-    assert rows["q3"]["rating"] is None
-    again = store.import_jsonl(f)  # ids are hashes of the lines: nothing new
-    assert (again.records, again.feedback) == (0, 0) and store.count() == 3
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ("{not json", "invalid JSON"),
-        ('["a list"]', "expected a JSON object"),
-        ('{"request_id": "x", "input": "q", "output": "a", "user_feedback": {"rating": 7}}', "user_feedback.rating"),
-        ('{"request_id": "x", "input": "q", "output": "a", "timestamp": "soon"}', "ISO-8601"),
-        ('{"something": "else"}', "unknown row shape"),
-        ('{"input": "q", "output": "a"}', "request_id"),
-    ],
-)
-def test_malformed_import_line_names_it_and_writes_nothing(store, tmp_path, bad, message):
-    good = [{"request_id": f"g{i}", "input": "q", "output": "a", "user_feedback": {"rating": 4}} for i in range(30)]
-    f = write_jsonl(tmp_path / "log.jsonl", [*good, bad, *good[:1]])
-    with pytest.raises(DataError, match=message) as e:
-        store.import_jsonl(f, batch=10)  # several batches flushed before the bad line
-    assert "log.jsonl:31" in str(e.value)
-    assert store.count() == 0 and store.stats()["feedback"] == 0
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_import_refuses_a_repeated_id_with_other_content(store, tmp_path, workers, forked):
-    store.log("stored question", "stored answer", request_id="old")
-    rows = [{**_BASE, "request_id": f"g{i}", "input": f"q{i}"} for i in range(40)]
-    rows[30] = {**rows[3], "timestamp": "2026-02-01T00:00:00Z"}  # an identical repeat: fine
-    f = write_jsonl(tmp_path / "ok.jsonl", rows)
-    assert store.import_jsonl(f, batch=7, workers=workers).records == 39
-    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:25], {**rows[4], "output": "changed"}, *rows[26:]])
-    fresh = FeedbackStore(tmp_path / "fresh.db")
-    with pytest.raises(DataError, match=r"bad\.jsonl:26: request_id: request id 'g4' is already logged with another output"):
-        fresh.import_jsonl(bad, batch=7, workers=workers)
-    assert fresh.count() == 0
-    again = write_jsonl(tmp_path / "again.jsonl", [{**_BASE, "request_id": "new"},
-                                                   {**_BASE, "request_id": "old", "input": "stored question"}])
-    with pytest.raises(DataError, match=r"again\.jsonl:2: .*'old' is already logged with another output"):
-        store.import_jsonl(again)
-    assert store.count() == 40 and store.get("new") is None
-
-
-def test_import_missing_file(store, tmp_path):
-    with pytest.raises(DataError, match="cannot read"):
-        store.import_jsonl(tmp_path / "nope.jsonl")
+# ---------------------------------------------------------------- export
 
 
 def test_export_round_trips_rows(store, tmp_path):
@@ -769,424 +821,3 @@ def test_every_feedback_command_has_help(path):
     for p in cmd.params:
         if not getattr(p, "hidden", False) and p.param_type_name == "option":
             assert p.help, f"{' '.join(path)} {p.name} has no help"
-
-
-# ---------------------------------------------------------------- fast import path
-
-
-def _reference_timestamp(value, field="created_at"):
-    """The general parser (what every timestamp went through before the canonical fast path)."""
-    from datetime import datetime as dt, timezone as tz
-    if isinstance(value, str):
-        try:
-            value = dt.fromisoformat(value)
-        except ValueError:
-            raise fbmod.Invalid(f"not an ISO-8601 date or time: {value!r}", field) from None
-        if value.tzinfo is not None:
-            value = value.astimezone(tz.utc).replace(tzinfo=None)
-        return value.isoformat(timespec="microseconds") + "Z"
-    return timestamp(value, field=field)
-
-
-def _outcome(fn, *args, **kwargs):
-    try:
-        return ("ok", fn(*args, **kwargs))
-    except fbmod.Invalid as e:
-        return ("invalid", str(e), e.field)
-
-
-@pytest.mark.parametrize("value", [
-    "2026-01-05T10:00:00Z", "2026-01-05T10:00:00", "2026-01-05T10:00:00+00:00", "2026-01-05T10:00:00.123456Z",
-    "2026-01-05T10:00:00.123456", "2026-01-05T10:00:00.123456+00:00", "2026-01-05T10:00:00.123Z",
-    "2026-01-05T10:00:00+02:00", "2026-01-05 10:00:00Z", "2026-01-05", "2026-01-05T10:00Z", "2024-02-29T23:59:59Z",
-    "2026-02-29T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z", "2026-01-01T00:00:60Z",
-    "2026-01-01T00:00:00z", "2026-01-01T00:00:00Z ", "２０２６-01-01T00:00:00Z", "soon", "",
-])
-def test_timestamp_fast_path_matches_the_general_parser(value):
-    assert _outcome(timestamp, value, field="f") == _outcome(_reference_timestamp, value, field="f")
-
-
-def _reference_import_row(obj, raw):
-    """``_import_row`` as it was before the inlined shape-(a) path: the oracle for its checks."""
-    import hashlib
-    Invalid, record_row = fbmod.Invalid, fbmod.record_row
-    if not isinstance(obj, dict):
-        raise Invalid(f"expected a JSON object, got {type(obj).__name__}")
-    if "output" in obj or "input" in obj:
-        request_id = obj.get("request_id", obj.get("id"))
-        if request_id is None:
-            raise Invalid("missing 'request_id'", "request_id")
-        if "input" not in obj:
-            raise Invalid("missing 'input'", "input")
-        record = record_row(obj["input"], obj.get("output"), request_id=request_id,
-                            model_version=obj.get("model_version"), latency_ms=obj.get("latency_ms"),
-                            tokens=obj.get("tokens"), quality_score=obj.get("quality_score"),
-                            metadata=obj.get("metadata"), created_at=obj.get("timestamp", obj.get("created_at")))
-    elif "query" in obj:
-        record = record_row(obj["query"], obj.get("response"), request_id=hashlib.sha256(raw.strip()).hexdigest()[:32],
-                            model_version=obj.get("model", obj.get("model_version")),
-                            quality_score=obj.get("quality_score"), latency_ms=obj.get("latency_ms"),
-                            metadata=obj.get("metadata"), created_at=obj.get("timestamp"))
-    else:
-        raise Invalid("unknown row shape: expected 'input'/'output' (request log) or 'query'/'response'")
-    uf = obj.get("user_feedback")
-    if uf is None:
-        return record, None
-    if isinstance(uf, (int, float)) and not isinstance(uf, bool):
-        uf = {"rating": uf}
-    if not isinstance(uf, dict):
-        raise Invalid("expected a rating number or an object", "user_feedback")
-    fields = {k: uf.get(k) for k in fbmod._FEEDBACK_FIELDS}
-    if all(v is None for v in fields.values()):
-        return record, None
-    try:
-        fb = fbmod.feedback_values(**fields)
-        fb_at = timestamp(uf.get("timestamp", uf.get("created_at")) or record[1], field="user_feedback.timestamp")
-    except Invalid as e:
-        raise Invalid(str(e), f"user_feedback.{e.field}" if e.field and "." not in e.field else e.field) from None
-    return record, (record[0], fb_at, *fb.values())
-
-
-_BASE = {"request_id": "r", "input": "q", "output": "a", "timestamp": "2026-01-01T00:00:00Z"}
-_IMPORT_CASES = [
-    _BASE, {**_BASE, "request_id": None, "id": "x"}, {k: v for k, v in _BASE.items() if k != "request_id"},
-    {"id": "x", "input": "q", "output": "a"}, {**_BASE, "request_id": ""}, {**_BASE, "request_id": 5},
-    {"request_id": "r", "output": "a"}, {"request_id": "r", "input": "q"}, {**_BASE, "output": None},
-    {**_BASE, "output": 3}, {**_BASE, "input": []}, {**_BASE, "input": 3}, {**_BASE, "input": ["x"]},
-    {**_BASE, "input": [{"role": "user", "content": "c"}, {"role": "user"}]},
-    {**_BASE, "input": [{"role": "user", "content": "c"}], "metadata": {"k": [1, "é"]}},
-    {**_BASE, "metadata": {}}, {**_BASE, "metadata": None}, {**_BASE, "metadata": []}, {**_BASE, "metadata": "x"},
-    {**_BASE, "timestamp": None, "created_at": "2026-01-01"}, {**_BASE, "created_at": "2020-01-01"},
-    {k: v for k, v in _BASE.items() if k != "timestamp"} | {"created_at": 1767600000.5},
-    {**_BASE, "timestamp": "2026-02-30T00:00:00Z"}, {**_BASE, "timestamp": True}, {**_BASE, "timestamp": "2026-01-01T01:00:00+01:00"},
-    {**_BASE, "model_version": "1.0"}, {**_BASE, "model_version": 1}, {**_BASE, "latency_ms": 80},
-    {**_BASE, "latency_ms": 80.5}, {**_BASE, "latency_ms": True}, {**_BASE, "latency_ms": "80"},
-    {**_BASE, "tokens": 12}, {**_BASE, "tokens": 12.0}, {**_BASE, "tokens": 12.5}, {**_BASE, "tokens": False},
-    {**_BASE, "quality_score": 1}, {**_BASE, "quality_score": 0.5}, {**_BASE, "quality_score": "hi"},
-    {**_BASE, "output": 3, "timestamp": "soon", "metadata": 1},  # several wrong: the first check wins
-    {**_BASE, "input": 3, "timestamp": "soon"}, {**_BASE, "tokens": 1.5, "latency_ms": "x"},
-    {**_BASE, "user_feedback": 4}, {**_BASE, "user_feedback": 4.0}, {**_BASE, "user_feedback": True},
-    {**_BASE, "user_feedback": {"rating": 9}}, {**_BASE, "user_feedback": {"thumbs": True, "timestamp": "2026-02-01"}},
-    {**_BASE, "user_feedback": {"notes": None}}, {**_BASE, "user_feedback": {"severity": "meh"}},
-    {**_BASE, "user_feedback": {"rating": 2, "timestamp": "nope"}}, {**_BASE, "user_feedback": "good"},
-    {"query": "q", "response": "a", "model": "0.9", "user_feedback": 5}, {"query": "q", "response": 1},
-    {"something": "else"}, ["a list"], "a string", None, 3,
-]
-
-
-@pytest.mark.parametrize("obj", _IMPORT_CASES, ids=[str(i) for i in range(len(_IMPORT_CASES))])
-def test_import_row_matches_the_reference_checks(obj):
-    raw = json.dumps(obj).encode() + b"\n"
-    got, want = _outcome(fbmod._import_row, obj, raw), _outcome(_reference_import_row, obj, raw)
-    if want[0] == "ok" and isinstance(obj, dict) and obj.get("timestamp", obj.get("created_at")) is None:
-        # Stored at the import time: the two calls may differ by the clock only.
-        assert got[0] == "ok"
-        got, want = ([t[:1] + t[2:] if t else t for t in o[1]] for o in (got, want))
-    assert got == want
-
-
-def _indexes(path: Path) -> dict[str, str]:
-    with sqlite3.connect(path) as c:
-        return dict(c.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))
-
-
-def _varied_log(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        row = {"request_id": f"id-{(i * 7919) % n:05d}", "input": [{"role": "user", "content": f"q{i}"}],
-               "output": f"a{i}", "model_version": f"1.{i % 3}", "timestamp": f"2026-01-{1 + i % 28:02d}T00:00:00Z"}
-        if i % 3 == 0:
-            row["user_feedback"] = {"rating": 1 + i % 5, "timestamp": "2026-02-01T00:00:00Z"}
-        if i % 4 == 0:
-            row["user_feedback"] = {"rating": 1 + i % 4, "notes": "same time, later line"}
-        rows.append(row)
-    rows += [{**rows[5], "latency_ms": 7.0, "model_version": "a later repeat: the first one stays"}, rows[9], rows[12]]
-    return rows
-
-
-def _all_feedback(store: FeedbackStore) -> list[tuple]:
-    """Every feedback row (not only the latest), per answer in insertion order."""
-    return store.conn.execute(
-        f"SELECT {fbmod._FEEDBACK_COLUMNS} FROM feedback ORDER BY request_id, id"
-    ).fetchall()
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-def test_import_equals_the_row_by_row_reference(tmp_path, workers, forked):
-    rows = _varied_log(200)
-    rows += [
-        {**rows[3], "user_feedback": {"rating": 5, "notes": "same id, new feedback, another part"}},
-        {**rows[3], "timestamp": "2026-03-01T00:00:00Z"},  # identical feedback, other time: stored once
-        {**rows[7], "user_feedback": {"rating": 2}},
-        {**rows[7], "user_feedback": {"rating": 2}},  # identical feedback twice in the file
-        "",
-    ]
-    f = write_jsonl(tmp_path / "log.jsonl", rows)
-    fast = FeedbackStore(tmp_path / "fast.db")
-    # many batches; with workers=3 the duplicate ids and feedback fall in other parts of the file
-    first = fast.import_jsonl(f, batch=7, workers=workers)
-    ref = FeedbackStore(tmp_path / "ref.db")
-    c = ref.conn
-    with c:
-        for line in f.read_bytes().splitlines():
-            if not line.strip():
-                continue
-            rec, fb = _reference_import_row(json.loads(line), line)
-            c.execute(fbmod._INSERT_RECORD, rec)
-            if fb:
-                c.execute(fbmod._INSERT_FEEDBACK_ONCE, fb)
-    assert list(fast.rows()) == list(ref.rows())
-    assert fast.stats() == ref.stats()
-    assert _all_feedback(fast) == _all_feedback(ref)
-    assert (first.lines, first.records, first.duplicates) == (207, 200, 7)
-    assert first.feedback == c.execute("SELECT count(*) FROM feedback").fetchone()[0]
-    again = fast.import_jsonl(f, batch=7, workers=workers)
-    assert (again.records, again.feedback, again.duplicates) == (0, 0, 207)
-    assert list(fast.rows()) == list(ref.rows()) and fast.integrity_check() == "ok"
-    assert _all_feedback(fast) == _all_feedback(ref)
-    assert _indexes(fast.path) == _indexes(ref.path)
-    assert len(forked) == (2 if workers > 1 else 0)  # both imports forked three workers, or none
-
-
-def _traced(store: FeedbackStore) -> list[str]:
-    seen: list[str] = []
-    store.conn.set_trace_callback(seen.append)
-    return seen
-
-
-def test_large_import_rebuilds_indexes_small_one_does_not(tmp_path):
-    store = FeedbackStore(tmp_path / "f.db")
-    store.count()
-    schema = _indexes(store.path)
-    big = write_jsonl(tmp_path / "big.jsonl", _varied_log(100))
-    seen = _traced(store)
-    store.import_jsonl(big, batch=10)
-    assert any(s.startswith("DROP INDEX") for s in seen)  # 100 new rows into an empty table
-    assert _indexes(store.path) == schema
-    small = write_jsonl(tmp_path / "small.jsonl", [{**_BASE, "request_id": f"s{i}"} for i in range(5)])
-    seen.clear()
-    assert store.import_jsonl(small).records == 5
-    assert not any("INDEX" in s for s in seen)  # 5 rows into 100: plain index inserts
-    assert _indexes(store.path) == schema and store.integrity_check() == "ok"
-    plan = " ".join(r[3] for r in store.conn.execute(
-        "EXPLAIN QUERY PLAN SELECT * FROM records WHERE created_at > '2026' ORDER BY created_at"))
-    assert "records_created_at" in plan
-
-
-def test_failed_large_import_keeps_the_indexes_and_writes_nothing(tmp_path):
-    store = FeedbackStore(tmp_path / "f.db")
-    store.log("q", "a", request_id="kept", created_at="2026-01-01")
-    schema = _indexes(store.path)
-    rows = [{**_BASE, "request_id": f"g{i}", "user_feedback": {"rating": 3}} for i in range(50)]
-    f = write_jsonl(tmp_path / "log.jsonl", [*rows, {**_BASE, "timestamp": "soon"}])
-    seen = _traced(store)
-    with pytest.raises(DataError, match="log.jsonl:51"):
-        store.import_jsonl(f, batch=10)
-    assert seen == []  # the bad line is found while staging: the store is never touched
-    assert _indexes(store.path) == schema
-    assert store.count() == 1 and store.stats()["feedback"] == 0 and store.integrity_check() == "ok"
-
-
-def test_import_failing_inside_the_transaction_rolls_back_the_index_drop(tmp_path, monkeypatch):
-    store = FeedbackStore(tmp_path / "f.db")
-    store.log("q", "a", request_id="kept", created_at="2026-01-01")
-    schema = _indexes(store.path)
-    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"g{i}", "user_feedback": {"rating": 3}}
-                                             for i in range(50)])
-    monkeypatch.setattr(fbmod, "_copy_feedback_sql", lambda parts: "INSERT INTO no_such_table VALUES (1)")
-    seen = _traced(store)
-    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
-        store.import_jsonl(f, batch=10)
-    assert any(s.startswith("DROP INDEX") for s in seen) and "ROLLBACK" in seen
-    assert any(s.startswith("INSERT INTO main.records") for s in seen)  # records were copied, then undone
-    assert _indexes(store.path) == schema
-    assert store.count() == 1 and store.stats()["feedback"] == 0 and store.integrity_check() == "ok"
-    assert {r[1] for r in store.conn.execute("PRAGMA database_list")} <= {"main", "temp"}  # scratch detached
-    monkeypatch.undo()
-    assert store.import_jsonl(f).records == 50 and store.stats()["feedback"] == 50
-
-
-def test_import_waits_for_a_concurrent_writer(tmp_path):
-    path = tmp_path / "f.db"
-    store = FeedbackStore(path, busy_timeout=10)
-    store.count()
-    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"i{i}"} for i in range(30)])
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("INSERT INTO records (id, created_at, input) VALUES ('other', '2026-01-01T00:00:00.000000Z', '\"q\"')")
-    import threading
-    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
-    result = store.import_jsonl(f, batch=10)
-    other.close()
-    assert result.records == 30 and store.count() == 31 and store.integrity_check() == "ok"
-
-
-# ---------------------------------------------------------------- staged, parallel import
-
-
-@pytest.fixture
-def forked(monkeypatch) -> list:
-    """Let imports fork even if another test left a thread finishing; records each forked import."""
-    monkeypatch.setattr(parallel, "can_fork", lambda: True)
-    calls: list = []
-    real = fbmod._stage_forked
-    monkeypatch.setattr(fbmod, "_stage_forked", lambda *a: calls.append(a[1]) or real(*a))
-    return calls
-
-
-def _lines(n: int, bad: dict[int, str] | None = None) -> list:
-    """n shape-(a) lines (numbered from 1), some replaced by ``bad[line_number]``."""
-    rows = [{**_BASE, "request_id": f"p{i}", "user_feedback": {"rating": 1 + i % 5}} for i in range(1, n + 1)]
-    for line, text in (bad or {}).items():
-        rows[line - 1] = text
-    return rows
-
-
-@pytest.mark.parametrize("bad_lines, reported", [({45: "{oops"}, 45), ({12: "[1]", 50: "{oops"}, 12), ({60: "{oops"}, 60)])
-def test_parallel_import_numbers_the_first_bad_line_of_the_file(store, tmp_path, bad_lines, reported, forked):
-    f = write_jsonl(tmp_path / "log.jsonl", _lines(60, bad_lines))
-    with pytest.raises(DataError) as e:
-        store.import_jsonl(f, batch=4, workers=3)  # 20 lines a part: the bad ones sit in later parts
-    assert f"log.jsonl:{reported}:" in str(e.value)
-    assert store.count() == 0 and store.stats()["feedback"] == 0
-    assert len(forked) == 1 and len(forked[0]) == 3
-
-
-def test_parallel_import_counts_blank_lines_and_reports_all_progress(store, tmp_path, forked):
-    rows = _lines(40)
-    rows[9:9] = ["", "   "]  # blank lines count as lines for numbering, not as records
-    rows.append("{oops")
-    f = write_jsonl(tmp_path / "log.jsonl", rows)
-    with pytest.raises(DataError, match="log.jsonl:43: invalid JSON"):
-        store.import_jsonl(f, workers=2)
-    f = write_jsonl(tmp_path / "log.jsonl", rows[:-1])
-    seen: list[int] = []
-    result = store.import_jsonl(f, batch=3, workers=2, progress=seen.append)
-    assert (result.lines, result.records, result.feedback) == (40, 40, 40)
-    assert sum(seen) == f.stat().st_size and all(n > 0 for n in seen)
-    assert len(forked) == 2
-
-
-@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
-def test_split_lines_covers_the_file_at_line_starts(tmp_path, parts):
-    data = b"".join(b"x" * n + b"\n" for n in (0, 3, 40, 1, 0, 200, 5)) + b"no newline at the end"
-    f = tmp_path / "lines"
-    f.write_bytes(data)
-    with open(f, "rb") as fh:
-        ranges = fbmod._split_lines(fh, len(data), parts)
-    assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and len(ranges) <= parts
-    assert all(a < b for a, b in ranges) and all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:]))
-    assert all(a == 0 or data[a - 1 : a] == b"\n" for a, _ in ranges)
-
-
-def test_import_workers_choice(monkeypatch):
-    monkeypatch.setattr(parallel, "can_fork", lambda: True)
-    monkeypatch.setattr(parallel, "cores", lambda: 4)
-    assert fbmod._import_workers(1000, None) == 1  # a small file is parsed in this process
-    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 4
-    monkeypatch.setattr(parallel, "cores", lambda: 2)
-    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 2
-    monkeypatch.setattr(parallel, "cores", lambda: 1)
-    assert fbmod._import_workers(fbmod.IMPORT_PARALLEL_BYTES, None) == 1  # one core: no workers
-    assert fbmod._import_workers(10, 3) == 3 and fbmod._import_workers(10, 99) == fbmod.IMPORT_MAX_WORKERS
-    with pytest.raises(UserError, match="at least 1"):
-        fbmod._import_workers(10, 0)
-    monkeypatch.setattr(parallel, "can_fork", lambda: False)
-    assert fbmod._import_workers(10, 3) == 1
-    monkeypatch.undo()
-    assert parallel.cores() >= 1
-
-
-def test_no_fork_while_another_thread_runs():
-    import threading
-
-    stop = threading.Event()
-    t = threading.Thread(target=stop.wait)
-    t.start()
-    try:
-        assert not parallel.can_fork()
-    finally:
-        stop.set()
-        t.join()
-
-
-def test_failed_import_worker_is_named_and_writes_nothing(store, tmp_path, monkeypatch, forked):
-    f = write_jsonl(tmp_path / "log.jsonl", _lines(30))
-    real = fbmod._stage_chunk
-
-    def crash(path, start, end, *args):
-        if start > 0:  # the second part: after the fork, in the worker
-            raise OSError(28, "No space left on device")
-        return real(path, start, end, *args)
-
-    monkeypatch.setattr(fbmod, "_stage_chunk", crash)
-    with pytest.raises(DataError, match=r"import worker for bytes \d+-\d+ failed: OSError: .*No space left"):
-        store.import_jsonl(f, workers=2)
-
-    def die(path, start, end, *args):
-        if start > 0:
-            fbmod.os._exit(3)
-        return real(path, start, end, *args)
-
-    monkeypatch.setattr(fbmod, "_stage_chunk", die)
-    with pytest.raises(DataError, match="exited with code 3"):
-        store.import_jsonl(f, workers=2)
-    assert store.count() == 0
-
-
-def test_import_leaves_no_scratch_files(store, tmp_path, monkeypatch, forked):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(fbmod.tempfile, "tempdir", str(scratch))
-    f = write_jsonl(tmp_path / "log.jsonl", _lines(30))
-    assert store.import_jsonl(f, workers=2).records == 30
-    bad = write_jsonl(tmp_path / "bad.jsonl", _lines(30, {25: "{oops"}))
-    with pytest.raises(DataError):
-        store.import_jsonl(bad, workers=2)
-    assert list(scratch.iterdir()) == [] and len(forked) == 2
-
-
-def test_checkpointed_wal_is_cut_back_to_the_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(fbmod, "WAL_SIZE_LIMIT", 32768)
-    store = FeedbackStore(tmp_path / "f.db")
-    f = write_jsonl(tmp_path / "log.jsonl", [{**_BASE, "request_id": f"w{i}", "output": "a" * 500} for i in range(500)])
-    store.import_jsonl(f)
-    wal = Path(f"{store.path}-wal")
-    assert wal.stat().st_size > 32768
-    store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # what the commit of a large import does
-    store.log("q", "a")  # the next write restarts the WAL from the top and cuts the file
-    assert wal.stat().st_size <= 32768
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("text", ["", "\n", "\n  \n\n"])
-def test_import_of_an_empty_file_writes_nothing(store, tmp_path, text, workers, forked):
-    f = tmp_path / "empty.jsonl"
-    f.write_text(text)
-    seen: list[int] = []
-    result = store.import_jsonl(f, workers=workers, progress=seen.append)
-    assert (result.lines, result.records, result.feedback) == (0, 0, 0) and store.count() == 0
-    assert sum(seen) == len(text)
-
-
-def test_write_batch_commits_together_and_fails_each_write_alone(tmp_path):
-    """The gateway's group commit: one transaction; a write that conflicts, names an unknown
-    answer or has a bad field gets its own error and writes nothing, the others commit."""
-    from cl_release.errors import ConflictError, UnknownRequest
-
-    store = FeedbackStore(tmp_path / "f.db")
-    store.log("q", "a", request_id="x")
-    out = store.write_batch([
-        ("log", {"input": "q2", "output": "b", "request_id": "y", "model_version": "1.0.0"}),
-        ("log", {"input": "q", "output": "other", "request_id": "x"}),
-        ("feedback", {"request_id": "y", "rating": 5}),  # on an answer logged earlier in the batch
-        ("feedback", {"request_id": "nope", "rating": 1}),
-        ("log", {"input": "q", "output": "a", "tokens": -1}),
-        ("feedback", {"request_id": "x", "rating": 9}),
-        ("log", {"input": "q", "output": "a", "request_id": "x"}),  # an identical repeat
-    ])
-    assert out[0] == "y" and isinstance(out[2], int) and out[6] == "x"
-    assert isinstance(out[1], ConflictError) and isinstance(out[3], UnknownRequest)
-    assert isinstance(out[4], UserError) and "tokens" in str(out[4]) and isinstance(out[5], UserError)
-    assert store.count() == 2 and store.get("y")["rating"] == 5 and store.get("x")["output"] == "a"
-    assert store.get("x")["rating"] is None and store.write_batch([]) == []
