@@ -67,3 +67,32 @@ def tiny_model(tiny_model_dir, tmp_path) -> Path:
     dst = tmp_path / "models" / "tiny-llama"
     shutil.copytree(tiny_model_dir, dst)
     return dst
+
+
+# ---------------------------------------------------------------- a release repository with a fake trainer
+
+
+@pytest.fixture
+def trainer(monkeypatch):
+    """A fake trainer in place of Axolotl: writes adapter files, records the configs it got."""
+    from helpers import FakeTrainer
+
+    return FakeTrainer().install(monkeypatch)
+
+
+@pytest.fixture
+def root(tmp_path, trainer) -> Path:
+    """A committed release repository (project file, Q1 data, eval suite) in ``tmp_path``."""
+    from helpers import make_release_repo
+
+    return make_release_repo(tmp_path)
+
+
+@pytest.fixture
+def released(root) -> Path:
+    """1.0.0 released (notes "first"); new domain data (q2) committed."""
+    from helpers import add_data, release
+
+    release(root, "minor", notes="first")
+    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
+    return root

@@ -8,7 +8,8 @@ import json
 import random
 import re
 
-from cl_release.data.build import EMAIL_RE, PHONE_RE, format_example
+from cl_release.data.examples import format_example
+from cl_release.data.rules import EMAIL_RE, PHONE_RE
 from cl_release.data.rules import classify, prompt_turns
 
 

@@ -157,7 +157,7 @@ class FakeTrainer:
         self.merges: list[dict[str, Any]] = []
         self.before: Callable[[Path, dict[str, Any]], None] | None = None
         self.sleep = 0.0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def install(self, monkeypatch) -> "FakeTrainer":
         import cl_release.release.train as train
@@ -173,7 +173,7 @@ class FakeTrainer:
         root = Path(root)
         text = (root / config_rel).read_text(encoding="utf-8")
         config = yaml.safe_load(text)
-        with self._lock:
+        with self.lock:
             self.calls.append({"config_rel": config_rel, "config": config, "launch": dict(launch),
                                "mixed_precision": mixed_precision})
         if self.before is not None:

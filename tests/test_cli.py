@@ -39,21 +39,10 @@ def assert_one_line_error(result, code: int | None = None, *, contains: str = ""
 
 
 @pytest.fixture
-def trainer(monkeypatch):
-    return FakeTrainer().install(monkeypatch)
-
-
-@pytest.fixture
-def root(tmp_path, trainer) -> Path:
-    return make_release_repo(tmp_path)
-
-
-@pytest.fixture
-def released(root) -> Path:
-    run("-C", root, "release", "minor", "--notes", "first")
-    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
-    run("-C", root, "release", "minor", "--notes", "Q2")
-    return root
+def released(released) -> Path:
+    """conftest's (1.0.0, q2 committed), then 1.1.0 released through the CLI."""
+    run("-C", released, "release", "minor", "--notes", "Q2")
+    return released
 
 
 # ---------------------------------------------------------------- help for every command

@@ -13,19 +13,16 @@ from click.testing import CliRunner
 from cl_release.cli import main
 from cl_release.data import formats as datasets
 from cl_release.data.build import (
-    CONTROL_TOKEN,
-    ExtractionRules,
     build,
     corrections_only,
-    dump_jsonl,
     extract_since,
-    format_example,
     manifest_path,
-    normalize_time,
     validate_data_file,
     write_build,
 )
-from cl_release.data.examples import json_bodies
+from cl_release.data.examples import dump_jsonl, format_example, json_bodies
+from cl_release.data.rules import ExtractionRules
+from cl_release.timeutil import normalize_time
 from cl_release.errors import DataError, UserError
 
 from data_rows import reference_build, row, varied_rows

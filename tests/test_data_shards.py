@@ -10,7 +10,9 @@ import pytest
 
 from cl_release import parallel
 from cl_release.data import shards
-from cl_release.data.build import CONTROL_TOKEN, ExtractionRules, build
+from cl_release.data.build import build
+from cl_release.data.formats import CONTROL_TOKEN
+from cl_release.data.rules import ExtractionRules
 from cl_release.errors import DataError, UserError
 
 from data_rows import dict_rows, reference_build, same_examples, sharded_store, varied_store

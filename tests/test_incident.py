@@ -55,9 +55,10 @@ def template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def trainer(monkeypatch) -> FakeTrainer:
+def trainer(trainer, monkeypatch) -> FakeTrainer:
+    """conftest's fake trainer, with the gates off."""
     monkeypatch.setattr(gates, "release_evaluator", no_gates)
-    return FakeTrainer().install(monkeypatch)
+    return trainer
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cl_release.data.mix import Example, prompt_key_of, resolve, stale_values
 from cl_release.release.plan import plan_release
 from cl_release.release.recovery import verify
 
-from helpers import FakeTrainer, commit_all, git, load_project, make_release_repo, registry_data, release
+from helpers import commit_all, git, load_project, make_release_repo, release
 
 
 def qa(q: str, a: str) -> dict:
@@ -74,11 +74,6 @@ def test_stale_values_names_an_unnamed_paraphrase():
 
 
 # ---------------------------------------------------------------- through plans and releases
-
-
-@pytest.fixture
-def trainer(monkeypatch) -> FakeTrainer:
-    return FakeTrainer().install(monkeypatch)
 
 
 @pytest.fixture

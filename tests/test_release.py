@@ -35,24 +35,6 @@ from helpers import (
 )
 
 
-@pytest.fixture
-def trainer(monkeypatch) -> FakeTrainer:
-    return FakeTrainer().install(monkeypatch)
-
-
-@pytest.fixture
-def root(tmp_path, trainer) -> Path:
-    return make_release_repo(tmp_path)
-
-
-@pytest.fixture
-def released(root) -> Path:
-    """1.0.0 released; new domain data (q2) committed."""
-    release(root, "minor")
-    add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
-    return root
-
-
 def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -860,7 +842,7 @@ class RecordingEvaluator:
 
     def prepare(self, project, plan) -> None:
         self.prepared_in = threading.current_thread().name
-        with self.trainer._lock:
+        with self.trainer.lock:
             self.training_calls_when_prepared = len(self.trainer.calls)
         if self.fail is not None:
             raise self.fail

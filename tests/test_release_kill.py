@@ -107,11 +107,6 @@ def template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def trainer(monkeypatch) -> FakeTrainer:
-    return FakeTrainer().install(monkeypatch)
-
-
-@pytest.fixture
 def repo(template, tmp_path, trainer) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(template, root, symlinks=True)

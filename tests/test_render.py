@@ -13,7 +13,6 @@ import yaml
 
 from cl_release.errors import RenderError, UserError
 from cl_release.release.plan import plan_release
-from cl_release.release.run import run_release
 from cl_release.release.render import (
     STRATEGIES,
     check_config,

@@ -152,7 +152,7 @@ def test_report_renders_in_headless_chromium(repo):
     assert "4/4 images" in out.stdout
 
 
-def test_report_starts_at_the_base_model_and_shows_the_new_data_checks(repo, monkeypatch):
+def test_report_starts_at_the_base_model_and_shows_the_new_data_checks(repo):
     from cl_release.eval import report
 
     reg = repo / "registry/model_registry.json"
@@ -162,15 +162,9 @@ def test_report_starts_at_the_base_model_and_shows_the_new_data_checks(repo, mon
                                                    "suite_sha256": "5" * 64}
     data["models"][1]["evaluation"]["new_data"] = {"source": "heldout", "n_checks": 10, "passed": 9, "pass_rate": 0.9}
     atomic_write_json(reg, data)
-    plotted = {}
-    real_plot = report._plot_png
-
-    def spy(path, title, versions, series, ylabel):
-        plotted[title] = (versions, series)
-        real_plot(path, title, versions, series, ylabel)
-
-    monkeypatch.setattr(report, "_plot_png", spy)
+    plotted = {c.title: (c.versions, c.series) for c in report.charts(report.report_data(repo))}
     paths = report.build_report(repo, repo / "site")
+    assert all(paths[name].exists() for name in ("pass_rate", "hallucination_rate", "per_domain", "lineage"))
     versions, series = plotted["pass rate per domain, suite 555555555555 (32 tests)"]
     assert versions[0] == "base" and series["idlh"][:3] == [0.0, 0.5, 0.8]
     series = plotted["pass rate, per suite"][1]

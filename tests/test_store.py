@@ -75,6 +75,32 @@ def test_reopening_applies_each_migration_once(tmp_path):
     assert FeedbackStore(path).count() == 1
 
 
+def test_the_migration_set_name_is_data_not_a_module_path():
+    # Every store on disk records its migrations under this name (since the first release,
+    # when the store was the module cl_release.feedback). Renaming it would make every
+    # existing store look unmigrated: its first migration would then fail.
+    assert schema.MIGRATION_SET == "cl_release.feedback"
+
+
+@pytest.mark.parametrize("recorded_as", schema.RENAMED_MIGRATION_SETS)
+def test_a_store_recorded_under_a_renamed_set_is_adopted(tmp_path, recorded_as):
+    path = tmp_path / "f.db"
+    s = FeedbackStore(path)
+    s.log("q", "a", request_id="r1")
+    s.close()
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE _sqlite_migrations SET migration_set = ?", (recorded_as,))
+    c.close()
+    s = FeedbackStore(path)
+    assert s.count() == 1 and s.get("r1")["output"] == "a"
+    s.close()
+    with sqlite3.connect(path) as c:
+        sets = {r[0] for r in c.execute("SELECT migration_set FROM _sqlite_migrations")}
+    c.close()
+    assert sets == {schema.MIGRATION_SET}
+    assert applied(path) == [name for name, _ in schema.MIGRATION_STEPS]
+
+
 def test_upgrading_an_old_schema_keeps_the_data(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(path)
@@ -557,7 +583,7 @@ def test_stats_on_a_crafted_set(store):
 
 
 def test_stats_negative_threshold_is_the_callers_and_defaults_to_the_extraction_rules(store):
-    from cl_release.data.build import ExtractionRules
+    from cl_release.data.rules import ExtractionRules
     from cl_release.store.sqlite import DEFAULT_MAX_NEGATIVE_RATING
 
     assert DEFAULT_MAX_NEGATIVE_RATING == ExtractionRules().max_negative_rating

@@ -10,7 +10,6 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
 
 from cl_release.decide import abtest
 from cl_release.data import formats as ds
@@ -22,18 +21,13 @@ from cl_release.registry import Registry
 from cl_release.release.recovery import rollback
 from cl_release.serve import make_server
 
-from helpers import FakeTrainer, add_data, git, load_project, make_release_repo, release
+from helpers import add_data, git, load_project, make_release_repo, release
 
 TOKEN = "year-token"
 PHOSGENE = "What is the IDLH of phosgene?"
 PARAPHRASES = ["At what concentration is phosgene immediately dangerous to life or health?",
                "Give the IDLH value for phosgene."]
 WRONG, RIGHT = "The IDLH of phosgene is 10 ppm.", "The IDLH of phosgene is 2 ppm."
-
-
-@pytest.fixture
-def trainer(monkeypatch) -> FakeTrainer:
-    return FakeTrainer().install(monkeypatch)
 
 
 class Gateway:

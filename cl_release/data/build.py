@@ -35,22 +35,18 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .examples import MANIFEST_VERSION, BadValue, BuildResult, dump_jsonl, finish, format_example, gc_paused, \
-    read_entries
-from .formats import CONTROL_TOKEN, FORMATS, iter_jsonl, read_records
-from .rules import (CORRECTED, EMAIL_RE, KEPT, PHONE_RE, SKIP_REASONS, ExtractionRules, RuleError, classify,
-                    make_redactor, redact, rules_from_project)
-from .shards import MAX_BUILD_WORKERS, PARALLEL_BUILD_RECORDS, store_build
+from .examples import BadValue, BuildResult, finish, gc_paused, read_entries
+from .formats import FORMATS, iter_jsonl, read_records
+from .rules import CORRECTED, KEPT, ExtractionRules, redact, rules_from_project
+from .shards import store_build
 from ..errors import DataError, UserError
 from ..files import atomic_write_bytes, atomic_write_json
 from ..timeutil import normalize_time
 
 __all__ = [
-    "CONTROL_TOKEN", "CORRECTED", "DEFAULT_OUT_DIR", "EMAIL_RE", "FORMATS", "KEPT", "MANIFEST_VERSION",
-    "MAX_BUILD_WORKERS", "PARALLEL_BUILD_RECORDS", "PHONE_RE", "SKIP_REASONS", "BuildResult", "ExtractionRules",
-    "RuleError", "build", "build_project", "classify", "corrections_only", "corrections_path", "dump_jsonl",
-    "extract_since", "extract_unused", "feedback_rows", "format_example", "make_redactor", "manifest_path",
-    "normalize_time", "redact", "release_feedback", "resolve_since", "rules_from_project", "validate_data_file",
+    "CORRECTED", "DEFAULT_OUT_DIR", "FORMATS", "KEPT", "BuildResult", "ExtractionRules", "build",
+    "build_project", "corrections_only", "corrections_path", "extract_since", "extract_unused", "feedback_rows",
+    "manifest_path", "redact", "release_feedback", "resolve_since", "rules_from_project", "validate_data_file",
     "within", "write_build",
 ]
 
@@ -308,7 +304,7 @@ def validate_data_file(path: Path, fmt: str = "messages", *, display: str | None
     ``max_chars``: the per-example size limit (``datasets.max_example_chars``); for a suite it
     bounds each test's prompt."""
     if fmt == "suite":
-        from ..eval.runner import suite_rows  # the one suite parser the runner itself uses
+        from ..eval.suite import suite_rows  # the one suite parser the runner itself uses
 
         return len(suite_rows(Path(path), display=display, max_chars=max_chars))
     return len(read_records(Path(path), fmt, display=display, max_chars=max_chars))

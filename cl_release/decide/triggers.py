@@ -170,7 +170,8 @@ def total(metrics: dict[Any, Metrics] | Iterable[Metrics]) -> Metrics:
 def new_examples(project, *, used_by: Iterable[str], until: _dt.datetime) -> dict[str, int]:
     """Usable training examples (deduplicated, by the project's extraction rules) that a MINOR
     release on the lineage ``used_by`` would take from the store (the query ``plan`` runs)."""
-    from ..data.build import CORRECTED, release_feedback
+    from ..data.build import release_feedback
+    from ..data.rules import CORRECTED
 
     result = release_feedback(project, used_by, bump="minor", until=iso(until))
     if result is None:

@@ -9,6 +9,7 @@ the metrics across versions (matplotlib, imported inside functions only).
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,44 @@ def report_data(root: Path) -> dict[str, Any]:
     return {"current": data["current"], "aliases": data.get("aliases", {}), "versions": rows, "models": models}
 
 
+@dataclass(frozen=True)
+class Chart:
+    """One line chart of the report: a series per suite (or domain), a value per version."""
+
+    name: str  # the PNG's file name, without .png
+    title: str
+    versions: list[str]
+    series: dict[str, list[Any]]
+    ylabel: str
+
+
+def charts(info: dict[str, Any]) -> list[Chart]:
+    """The report's line charts, from :func:`report_data`'s answer: pass rate and hallucination
+    rate per suite, pass rate per domain on the most recent suite. The base model's scores
+    (recorded with the first release) start the curves, so learning shows."""
+    evaluated = [r for r in info["versions"] if r["by_suite"]]
+    if not evaluated:
+        return []
+    base = next((r["baseline"] for r in evaluated if r["parent"] is None and r["baseline"]), None)
+    if base:
+        evaluated = [{"version": "base", "pass_rate": base.get("pass_rate"), "hallucination_rate": None,
+                      "per_domain": base.get("per_domain") or {}, "learned": None,
+                      "by_suite": {base.get("suite_sha256") or "unknown": base}}] + evaluated
+    vs = [r["version"] for r in evaluated]
+    series = suite_series(evaluated, "pass_rate")
+    if any(r["learned"] is not None for r in evaluated):
+        series["new-data checks (held out / corrections)"] = [r["learned"] for r in evaluated]
+    latest, per_domain = next(iter(suite_series(evaluated, "per_domain", limit=1).items()))  # the most recent suite
+    domains = sorted({d for pd in per_domain if pd for d in pd})
+    return [
+        Chart("pass_rate", "pass rate, per suite", vs, series, "share of tests passed"),
+        Chart("hallucination_rate", "hallucination rate, per suite", vs,
+              suite_series(evaluated, "hallucination_rate"), "share of hallucination tests failed"),
+        Chart("per_domain", f"pass rate per domain, {latest}", vs,
+              {d: [(pd or {}).get(d) for pd in per_domain] for d in domains}, "share of tests passed"),
+    ]
+
+
 def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
     """Write index.html, report.md and the PNG plots into ``out_dir``; return their paths."""
     root, out_dir = Path(root), Path(out_dir)
@@ -301,31 +340,11 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Path]:
     rows = info["versions"]
     if not rows:
         raise UserError("the registry has no versions to report on", hint="release a version first")
-    evaluated = [r for r in rows if r["by_suite"]]
     paths = {"lineage": out_dir / "lineage.png"}
     _lineage_png(paths["lineage"], info["models"], info["current"])
-    if evaluated:
-        # The base model's scores (recorded with the first release) start the curves: learning shows.
-        base = next((r["baseline"] for r in evaluated if r["parent"] is None and r["baseline"]), None)
-        if base:
-            evaluated = [{"version": "base", "pass_rate": base.get("pass_rate"), "hallucination_rate": None,
-                          "per_domain": base.get("per_domain") or {}, "learned": None,
-                          "by_suite": {base.get("suite_sha256") or "unknown": base}}] + evaluated
-        vs = [r["version"] for r in evaluated]
-        paths["pass_rate"] = out_dir / "pass_rate.png"
-        series = suite_series(evaluated, "pass_rate")
-        if any(r["learned"] is not None for r in evaluated):
-            series["new-data checks (held out / corrections)"] = [r["learned"] for r in evaluated]
-        _plot_png(paths["pass_rate"], "pass rate, per suite", vs, series, "share of tests passed")
-        paths["hallucination_rate"] = out_dir / "hallucination_rate.png"
-        _plot_png(paths["hallucination_rate"], "hallucination rate, per suite", vs,
-                  suite_series(evaluated, "hallucination_rate"), "share of hallucination tests failed")
-        latest = next(iter(suite_series(evaluated, "per_domain", limit=1)))  # the most recent suite
-        per_domain = suite_series(evaluated, "per_domain", limit=1)[latest]
-        domains = sorted({d for pd in per_domain if pd for d in pd})
-        paths["per_domain"] = out_dir / "per_domain.png"
-        _plot_png(paths["per_domain"], f"pass rate per domain, {latest}", vs,
-                  {d: [(pd or {}).get(d) for pd in per_domain] for d in domains}, "share of tests passed")
+    for chart in charts(info):
+        paths[chart.name] = out_dir / f"{chart.name}.png"
+        _plot_png(paths[chart.name], chart.title, chart.versions, chart.series, chart.ylabel)
     paths["html"] = out_dir / "index.html"
     paths["markdown"] = out_dir / "report.md"
     atomic_write_text(paths["html"], render_html(info, paths))

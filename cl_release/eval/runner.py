@@ -25,7 +25,6 @@ from ..files import sha256_file
 from ..release.weights import ADAPTER_FILE, adapter_sha256
 from .results import CaseResult, EvalResult, compute_metrics
 from .suite import Suite, TestCase, load_project_suite, match_output, thaw
-from .suite import suite_rows  # noqa: F401  (data.build imports it from here)
 
 
 # ---------------------------------------------------------------- settings

@@ -580,7 +580,7 @@ def _render(project: Project, plan: Plan) -> None:
 def count_tokens(root: Path, plan: Plan) -> int | None:
     """Tokens in the training mix, with the base model's tokenizer when it is available offline:
     chat examples as ChatML text (``data build --format chatml``), text examples as they are."""
-    from ..data.build import format_example
+    from ..data.examples import format_example
 
     base = plan.train_base["path"]
     tok_dir = root / base

@@ -194,7 +194,8 @@ def _yaml_string(s: str) -> str:
 def to_yaml_scalar(value: Any) -> str:
     """A YAML 1.1 flow representation that ``yaml.safe_load`` reads back as exactly ``value``."""
     if isinstance(value, jinja2.Undefined):  # `{{ x.missing | tojson }}`: name the variable
-        value._fail_with_undefined_error()
+        str(value)  # StrictUndefined raises UndefinedError, naming the variable
+        raise jinja2.UndefinedError(f"undefined value: {value!r}")
     if value is None:
         return "null"
     if value is True:

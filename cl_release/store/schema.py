@@ -19,7 +19,12 @@ from typing import Callable, Sequence
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-MIGRATION_SET = "cl_release.store.sqlite"  # the name the applied migrations are recorded under
+# The name every store records its applied migrations under. It is data on users' disks, not
+# a module path: it never changes when modules move.
+MIGRATION_SET = "cl_release.feedback"
+# Names recorded by earlier releases; a store opened with one of them is adopted (renamed).
+# "cl_release.store.sqlite": written by the releases between the package move and this fix.
+RENAMED_MIGRATION_SETS = ("cl_release.store.sqlite",)
 APPLICATION_ID = 0x636C7266  # "clrf" in the SQLite header: this file is a cl-release feedback store
 
 # The columns the store writes, in table order (the row tuples of ``values.record_row`` and
@@ -110,6 +115,22 @@ MIGRATION_STEPS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("m005_usage_read_at", _m005_usage_read_at),
     ("m006_feedback_supersedes", _m006_feedback_supersedes),
 ]
+
+
+def adopt_renamed_sets(conn) -> int:
+    """Record the migrations an earlier release wrote under a :data:`RENAMED_MIGRATION_SETS`
+    name under :data:`MIGRATION_SET`, in one statement; return how many rows moved. Without
+    this, such a store would look unmigrated and its first migration would fail."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'").fetchone()
+    if not has_table:
+        return 0
+    marks = ", ".join("?" * len(RENAMED_MIGRATION_SETS))
+    if not conn.execute(f"SELECT 1 FROM _sqlite_migrations WHERE migration_set IN ({marks}) LIMIT 1",
+                        RENAMED_MIGRATION_SETS).fetchone():
+        return 0
+    return conn.execute(f"UPDATE _sqlite_migrations SET migration_set = ? WHERE migration_set IN ({marks})",
+                        (MIGRATION_SET, *RENAMED_MIGRATION_SETS)).rowcount  # one statement: atomic
 
 
 def build_migrations(steps: Sequence[tuple[str, Callable]] | None = None) -> Migrations:

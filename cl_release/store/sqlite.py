@@ -150,6 +150,7 @@ class FeedbackStore:
             known = {name for name, _ in schema.MIGRATION_STEPS}
             try:
                 self._check_owner(conn)
+                schema.adopt_renamed_sets(conn)
                 if migrations.pending(db):
                     # Serialize first-time setup across processes; migrations run one by one,
                     # each in its own transaction with its bookkeeping row.
@@ -182,7 +183,8 @@ class FeedbackStore:
             return
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if app_id == 0 and (not tables or ("_sqlite_migrations" in tables and conn.execute(
-                "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1", (schema.MIGRATION_SET,)).fetchone())):
+                "SELECT 1 FROM _sqlite_migrations WHERE migration_set IN (?, ?) LIMIT 1",
+                (schema.MIGRATION_SET, *schema.RENAMED_MIGRATION_SETS)).fetchone())):
             return
         raise DataError(
             self.path,
