@@ -132,6 +132,10 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
     into a fresh WAL file with just the records table and its primary key, then its created_at
     index and the COMMIT; (2) into an in-memory table without any index. Rows per second."""
     from cl_release.store.importer import import_row
+    from cl_release.store.schema import RECORD_COLUMNS
+
+    cols = ", ".join(RECORD_COLUMNS)
+    marks = ", ".join("?" * len(RECORD_COLUMNS))
 
     with open(log, "rb") as f:
         rows = sorted(import_row(orjson.loads(line), line)[0] for line in f)
@@ -141,9 +145,9 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
     scratch = db.with_name("floor-scratch.db")
     scratch.unlink(missing_ok=True)
     c = sqlite3.connect(str(scratch), isolation_level=None)
-    c.execute("CREATE TABLE r (id, created_at, input, output, model_version, latency_ms, tokens, quality_score, metadata)")
+    c.execute(f"CREATE TABLE r ({cols})")
     c.execute("BEGIN")
-    c.executemany("INSERT INTO r VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    c.executemany(f"INSERT INTO r VALUES ({marks})", rows)
     c.execute("COMMIT")
     c.close()
     for name, path in (("file_pk_index_commit", str(db)), ("memory_no_index", ":memory:"), ("sql_copy", str(db))):
@@ -154,7 +158,8 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
         c.execute("PRAGMA synchronous = NORMAL")
         pk = "PRIMARY KEY" if path != ":memory:" else ""
         c.execute(f"CREATE TABLE records (id TEXT {pk}, created_at TEXT NOT NULL, input TEXT NOT NULL, output TEXT,"
-                  " model_version TEXT, latency_ms REAL, tokens INTEGER, quality_score REAL, metadata TEXT NOT NULL)")
+                  " model_version TEXT, latency_ms REAL, tokens INTEGER, quality_score REAL, metadata TEXT NOT NULL,"
+                  " logged_version TEXT)")
         if name == "sql_copy":
             c.execute("ATTACH DATABASE ? AS scratch", (str(scratch),))
         t = time.perf_counter()
@@ -162,7 +167,7 @@ def sqlite_floor(log: Path, db: Path) -> dict[str, float]:
         if name == "sql_copy":
             c.execute("INSERT INTO records SELECT * FROM scratch.r ORDER BY id")
         else:
-            c.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            c.executemany(f"INSERT INTO records VALUES ({marks})", rows)
         if pk:
             c.execute("CREATE INDEX records_created_at ON records (created_at)")
         c.execute("COMMIT")

@@ -89,7 +89,7 @@ class Collector:
             if name not in body:
                 raise HTTPError(422, f"missing field {name!r}")
         if self.max_example_chars is not None:
-            from .datasets import oversize
+            from cl_release.data.formats import oversize
 
             problem = oversize({"input": body["input"], "output": body["output"]}, self.max_example_chars)
             if problem is not None:
@@ -362,7 +362,7 @@ def make_server(project, *, host: str | None = None, port: int | None = None, to
             raise UserError(f"no bearer token: the environment variable {conf['token_env']} is not set",
                             hint=f"export {conf['token_env']}=$(openssl rand -hex 32); clients send "
                                  "'Authorization: Bearer <token>'")
-    from .datasets import max_example_chars
+    from cl_release.data.formats import max_example_chars
 
     app = Collector(FeedbackStore(project.feedback_path), Router(project), token=token.strip(),
                     max_body_bytes=conf["max_body_bytes"], max_example_chars=max_example_chars(project.data))
