@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 from fastapi.responses import Response, StreamingResponse
@@ -32,6 +33,18 @@ if TYPE_CHECKING:
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
+@contextmanager
+def backend_errors(headers: dict[str, str]) -> Iterator[None]:
+    """A backend's failure as the API error the client gets, with the request's headers: the
+    upstream's own status (502/504...), or a store error's."""
+    try:
+        yield
+    except UpstreamError as e:
+        raise upstream_error(e, headers) from None
+    except ClReleaseError as e:
+        raise with_headers(store_error(e), headers) from None
+
+
 async def chat_completion(gw: Gateway, body: m.ChatCompletionRequest, raw: dict, scope) -> Response:
     """``POST /v1/chat/completions``: resolve the version, generate, capture, answer."""
     started = time.perf_counter()
@@ -44,20 +57,12 @@ async def chat_completion(gw: Gateway, body: m.ChatCompletionRequest, raw: dict,
     gen = generation(gw, body, raw, rid, version, headers)
     capture = Capture(gw, gen, body, key=key, arm=arm, started=started, client=client(scope))
     if body.stream:
-        try:
+        with backend_errors(headers):
             events = await gw.backend.stream(gen)
-        except UpstreamError as e:
-            raise upstream_error(e, headers) from None
-        except ClReleaseError as e:
-            raise with_headers(store_error(e), headers) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(capture.sse(events, include_usage), headers=headers)
-    try:
+    with backend_errors(headers):
         out = await gw.backend.complete(gen)
-    except UpstreamError as e:
-        raise upstream_error(e, headers) from None
-    except ClReleaseError as e:
-        raise with_headers(store_error(e), headers) from None
     out.update(id=rid, object="chat.completion", created=int(time.time()), model=version)
     texts = [(c.get("message") or {}).get("content") or "" for c in out["choices"]]
     reasons = [c.get("finish_reason") for c in out["choices"]]
