@@ -1,4 +1,4 @@
-"""Feedback rows for the data tests (tests/test_data_*.py): one row, varied rows and stores,
+"""Feedback rows for the data tests (tests/data/test_data_*.py): one row, varied rows and stores,
 and the straightforward build every fast path must match byte for byte."""
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ the rendered config, so no torch or Axolotl runs.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import threading
@@ -20,7 +22,8 @@ from typing import Any, Callable
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent  # tests/: helpers, fakes, golden files
+REPO = TESTS.parent
 DEMO = REPO / "datasets" / "demo"
 
 PROJECT_YAML = """\
@@ -250,3 +253,107 @@ def random_adapter(model_dir: Path, out: Path, *, seed: int = 1, scale: float = 
                 p.mul_(scale)
     peft_model.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- fake registries and traffic (decide, serve, eval)
+
+
+def stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fake_entry(version: str, parent: str | None, created_at: dt.datetime, *, status: str = "released",
+               strategy: str | None = None, bump: str | None = None) -> dict:
+    strategy = strategy or ("initial" if parent is None else "continued_lora")
+    bump = bump or {"initial": "major", "continued_lora": "minor", "patch": "patch",
+                    "merge_and_retrain": "major", "annual_reset": "major"}[strategy]
+    return {
+        "version": version, "parent": parent, "bump": bump, "strategy": strategy, "status": status,
+        "created_at": stamp(created_at), "base_model": {"name": "org/base", "revision": None},
+        "adapter": {"path": f"outputs/v{version}/adapter", "sha256": "0" * 64}, "datasets": [],
+        "config": {"path": f"outputs/v{version}/axolotl.yml", "sha256": "1" * 64}, "seed": 42,
+        "launch": {"num_processes": 1, "num_machines": 1}, "training": {}, "evaluation": {},
+        "toolchain": {}, "source_commit": None, "notes": "",
+    }
+
+
+def fake_repo(tmp_path: Path, entries: list[dict], *, yaml_extra: str = "", champion: str | None = None) -> Path:
+    """A scaffolded (git) release repository whose registry holds ``entries``, committed."""
+    from cl_release.registry import REGISTRY_FILE
+    from cl_release.release.scaffold import init_repository
+
+    root = init_repository(tmp_path / "repo")
+    data = json.loads((root / REGISTRY_FILE).read_text())
+    data["models"] = entries
+    data["current"] = next((e["version"] for e in reversed(entries) if e["status"] == "released"), None)
+    if champion:
+        data["aliases"] = {"champion": champion}
+        data["events"] = [{"at": entries[0]["created_at"], "action": "set_champion", "from": None, "to": champion}]
+    (root / REGISTRY_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if yaml_extra:
+        with open(root / "cl-release.yaml", "a") as f:
+            f.write(yaml_extra)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "--allow-empty", "-m", "fake registry")
+    return root
+
+
+def simulate(root: Path, *, start: dt.datetime, keys: int, positive: dict[str, float], seed: int = 0,
+             latency: dict[str, float] | None = None, prefix: str = "u") -> dict[str, int]:
+    """Route ``keys`` users, log one answer each (spread over an hour from ``start``) and rate it:
+    5 with probability ``positive[version]``, else 2. Returns answers per version."""
+    from cl_release.decide import abtest
+    from cl_release.project import Project
+    from cl_release.store.sqlite import FeedbackStore
+
+    rng = random.Random(seed)
+    router = abtest.Router(root)
+    store = FeedbackStore(Project.load(root).feedback_path)
+    rows, fbs, served = [], [], {}
+    for i in range(keys):
+        key = f"{prefix}{i}"
+        v = router.choose(key)
+        served[v] = served.get(v, 0) + 1
+        at = start + dt.timedelta(seconds=3600 * i / keys)
+        rid = f"{prefix}-{seed}-{i}"
+        rows.append({"input": f"question {prefix} {seed} {i}", "output": f"answer {i}", "request_id": rid,
+                     "model_version": v, "created_at": at,
+                     "latency_ms": (latency or {}).get(v)})
+        fbs.append({"request_id": rid, "rating": 5 if rng.random() < positive[v] else 2,
+                    "created_at": at + dt.timedelta(seconds=1)})
+    store.log_many(rows)
+    store.feedback_many(fbs)
+    store.close()
+    return served
+
+
+def log_arm(root: Path, version: str, n: int, *, start: dt.datetime, positive: float = 0.8, seed: int = 0,
+            latency: float = 200.0, errors: float = 0.0, negative: float | None = None,
+            hours: float = 1.0) -> list[str]:
+    """Log ``n`` answers of ``version`` straight to the store (no router), spread over ``hours``
+    from ``start``, each rated: 5 with probability ``positive``, else 1 (or 3 with probability
+    ``1 - negative / (1 - positive)`` when ``negative`` is given); latency ``latency`` ms plus up
+    to 20% jitter; a share ``errors`` tagged as errors. Returns the request ids."""
+    from cl_release.project import Project
+    from cl_release.store.sqlite import FeedbackStore
+
+    rng = random.Random(f"{version}-{seed}")
+    rows, fbs = [], []
+    for i in range(n):
+        at = start + dt.timedelta(seconds=3600 * hours * i / n)
+        rid = f"{version}-{seed}-{i}"
+        rows.append({"input": f"q {version} {seed} {i}", "output": "a", "request_id": rid, "model_version": version,
+                     "created_at": at, "latency_ms": latency * (1 + 0.2 * rng.random())})
+        if rng.random() < positive:
+            rating = 5
+        else:
+            rating = 1 if negative is None or rng.random() < negative / (1 - positive) else 3
+        fb = {"request_id": rid, "rating": rating, "created_at": at + dt.timedelta(seconds=1)}
+        if rng.random() < errors:
+            fb["error_tag"] = "wrong_fact"
+        fbs.append(fb)
+    store = FeedbackStore(Project.load(root).feedback_path)
+    store.log_many(rows)
+    store.feedback_many(fbs)
+    store.close()
+    return [r["request_id"] for r in rows]

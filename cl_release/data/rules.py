@@ -15,7 +15,7 @@ One rule classifies a row (:func:`classify`), in two steps:
 Every path of the build applies these two functions: the row loop
 (``cl_release.data.examples.read_entries``) calls them, the store computes the first step in
 SQL (``cl_release.store.classify``, checked against :func:`signal` on every combination of
-its inputs by tests/test_data_rules.py) and settles in SQL only the rows whose verdict
+its inputs by tests/data/test_data_rules.py) and settles in SQL only the rows whose verdict
 :func:`verdict` gives without their texts (``cl_release.data.shards.SETTLED``).
 
 Then a row's input must hold a prompt (:func:`prompt_turns`), and neither prompt nor answer a
@@ -147,7 +147,7 @@ PHONE_RE = re.compile(
 # characters of [0-9 .()-]: the "+" branch's lookahead demands 8 digits after the "+" with
 # only [ .()-] between them, and the other branches match at least 9 characters of that set
 # ("(555) 123-4567": 13, "555-123-4567": 12, "01 234 567": 9). So a text without this
-# pattern holds no phone number, and no match starts before its first hit (tests/test_data_rules
+# pattern holds no phone number, and no match starts before its first hit (tests/data/test_data_rules
 # checks both on random strings). The charset comes first, so the regex engine skips ahead;
 # on ASCII text (``str.isascii()`` is O(1)) the [0-9] form is the same test, about twice as
 # fast as ``\d``, which checks every character against the Unicode tables.

@@ -15,7 +15,7 @@ process: ids are unique, so every group has one newest row; each merge is one mo
 duplicate), found through the keys' hashes, then checked on the keys themselves. A
 worker sends its shard as bytes (no pickle). One process goes through the same steps
 with one shard. Same bytes either way, and the same as reading the row dicts:
-tests/test_data_shards.py.
+tests/data/test_data_shards.py.
 
 Public seams: ``workers=`` (``build``), :func:`build_workers` (it asks ``parallel.cores``
 and ``parallel.can_fork``), :data:`PARALLEL_BUILD_RECORDS`, and :func:`read_shard`, what

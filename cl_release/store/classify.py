@@ -5,7 +5,7 @@ turns a row's numbers (rating, thumbs, quality score, hallucinated flag) into a
 :class:`Signal`; its second, ``verdict``, looks at the texts (correction, output). This
 module is the first step in SQL over the store's ``r`` (records) and ``f`` (latest
 feedback) aliases, with the thresholds passed in as plain values, so that the store build
-sends back only the records Python must still look at. tests/test_data_rules.py checks
+sends back only the records Python must still look at. tests/data/test_data_rules.py checks
 that the SQL and the rule agree on every combination of the rule's inputs.
 """
 

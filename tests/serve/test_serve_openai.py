@@ -19,8 +19,10 @@ from cl_release.project import Project
 from cl_release.serve import make_server
 
 from fakevllm import FakeVLLM, Served
-from test_abtest import fake_entry, fake_repo
+from helpers import fake_entry, fake_repo
 from test_serve import TOKEN, call
+
+from helpers import REPO
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 HI = [{"role": "user", "content": "hello there"}]
@@ -309,7 +311,7 @@ def test_the_scripts_drive_a_gateway(gw):
     import sys
     from pathlib import Path
 
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    scripts = REPO / "scripts"
     url = f"http://{gw.server_address[0]}:{gw.server_address[1]}"
     env = {**os.environ, "CL_RELEASE_TOKEN": TOKEN}
     abtest.start(gw.root, "1.2.0", traffic=0.5, now=T0)

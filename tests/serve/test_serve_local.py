@@ -20,7 +20,7 @@ from cl_release.serve.backends import Generation
 from cl_release.serve.backends.local import LocalBackend
 
 from helpers import random_adapter
-from test_abtest import fake_entry, fake_repo
+from helpers import fake_entry, fake_repo
 from test_serve import TOKEN, call
 
 pytest.importorskip("peft")

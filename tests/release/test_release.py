@@ -19,6 +19,7 @@ from cl_release.release.plan import plan_release
 from cl_release.release.recovery import rollback, verify
 
 from helpers import (
+    REPO,
     FakeTrainer,
     add_data,
     assert_registry_consistent_with_git,
@@ -723,7 +724,7 @@ def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(re
     root = released
     store = FeedbackStore(load_project(root).feedback_path)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)  # logged a minute ago
-    incoming = Path(__file__).parent.parent / "datasets/demo/incoming/q3-protection.jsonl"
+    incoming = REPO / "datasets/demo/incoming/q3-protection.jsonl"
     for i, line in enumerate(incoming.read_text().splitlines()[:10]):
         msgs = json.loads(line)["messages"]
         rid = store.log([m for m in msgs if m["role"] != "assistant"], msgs[-1]["content"],

@@ -10,7 +10,21 @@ import pytest
 from cl_release.release.chatter import Chatter
 
 
+@pytest.fixture
+def loggers_at_default_level():
+    """torchao and torch set their loggers to ERROR once imported (by an earlier test in the
+    same process): the test's warnings must reach the handlers whatever ran before."""
+    names = ("torchao", "torch.utils._pytree")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.NOTSET)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
 @pytest.mark.filterwarnings("ignore:ours")
+@pytest.mark.usefixtures("loggers_at_default_level")
 def test_chatter_collects_library_lines_and_warnings_and_restores_everything(tmp_path, capsys, caplog):
     logger = logging.getLogger("torchao")
     before = (logger.propagate, list(logger.handlers), warnings.showwarning)

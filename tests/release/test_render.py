@@ -23,9 +23,11 @@ from cl_release.release.render import (
     to_yaml_scalar,
 )
 
-from helpers import FakeTrainer, add_data, commit_all, load_project, make_release_repo, release, write_fake_model
+from helpers import (
+    TESTS, FakeTrainer, add_data, commit_all, load_project, make_release_repo, release, write_fake_model,
+)
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = TESTS / "golden"
 
 
 # ---------------------------------------------------------------- golden configs per strategy

@@ -18,7 +18,8 @@ from cl_release.eval import suite as sv
 from cl_release.cli import main
 from cl_release.errors import DataError, EvaluationError, IntegrityError, UserError
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 
 
 def case(**kw) -> sv.TestCase:
@@ -446,7 +447,7 @@ def test_eval_command_takes_any_suite_path_and_gives_the_cases(tmp_path, monkeyp
     import hashlib
 
     from cl_release.registry import Registry
-    from test_abtest import fake_entry, fake_repo
+    from helpers import fake_entry, fake_repo
 
     monkeypatch.setattr(ev, "evaluate_model", fake_evaluate_model)
     entry = fake_entry("1.0.0", None, dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc))

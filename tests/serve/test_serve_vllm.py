@@ -18,7 +18,7 @@ from cl_release.registry import Registry
 from cl_release.serve.vllm import AdapterAdmin, format_command, vllm_command
 
 from fakevllm import FakeVLLM
-from test_abtest import fake_entry, fake_repo, registry_at_head
+from helpers import fake_entry, fake_repo, registry_at_head
 from test_serve_openai import HI, start_gateway, stop_gateway
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)

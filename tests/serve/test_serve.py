@@ -20,7 +20,9 @@ from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 from cl_release.serve import load_spec, make_server
 
-from test_abtest import fake_entry, fake_repo
+from helpers import fake_entry, fake_repo
+
+from helpers import REPO
 
 TOKEN = "s3cret-token"
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
@@ -257,7 +259,7 @@ def test_openapi_is_generated_from_the_models():
     from cl_release.cli import main
 
     spec = load_spec()
-    assert not (Path(__file__).parent.parent / "cl_release" / "openapi.json").exists()
+    assert not (REPO / "cl_release" / "openapi.json").exists()
     assert set(spec["paths"]) == {"/log", "/feedback", "/route", "/stats", "/health", "/openapi.json",
                                   "/v1/chat/completions", "/v1/models"}
     schemas = spec["components"]["schemas"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,83 +16,10 @@ from cl_release.store.sqlite import FeedbackStore
 from cl_release.project import Project
 from cl_release.registry import Registry
 
+from helpers import REPO, fake_entry, fake_repo, git, log_arm, registry_at_head, simulate
+
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 REG = "registry/model_registry.json"
-
-
-# ---------------------------------------------------------------- helpers (also used by test_watch)
-
-
-def stamp(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def fake_entry(version: str, parent: str | None, created_at: dt.datetime, *, status: str = "released",
-               strategy: str | None = None, bump: str | None = None) -> dict:
-    strategy = strategy or ("initial" if parent is None else "continued_lora")
-    bump = bump or {"initial": "major", "continued_lora": "minor", "patch": "patch",
-                    "merge_and_retrain": "major", "annual_reset": "major"}[strategy]
-    return {
-        "version": version, "parent": parent, "bump": bump, "strategy": strategy, "status": status,
-        "created_at": stamp(created_at), "base_model": {"name": "org/base", "revision": None},
-        "adapter": {"path": f"outputs/v{version}/adapter", "sha256": "0" * 64}, "datasets": [],
-        "config": {"path": f"outputs/v{version}/axolotl.yml", "sha256": "1" * 64}, "seed": 42,
-        "launch": {"num_processes": 1, "num_machines": 1}, "training": {}, "evaluation": {},
-        "toolchain": {}, "source_commit": None, "notes": "",
-    }
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
-
-
-def fake_repo(tmp_path: Path, entries: list[dict], *, yaml_extra: str = "", champion: str | None = None) -> Path:
-    """A scaffolded (git) release repository whose registry holds ``entries``, committed."""
-    from cl_release.release.scaffold import init_repository
-
-    root = init_repository(tmp_path / "repo")
-    data = json.loads((root / REG).read_text())
-    data["models"] = entries
-    data["current"] = next((e["version"] for e in reversed(entries) if e["status"] == "released"), None)
-    if champion:
-        data["aliases"] = {"champion": champion}
-        data["events"] = [{"at": entries[0]["created_at"], "action": "set_champion", "from": None, "to": champion}]
-    (root / REG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    if yaml_extra:
-        with open(root / "cl-release.yaml", "a") as f:
-            f.write(yaml_extra)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "--allow-empty", "-m", "fake registry")
-    return root
-
-
-def registry_at_head(root: Path) -> dict:
-    return json.loads(git(root, "show", f"HEAD:{REG}"))
-
-
-def simulate(root: Path, *, start: dt.datetime, keys: int, positive: dict[str, float], seed: int = 0,
-             latency: dict[str, float] | None = None, prefix: str = "u") -> dict[str, int]:
-    """Route ``keys`` users, log one answer each (spread over an hour from ``start``) and rate it:
-    5 with probability ``positive[version]``, else 2. Returns answers per version."""
-    rng = random.Random(seed)
-    router = abtest.Router(root)
-    store = FeedbackStore(Project.load(root).feedback_path)
-    rows, fbs, served = [], [], {}
-    for i in range(keys):
-        key = f"{prefix}{i}"
-        v = router.choose(key)
-        served[v] = served.get(v, 0) + 1
-        at = start + dt.timedelta(seconds=3600 * i / keys)
-        rid = f"{prefix}-{seed}-{i}"
-        rows.append({"input": f"question {prefix} {seed} {i}", "output": f"answer {i}", "request_id": rid,
-                     "model_version": v, "created_at": at,
-                     "latency_ms": (latency or {}).get(v)})
-        fbs.append({"request_id": rid, "rating": 5 if rng.random() < positive[v] else 2,
-                    "created_at": at + dt.timedelta(seconds=1)})
-    store.log_many(rows)
-    store.feedback_many(fbs)
-    store.close()
-    return served
 
 
 AB_YAML = """\
@@ -363,36 +288,7 @@ def test_alias_moves_wait_for_a_running_release(repo):
 # ---------------------------------------------------------------- the anytime-valid rule
 
 
-def log_arm(root: Path, version: str, n: int, *, start: dt.datetime, positive: float = 0.8, seed: int = 0,
-            latency: float = 200.0, errors: float = 0.0, negative: float | None = None,
-            hours: float = 1.0) -> list[str]:
-    """Log ``n`` answers of ``version`` straight to the store (no router), spread over ``hours``
-    from ``start``, each rated: 5 with probability ``positive``, else 1 (or 3 with probability
-    ``1 - negative / (1 - positive)`` when ``negative`` is given); latency ``latency`` ms plus up
-    to 20% jitter; a share ``errors`` tagged as errors. Returns the request ids."""
-    rng = random.Random(f"{version}-{seed}")
-    rows, fbs = [], []
-    for i in range(n):
-        at = start + dt.timedelta(seconds=3600 * hours * i / n)
-        rid = f"{version}-{seed}-{i}"
-        rows.append({"input": f"q {version} {seed} {i}", "output": "a", "request_id": rid, "model_version": version,
-                     "created_at": at, "latency_ms": latency * (1 + 0.2 * rng.random())})
-        if rng.random() < positive:
-            rating = 5
-        else:
-            rating = 1 if negative is None or rng.random() < negative / (1 - positive) else 3
-        fb = {"request_id": rid, "rating": rating, "created_at": at + dt.timedelta(seconds=1)}
-        if rng.random() < errors:
-            fb["error_tag"] = "wrong_fact"
-        fbs.append(fb)
-    store = FeedbackStore(Project.load(root).feedback_path)
-    store.log_many(rows)
-    store.feedback_many(fbs)
-    store.close()
-    return [r["request_id"] for r in rows]
-
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = REPO / "bench"
 
 
 def test_aa_never_promotes_beyond_its_error_budget_and_a_clear_lift_promotes():

@@ -14,7 +14,7 @@ from cl_release.errors import ProjectError
 from cl_release.store import FeedbackStore
 from cl_release.project import Project
 
-from test_abtest import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)
+from helpers import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 H = dt.timedelta(hours=1)

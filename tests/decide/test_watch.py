@@ -26,7 +26,7 @@ from cl_release.gitops import ReleaseRepo
 from cl_release.project import Project
 from cl_release.registry import Registry, bump_version
 
-from test_abtest import fake_entry, fake_repo, git, registry_at_head, simulate
+from helpers import fake_entry, fake_repo, git, registry_at_head, simulate
 from test_triggers import seed
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -116,7 +116,7 @@ def test_losing_challenger_is_stopped(repo):
 
 
 def test_a_guardrail_breach_stops_the_test_with_its_evidence(repo):
-    from test_abtest import log_arm
+    from helpers import log_arm
 
     clock = {"now": T0 + 10 * 24 * H}
     with store_of(repo) as store:
@@ -133,7 +133,7 @@ def test_a_guardrail_breach_stops_the_test_with_its_evidence(repo):
 
 
 def test_a_critical_report_on_the_challenger_stops_it_at_the_next_look(repo):
-    from test_abtest import log_arm
+    from helpers import log_arm
 
     clock = {"now": T0 + 10 * 24 * H}
     with store_of(repo) as store:

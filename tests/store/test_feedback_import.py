@@ -19,7 +19,7 @@ from cl_release.timeutil import time_zone, timestamp
 from cl_release.project import Project
 from cl_release.registry import match_release
 
-from test_abtest import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)
+from helpers import fake_entry, fake_repo  # noqa: E402  (tests/ is on sys.path)
 from test_store_import import forked, write_jsonl  # noqa: F401  (the fixture)
 
 RELEASES = ["1.0.0", "1.1.0", "2.0.0"]

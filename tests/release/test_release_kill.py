@@ -29,6 +29,8 @@ from cl_release.release.recovery import verify
 
 from conftest import OFFLINE_ENV
 from helpers import (
+    REPO,
+    TESTS,
     FakeTrainer,
     add_data,
     assert_registry_consistent_with_git,
@@ -41,8 +43,7 @@ from helpers import (
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
 
-REPO = Path(__file__).resolve().parent.parent
-CRASHRUN = Path(__file__).resolve().parent / "crashrun.py"
+CRASHRUN = TESTS / "crashrun.py"
 NOTES = "Q2: storage temperatures\n\n# Added\n- 24 examples"
 
 # Every fault point, in release order (README, "Safety of the registry and outputs"), and what

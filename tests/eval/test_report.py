@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,8 @@ from cl_release.cli import main
 from cl_release.files import atomic_write_json
 from cl_release.registry import empty_registry
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -24,10 +24,12 @@ from cl_release.registry import Registry
 
 from conftest import OFFLINE_ENV
 from fakehub import FakeHub
-from helpers import FakeTrainer, assert_registry_consistent_with_git, git, make_release_repo, registry_data, release, tags
+from helpers import (
+    REPO, TESTS, FakeTrainer, assert_registry_consistent_with_git, git, make_release_repo, registry_data, release,
+    tags,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-CRASHRUN = Path(__file__).resolve().parent / "crashrun.py"
+CRASHRUN = TESTS / "crashrun.py"
 TOKEN = "hf_incidentSECRET"
 QUESTION = "What is the IDLH of phosgene?"
 WRONG = "The IDLH of phosgene is 10 ppm."
