@@ -357,3 +357,25 @@ def log_arm(root: Path, version: str, n: int, *, start: dt.datetime, positive: f
     store.feedback_many(fbs)
     store.close()
     return [r["request_id"] for r in rows]
+
+
+def log_chat_file(store, path: Path, n: int, *, model_version: str, start: dt.datetime, rating: int = 5,
+                  prefix: str = "prod") -> list[str]:
+    """Log the first ``n`` chat lines of ``path`` as production answers of ``model_version`` (one a
+    second from ``start``, ids ``<prefix>-<i>``), each rated ``rating`` a second later."""
+    ids = []
+    for i, line in enumerate(path.read_text().splitlines()[:n]):
+        msgs = json.loads(line)["messages"]
+        rid = store.log([m for m in msgs if m["role"] != "assistant"], msgs[-1]["content"],
+                        request_id=f"{prefix}-{i}", model_version=model_version, created_at=start + dt.timedelta(seconds=i))
+        store.feedback(rid, rating=rating, created_at=start + dt.timedelta(seconds=i + 1))
+        ids.append(rid)
+    return ids
+
+
+def copy_repo(template: Path, tmp_path: Path) -> Path:
+    """A copy of a release repository built once per session (``tmp_path / "repo"``)."""
+    root = tmp_path / "repo"
+    shutil.copytree(template, root, symlinks=True)
+    return root
+

@@ -26,7 +26,7 @@ from cl_release.gitops import ReleaseRepo
 from cl_release.project import Project
 from cl_release.registry import Registry, bump_version
 
-from helpers import fake_entry, fake_repo, git, registry_at_head, simulate
+from helpers import fake_entry, fake_repo, git, log_chat_file, registry_at_head, simulate
 from test_triggers import seed
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -275,11 +275,7 @@ def test_watch_once_full_cycle_with_real_training(tmp_path, monkeypatch):
     now = dt.datetime.now(dt.timezone.utc)
     incoming = root / "datasets" / "incoming" / "q2-storage.jsonl"
     store = store_of(root)
-    for i, line in enumerate(incoming.read_text().splitlines()[:40]):
-        msgs = json.loads(line)["messages"]
-        rid = store.log([m for m in msgs if m["role"] != "assistant"], msgs[-1]["content"],
-                        request_id=f"prod-{i}", model_version="1.0.0", created_at=now + dt.timedelta(seconds=i))
-        store.feedback(rid, rating=5, created_at=now + dt.timedelta(seconds=i + 1))
+    log_chat_file(store, incoming, 40, model_version="1.0.0", start=now)
     store.close()
     # New data either way (in case the release does not yet read feedback into its data).
     shutil.copy2(incoming, root / "datasets" / "domain" / "q2-storage.jsonl")

@@ -25,7 +25,7 @@ from cl_release.registry import Registry
 from conftest import OFFLINE_ENV
 from fakehub import FakeHub
 from helpers import (
-    REPO, TESTS, FakeTrainer, assert_registry_consistent_with_git, git, make_release_repo, registry_data, release,
+    REPO, TESTS, FakeTrainer, copy_repo, assert_registry_consistent_with_git, git, make_release_repo, registry_data, release,
     tags,
 )
 
@@ -65,11 +65,7 @@ def trainer(trainer, monkeypatch) -> FakeTrainer:
 
 @pytest.fixture
 def repo(template, tmp_path, trainer) -> Path:
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(template, root, symlinks=True)
-    return root
+    return copy_repo(template, tmp_path)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from cl_release.release.recovery import rollback, verify
 
 from helpers import (
     REPO,
+    log_chat_file,
     FakeTrainer,
     add_data,
     assert_registry_consistent_with_git,
@@ -725,11 +726,7 @@ def test_feedback_rows_are_marked_used_even_after_a_crash_right_after_marking(re
     store = FeedbackStore(load_project(root).feedback_path)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)  # logged a minute ago
     incoming = REPO / "datasets/demo/incoming/q3-protection.jsonl"
-    for i, line in enumerate(incoming.read_text().splitlines()[:10]):
-        msgs = json.loads(line)["messages"]
-        rid = store.log([m for m in msgs if m["role"] != "assistant"], msgs[-1]["content"],
-                        request_id=f"prod-{i}", model_version="1.0.0", created_at=now + dt.timedelta(seconds=i))
-        store.feedback(rid, rating=5, created_at=now + dt.timedelta(seconds=i + 1))
+    log_chat_file(store, incoming, 10, model_version="1.0.0", start=now)
     store.close()
     real = FeedbackStore.mark_used
     calls = []

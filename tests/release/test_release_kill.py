@@ -13,7 +13,6 @@ while `git commit` or `git tag` holds its ref locks).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from conftest import OFFLINE_ENV
 from helpers import (
     REPO,
     TESTS,
+    copy_repo,
     FakeTrainer,
     add_data,
     assert_registry_consistent_with_git,
@@ -109,9 +109,7 @@ def template(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def repo(template, tmp_path, trainer) -> Path:
-    root = tmp_path / "repo"
-    shutil.copytree(template, root, symlinks=True)
-    return root
+    return copy_repo(template, tmp_path)
 
 
 def git_version() -> tuple[int, ...]:
