@@ -9,6 +9,7 @@ the rendered config, so no torch or Axolotl runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -378,4 +379,21 @@ def copy_repo(template: Path, tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(template, root, symlinks=True)
     return root
+
+
+@contextlib.contextmanager
+def released_template(tmp_path_factory, name: str):
+    """For a module-scoped template repository: offline, with the fake trainer, 1.0.0 released
+    (notes "first"); yields its root while both are still in place, for more setup."""
+    import pytest
+
+    from conftest import OFFLINE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE_ENV.items():
+            mp.setenv(key, value)
+        FakeTrainer().install(mp)
+        root = make_release_repo(tmp_path_factory.mktemp(name))
+        release(root, "minor", notes="first")
+        yield root
 

@@ -22,10 +22,9 @@ from cl_release.release.incident import incident_tests, values
 from cl_release.project import Project
 from cl_release.registry import Registry
 
-from conftest import OFFLINE_ENV
 from fakehub import FakeHub
 from helpers import (
-    REPO, TESTS, FakeTrainer, copy_repo, assert_registry_consistent_with_git, git, make_release_repo, registry_data, release,
+    REPO, TESTS, FakeTrainer, copy_repo, released_template, assert_registry_consistent_with_git, git, registry_data,
     tags,
 )
 
@@ -44,12 +43,7 @@ def no_gates(**_kw):
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """1.0.0 released and champion; the incident's answer logged (by 1.0.0, wrong)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in OFFLINE_ENV.items():
-            mp.setenv(key, value)
-        FakeTrainer().install(mp)
-        root = make_release_repo(tmp_path_factory.mktemp("incident-template"))
-        release(root, "minor", notes="first")
+    with released_template(tmp_path_factory, "incident-template") as root:
         abtest.set_champion(root, "1.0.0")
         with FeedbackStore(Project.load(root).feedback_path) as store:
             store.log(QUESTION, WRONG, request_id="inc-1", model_version="1.0.0")

@@ -26,18 +26,15 @@ from cl_release.cli import main
 from cl_release.registry import Registry
 from cl_release.release.recovery import verify
 
-from conftest import OFFLINE_ENV
 from helpers import (
     REPO,
     TESTS,
     copy_repo,
-    FakeTrainer,
+    released_template,
     add_data,
     assert_registry_consistent_with_git,
     git,
-    make_release_repo,
     registry_data,
-    release,
     tags,
 )
 
@@ -97,12 +94,7 @@ exit 0
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """1.0.0 released, Q2 data committed: copied for every test (one release, not fourteen)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in OFFLINE_ENV.items():
-            mp.setenv(key, value)
-        FakeTrainer().install(mp)
-        root = make_release_repo(tmp_path_factory.mktemp("kill-template"))
-        release(root, "minor", notes="first")
+    with released_template(tmp_path_factory, "kill-template") as root:
         add_data(root, "q2-storage.jsonl", "datasets/domain/q2.jsonl")
     return root
 
